@@ -1,0 +1,1 @@
+"""Grad-CAM confusion analysis suite: all logic behind GradCAM_Analysis.ipynb."""

@@ -1,0 +1,224 @@
+"""The deep-dive step of the analysis: why do these classes get confused?
+
+Compute lives in metrics.py and deep_dive.py, drawing in plots.py; this module only sequences them
+and writes `gradcam_results/deep_dive/`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from . import atomic_io, deep_dive, metrics, plots
+from .data import resolve_class_names, safe_filename
+from .recommendations import count_label_suspects
+
+if TYPE_CHECKING:
+    from .pipeline import Analysis, Section
+
+SUB = "deep_dive"
+N_OCCLUSION = 3
+N_SUSPECTS = 24
+MAX_EMBED_POINTS = 3000
+
+
+def run_deep_dive(an: "Analysis") -> "Section":
+    from .pipeline import Section
+    sec = Section("Deep dive")
+    group_step(an, sec)
+    group_pairs_step(an, sec)
+    feature_space_step(an, sec)
+    head_step(an, sec)
+    occlusion_step(an, sec)
+    superclass_step(an, sec)
+    calibration_step(an, sec)
+    label_suspects_step(an, sec)
+    return sec
+
+
+def group_step(an: "Analysis", sec: "Section") -> None:
+    p, pr = an.params, an.preds
+    cm = an.results["confusion"].values["cm"]
+    if p.GROUP_CLASSES:
+        group = resolve_class_names(list(p.GROUP_CLASSES), an.data.class_names)
+        objective = metrics.group_objective(cm, group)
+        how = "given by GROUP_CLASSES"
+    else:
+        k = min(p.GROUP_SIZE, an.data.num_classes)
+        group, objective = metrics.find_confused_group(cm, k=k)
+        how = "found automatically"
+    group = [int(g) for g in group]
+    counts, row_pct = metrics.group_confusion(cm, group)
+    names = [an.names[g] for g in group]
+    table = pd.DataFrame(counts, index=names, columns=names)
+    table_pct = pd.DataFrame(np.round(row_pct, 2), index=names, columns=[f"{n} (row %)" for n in names])
+    out = pd.concat([table, table_pct], axis=1).reset_index(names="true class")
+    atomic_io.save_csv(out, an._path(SUB, "group_confusion.csv"))
+    fig = plots.plot_group_confusion(counts, row_pct, names)
+    sec.figures["group_confusion"] = fig
+    an._save_fig(fig, SUB, "group_confusion.png")
+    sec.values.update(group=group, group_names=names, group_objective=int(objective), group_how=how,
+                      group_counts=counts, group_row_pct=row_pct)
+    sec.files += [f"{SUB}/group_confusion.png", f"{SUB}/group_confusion.csv"]
+    sec.notes.append(f"Confused group ({how}): {', '.join(names)} — {int(objective)} errors among them.")
+
+
+def group_pairs_step(an: "Analysis", sec: "Section") -> None:
+    """Original | CAM true | CAM predicted | FinerCAM (true vs predicted) for every ordered pair with errors."""
+    group, counts = sec.values["group"], sec.values["group_counts"]
+    faith_idx, faith_cls, faith_plain, faith_finer = [], [], [], []
+    for a, t in enumerate(group):
+        for b, q in enumerate(group):
+            if a == b or counts[a, b] == 0:
+                continue
+            idx, rows, cam_t, cam_p, finer = an.pair_rows(t, q, an.params.PAIR_EXAMPLES, finer=True)
+            if not rows:
+                continue
+            title = f"{an.names[t]} → {an.names[q]}: {int(counts[a, b])} errors"
+            img = plots.render_gallery(title, [("original · CAM true · CAM predicted · FinerCAM (true vs predicted)", rows)])
+            name = f"group_pair_{safe_filename(an.data.class_names[t])}_to_{safe_filename(an.data.class_names[q])}.png"
+            an._save_fig(img, SUB, name)
+            sec.figures[name] = img
+            sec.files.append(f"{SUB}/{name}")
+            faith_idx += idx
+            faith_cls += [t] * len(idx)
+            faith_plain.append(cam_t)
+            faith_finer.append(finer)
+    if faith_idx:
+        plain = np.concatenate(faith_plain)
+        scores = {an.params.CAM_METHOD: an._faithfulness(faith_idx, faith_cls, plain)}
+        if an.params.CAM_METHOD != "finercam":
+            scores["finercam"] = an._faithfulness(faith_idx, faith_cls, np.concatenate(faith_finer))
+        sec.values["faithfulness"] = scores
+
+
+def feature_space_step(an: "Analysis", sec: "Section") -> None:
+    pr = an.preds
+    if pr.features is None:
+        sec.notes.append("Feature space: skipped (the model has no linear head whose input could be captured).")
+        return
+    group = sec.values["group"]
+    mask = np.isin(pr.labels, group)
+    idx = np.flatnonzero(mask)
+    if len(idx) > MAX_EMBED_POINTS:
+        idx = np.sort(np.random.default_rng(an.params.SEED).choice(idx, MAX_EMBED_POINTS, replace=False))
+    feats, labels, preds = pr.features[idx], pr.labels[idx], pr.preds[idx]
+    if len(idx) < 5:
+        sec.notes.append("Feature space: skipped (fewer than 5 images in the group).")
+        return
+    coords, method = deep_dive.project_2d(feats, seed=an.params.SEED)
+    sep = deep_dive.separability(feats, labels, seed=an.params.SEED)
+    names = [an.names[g] for g in group]
+    sep_text = (f"Logistic-regression CV accuracy on the features: {sep['accuracy']:.1%} "
+                f"(chance {sep['chance']:.1%}, n={sep['n']})")
+    fig = plots.plot_embedding(coords, labels, preds, group, names, method)
+    sec.figures["group_embedding"] = fig
+    an._save_fig(fig, SUB, "group_embedding.png")
+    thumbs = [plots.thumbnail_data_uri(an.data.images[i]) for i in idx]
+    html = plots.embedding_html(coords, labels, preds, group, an.names, thumbs, method, sep_text)
+    atomic_io.write_text(an._path(SUB, "group_embedding.html"), html)
+    sec.values.update(embedding_method=method, separability=sep)
+    sec.files += [f"{SUB}/group_embedding.png", f"{SUB}/group_embedding.html"]
+    sec.notes.append(f"Feature space projected with {method}. {sep_text}.")
+
+
+def head_step(an: "Analysis", sec: "Section") -> None:
+    group = sec.values["group"]
+    sim = deep_dive.head_cosine_similarity(an.loaded.module, group, num_classes=an.data.num_classes)
+    if sim is None:
+        sec.notes.append("Classifier head: not a linear layer, so no weight-vector similarity.")
+        return
+    names = sec.values["group_names"]
+    fig = plots.plot_head_cosine(sim, names)
+    sec.figures["head_cosine"] = fig
+    an._save_fig(fig, SUB, "head_cosine_similarity.png")
+    value, (r, c) = deep_dive.max_off_diagonal(sim)
+    sec.values.update(head_cosine=sim, head_cosine_max=float(value), head_cosine_pair=(names[r], names[c]))
+    sec.files.append(f"{SUB}/head_cosine_similarity.png")
+
+
+def occlusion_step(an: "Analysis", sec: "Section") -> None:
+    """Occlusion needs no gradients, so agreement with the CAM is independent evidence."""
+    pr, group = an.preds, sec.values["group"]
+    err = np.flatnonzero(np.isin(pr.labels, group) & np.isin(pr.preds, group) & ~pr.correct)
+    if not len(err):
+        sec.notes.append("Occlusion: no errors inside the group.")
+        return
+    idx = err[np.argsort(-pr.confidence[err], kind="stable")][:N_OCCLUSION].tolist()
+    targets = pr.preds[idx]
+    cams = an.cams.get(idx, targets)
+    occ = deep_dive.normalise01(deep_dive.occlusion_attribution(an.loaded.module, an.inputs[idx], targets))
+    overlays = [an.overlay(i, c) for i, c in zip(idx, cams)]
+    titles = [an._conf_title(i) for i in idx]
+    fig = plots.plot_occlusion([an.data.images[i] for i in idx], overlays, occ, titles)
+    sec.figures["occlusion"] = fig
+    an._save_fig(fig, SUB, "occlusion_vs_cam.png")
+    # Rank agreement between the CAM and the occlusion map, per image.
+    agree = [float(np.corrcoef(c.ravel(), o.ravel())[0, 1]) if np.std(o) > 0 and np.std(c) > 0 else float("nan")
+             for c, o in zip(cams, occ)]
+    sec.values["occlusion_cam_correlation"] = agree
+    sec.files.append(f"{SUB}/occlusion_vs_cam.png")
+
+
+def superclass_step(an: "Analysis", sec: "Section") -> None:
+    data, pr = an.data, an.preds
+    f2c = data.fine_to_coarse
+    if f2c is None:
+        sec.notes.append("Superclasses: skipped — this dataset has no coarse labels "
+                         "(set SUPERCLASS_MAP = {class: group} to enable).")
+        return
+    n_coarse = len(data.coarse_names)
+    ccm = metrics.coarse_confusion_matrix(pr.labels, pr.preds, f2c, n_coarse)
+    fig = plots.plot_coarse_confusion(ccm, [n.replace("_", " ") for n in data.coarse_names])
+    sec.figures["coarse_confusion"] = fig
+    an._save_fig(fig, SUB, "superclass_confusion.png")
+    share = metrics.superclass_error_share(pr.labels, pr.preds, f2c)
+    cm = an.results["confusion"].values["cm"]
+    within = metrics.top_within_superclass_pairs(cm, data.class_names, f2c, k=10)
+    atomic_io.save_csv(within, an._path(SUB, "within_superclass_pairs.csv"))
+    sec.values.update(superclass_share=share, within_pairs=within, coarse_cm=ccm)
+    sec.files += [f"{SUB}/superclass_confusion.png", f"{SUB}/within_superclass_pairs.csv"]
+    sec.notes.append(f"{share['share']:.1%} of errors stay inside the true superclass "
+                     f"(chance {share['chance']:.1%}).")
+
+
+def calibration_step(an: "Analysis", sec: "Section") -> None:
+    pr = an.preds
+    ece, bins = metrics.expected_calibration_error(pr.probs, pr.labels, n_bins=15)
+    fig = plots.plot_reliability_diagram(bins, ece)
+    sec.figures["reliability"] = fig
+    an._save_fig(fig, SUB, "reliability_diagram.png")
+    atomic_io.save_csv(bins, an._path(SUB, "reliability_bins.csv"))
+    high = metrics.high_confidence_errors(pr.labels, pr.preds, pr.probs, 0.9)
+    over = metrics.overconfident_errors_by_class(pr.labels, pr.preds, pr.probs, an.data.class_names, 0.9)
+    atomic_io.save_csv(over, an._path(SUB, "overconfident_classes.csv"))
+    sec.values.update(ece=float(ece), high_conf=high, overconfident=over)
+    sec.files += [f"{SUB}/reliability_diagram.png", f"{SUB}/reliability_bins.csv", f"{SUB}/overconfident_classes.csv"]
+    sec.notes.append(f"Expected calibration error (15 bins): {ece:.3f}; {high['count']} errors "
+                     f"({high['share_of_errors']:.1%} of errors) made with confidence ≥ 0.9.")
+
+
+def label_suspects_step(an: "Analysis", sec: "Section") -> None:
+    pr = an.preds
+    idx = [int(i) for i in metrics.label_suspects(pr.labels, pr.probs, n=N_SUSPECTS)]
+    given = pr.probs[idx, pr.labels[idx]] if idx else np.zeros(0)
+    pred = pr.probs[idx, pr.preds[idx]] if idx else np.zeros(0)
+    fig = plots.plot_label_suspects([an.data.images[i] for i in idx], [an.names[pr.labels[i]] for i in idx],
+                                    [an.names[pr.preds[i]] for i in idx], given, pred)
+    sec.figures["label_suspects"] = fig
+    an._save_fig(fig, SUB, "label_suspects.png")
+    table = pd.DataFrame({
+        "image_index": idx, "given_label": [an.names[pr.labels[i]] for i in idx],
+        "predicted": [an.names[pr.preds[i]] for i in idx], "p_given": np.round(given, 4), "p_predicted": np.round(pred, 4),
+    })
+    atomic_io.save_csv(table, an._path(SUB, "label_suspects.csv"))
+    n_strong = count_label_suspects(pr.labels, pr.probs)
+    sec.values.update(label_suspects=table, n_label_suspects=n_strong)
+    sec.files += [f"{SUB}/label_suspects.png", f"{SUB}/label_suspects.csv"]
+    issues = deep_dive.cleanlab_label_issues(pr.labels, pr.probs)
+    if issues is not None:
+        sec.values["cleanlab_issues"] = int(len(issues))
+        sec.notes.append(f"cleanlab flags {len(issues)} test images as likely label issues "
+                         "(approximate: the probabilities are in-sample, not cross-validated).")
+    sec.notes.append(f"{n_strong} images have p(given label) < 0.05 while the model is ≥ 90% sure of another class.")

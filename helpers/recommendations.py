@@ -1,0 +1,420 @@
+"""Evidence-driven recommendations: each rule fires only when a measured value crosses a named
+threshold, and its text cites the numbers and classes that tripped it.
+
+Build an Evidence (by hand or with build_evidence), call recommend(), print format_recommendations().
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from . import metrics
+from .data import readable
+
+THRESHOLDS: dict[str, float] = {
+    # fine_grained: within-superclass error share >= both of these ...
+    "within_share_min": 0.20,
+    "within_share_over_chance": 3.0,          # ... (share >= 3x the uniform-error chance)
+    # ... or at least this fraction of the top pairs lie within one superclass (and >= 3 such pairs)
+    "top_pairs_within_fraction": 0.5,
+    "top_pairs_within_min_count": 3,
+    # overconfident / underconfident
+    "ece_max": 0.05,
+    "high_conf": 0.9,                          # confidence that makes an error "high-confidence"
+    "high_conf_error_share_max": 0.2,          # of all errors
+    # label_noise: a suspect has self-confidence < label_self_conf_max AND max prob >= label_conf_min
+    "label_self_conf_max": 0.05,
+    "label_conf_min": 0.9,
+    "label_suspects_min": 10,
+    # low_separability: cross-validated linear accuracy of the group's features
+    "separability_min": 0.8,
+    # head_similarity: cosine between final-layer weight rows of two group classes
+    "head_cosine_max": 0.5,
+    # weak_classes: accuracy below mean - max(z * std, gap)
+    "weak_class_z": 1.5,
+    "weak_class_gap": 0.10,
+    # dominant_pair: one wrong class takes this share of a class's test images
+    "dominant_pair_share": 0.2,
+    # cam_untrustworthy: faithfulness score (higher = more faithful) below this
+    "cam_faithfulness_min": 0.3,
+    # how many pairs the final "verify" recommendation names
+    "verify_pairs": 5,
+}
+
+
+class Pair(NamedTuple):
+    true_name: str
+    pred_name: str
+    count: int
+    same_superclass: str = ""                 # "yes" / "no" / "" (unknown)
+    share_of_true: Optional[float] = None     # count / test images of the true class
+
+    def label(self) -> str:
+        return f"{self.true_name}→{self.pred_name}"
+
+
+@dataclass
+class Evidence:
+    """Measured values; None means "not measured" and disables the rules that need it."""
+    accuracy: Optional[float] = None
+    n_classes: Optional[int] = None
+    n_images: Optional[int] = None
+    n_errors: Optional[int] = None
+    top_pairs: Optional[list] = None                       # Pair or (true, pred, count, same[, share])
+    n_top_pairs_within_superclass: Optional[int] = None    # derived from top_pairs when None
+    n_top_pairs: Optional[int] = None
+    within_superclass_share: Optional[float] = None
+    within_superclass_chance: Optional[float] = None
+    ece: Optional[float] = None
+    mean_confidence: Optional[float] = None                # mean max-prob, tells over- from under-confidence
+    n_high_conf_errors: Optional[int] = None
+    high_conf_error_share: Optional[float] = None          # of all errors
+    overconfident_classes: Optional[list] = None           # [(class name, n high-conf errors)], most first
+    n_label_suspects: Optional[int] = None                 # see count_label_suspects
+    label_suspect_examples: Optional[list] = None          # [(given label name, predicted name)]
+    n_cleanlab_issues: Optional[int] = None
+    group_names: Optional[list] = None
+    group_objective: Optional[int] = None
+    group_separability: Optional[float] = None
+    group_separability_chance: Optional[float] = None
+    head_cosine_max: Optional[float] = None
+    head_cosine_pair: Optional[tuple] = None               # (name, name) of the most similar head rows
+    worst_classes: Optional[list] = None                   # [(class name, accuracy)], worst first
+    class_accuracy_mean: Optional[float] = None            # falls back to accuracy when None
+    class_accuracy_std: Optional[float] = None
+    cam_faithfulness: Optional[float] = None               # higher = CAMs follow the model more faithfully
+    cam_faithfulness_name: str = "CAM faithfulness score"
+
+    def __post_init__(self):
+        if self.top_pairs is not None:
+            self.top_pairs = [p if isinstance(p, Pair) else Pair(*p) for p in self.top_pairs]
+            if self.n_top_pairs is None:
+                self.n_top_pairs = len(self.top_pairs)
+            if self.n_top_pairs_within_superclass is None and any(p.same_superclass for p in self.top_pairs):
+                self.n_top_pairs_within_superclass = sum(p.same_superclass == "yes" for p in self.top_pairs)
+
+
+@dataclass
+class Recommendation:
+    rule: str
+    text: str
+    evidence: str
+
+
+# ----------------------------------------------------------------------------- formatting helpers
+
+def _known(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+def _pct(x: float) -> str:
+    """0.6123 -> '61%', 0.05 -> '5%', 0.0404 -> '4.0%', 0.0004 -> '0.04%'."""
+    p = 100.0 * x
+    if abs(p) >= 10 or abs(p - round(p)) < 1e-9:
+        return f"{p:.0f}%"
+    if abs(p) >= 0.1 or p == 0:
+        return f"{p:.1f}%"
+    return f"{p:.2f}%"
+
+
+def _join(items: Sequence[str]) -> str:
+    items = list(items)
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _pair_list(pairs: Sequence[Pair], n: int) -> str:
+    return _join([f"{p.label()} ({p.count})" for p in pairs[:n]])
+
+
+# ----------------------------------------------------------------------------- rules
+
+def _fine_grained(ev: Evidence, t: dict) -> Optional[Recommendation]:
+    share_hit = (_known(ev.within_superclass_share) and _known(ev.within_superclass_chance)
+                 and ev.within_superclass_share >= t["within_share_min"]
+                 and ev.within_superclass_share >= t["within_share_over_chance"] * ev.within_superclass_chance)
+    pairs_hit = (_known(ev.n_top_pairs_within_superclass) and ev.n_top_pairs
+                 and ev.n_top_pairs_within_superclass >= t["top_pairs_within_min_count"]
+                 and ev.n_top_pairs_within_superclass / ev.n_top_pairs >= t["top_pairs_within_fraction"])
+    if not (share_hit or pairs_hit):
+        return None
+    facts, evid = [], []
+    if _known(ev.n_top_pairs_within_superclass) and ev.n_top_pairs:
+        facts.append(f"{ev.n_top_pairs_within_superclass} of {ev.n_top_pairs} top confused pairs are within one superclass")
+        evid.append(f"top pairs within superclass={ev.n_top_pairs_within_superclass}/{ev.n_top_pairs}")
+    if _known(ev.within_superclass_share) and _known(ev.within_superclass_chance):
+        facts.append(f"within-superclass error share {_pct(ev.within_superclass_share)} vs "
+                     f"{_pct(ev.within_superclass_chance)} chance")
+        evid.append(f"within_superclass_share={ev.within_superclass_share:.4f}; "
+                    f"chance={ev.within_superclass_chance:.4f}")
+    within = [p for p in (ev.top_pairs or []) if p.same_superclass == "yes"]
+    target = f" for {_pair_list(within, 4)}" if within else ""
+    text = (f"{'; '.join(facts)} → fine-grained confusion: the model finds the right kind of object but "
+            f"not which one. Use targeted augmentation that keeps the distinguishing detail, hard-negative "
+            f"mining or a contrastive loss{target}, and more examples of those classes.")
+    return Recommendation("fine_grained", text, "; ".join(evid))
+
+
+def _dominant_pair(ev: Evidence, t: dict) -> Optional[Recommendation]:
+    hits = [p for p in (ev.top_pairs or []) if _known(p.share_of_true) and p.share_of_true >= t["dominant_pair_share"]]
+    if not hits:
+        return None
+    hits = sorted(hits, key=lambda p: (-p.share_of_true, -p.count))[:3]
+    facts = _join([f"{p.label()} takes {_pct(p.share_of_true)} of {p.true_name}'s test images ({p.count})"
+                   for p in hits])
+    first = hits[0]
+    text = (f"{facts} → a single confusion dominates: look at the {first.label()} gallery for a shared cue "
+            f"(background, colour, pose, scale) that the model uses as a shortcut, add {first.true_name} images "
+            f"without it, and check that the {first.true_name}/{first.pred_name} labels do not overlap by definition.")
+    evid = "; ".join(f"{p.label()} share_of_true={p.share_of_true:.4f} count={p.count}" for p in hits)
+    return Recommendation("dominant_pair", text, evid)
+
+
+def _group_label(ev: Evidence) -> str:
+    return _join(ev.group_names) if ev.group_names else "the confused group"
+
+
+def _low_separability(ev: Evidence, t: dict) -> Optional[Recommendation]:
+    if not _known(ev.group_separability) or ev.group_separability >= t["separability_min"]:
+        return None
+    chance = (f" (chance {_pct(ev.group_separability_chance)})" if _known(ev.group_separability_chance) else "")
+    text = (f"A linear classifier on the penultimate features separates {_group_label(ev)} with only "
+            f"{_pct(ev.group_separability)} cross-validated accuracy{chance}, below {_pct(t['separability_min'])} "
+            f"→ the backbone's features do not tell these classes apart, so a new head or calibration will not fix it: "
+            f"train with more and more varied images of these classes, at higher input resolution, or with a "
+            f"higher-capacity backbone.")
+    evid = f"group_separability={ev.group_separability:.4f}"
+    if _known(ev.group_separability_chance):
+        evid += f"; chance={ev.group_separability_chance:.4f}"
+    return Recommendation("low_separability", text, evid)
+
+
+def _head_similarity(ev: Evidence, t: dict) -> Optional[Recommendation]:
+    if not _known(ev.head_cosine_max) or ev.head_cosine_max <= t["head_cosine_max"]:
+        return None
+    who = (f"{ev.head_cosine_pair[0]} and {ev.head_cosine_pair[1]}" if ev.head_cosine_pair
+           else f"two classes of {_group_label(ev)}")
+    if _known(ev.group_separability) and ev.group_separability >= t["separability_min"]:
+        advice = (f"the features do separate the group ({_pct(ev.group_separability)} linear accuracy), "
+                  f"so re-training only the final layer with hard examples of {who} or a margin loss may be enough")
+    else:
+        advice = f"re-train the final layer with hard examples of {who} or a margin loss to push their weights apart"
+    text = (f"The final-layer weight vectors of {who} have cosine similarity {ev.head_cosine_max:.2f} "
+            f"(> {t['head_cosine_max']:.2f}) → the head scores them almost alike; {advice}.")
+    return Recommendation("head_similarity", text, f"head_cosine_max={ev.head_cosine_max:.4f}")
+
+
+def _calibration(ev: Evidence, t: dict) -> Optional[Recommendation]:
+    ece_hit = _known(ev.ece) and ev.ece > t["ece_max"]
+    hc_hit = _known(ev.high_conf_error_share) and ev.high_conf_error_share > t["high_conf_error_share_max"]
+    if not (ece_hit or hc_hit):
+        return None
+    under = (ece_hit and not hc_hit and _known(ev.mean_confidence) and _known(ev.accuracy)
+             and ev.mean_confidence < ev.accuracy)
+    evid = []
+    if _known(ev.ece):
+        evid.append(f"ece={ev.ece:.4f}")
+    if under:
+        evid.append(f"mean_confidence={ev.mean_confidence:.4f}; accuracy={ev.accuracy:.4f}")
+        text = (f"ECE {ev.ece:.3f} (> {t['ece_max']:.2f}) with mean confidence {_pct(ev.mean_confidence)} below "
+                f"accuracy {_pct(ev.accuracy)} → the model is underconfident (typical after strong label smoothing "
+                f"or mixup): fit temperature scaling (T < 1) on a held-out split; accuracy does not change.")
+        return Recommendation("underconfident", text, "; ".join(evid))
+    facts = []
+    if _known(ev.ece):
+        facts.append(f"ECE {ev.ece:.3f}" + (f" (> {t['ece_max']:.2f})" if ece_hit else ""))
+    if _known(ev.high_conf_error_share):
+        n = f"{ev.n_high_conf_errors} errors" if _known(ev.n_high_conf_errors) else "errors"
+        facts.append(f"{n} ({_pct(ev.high_conf_error_share)} of all errors) made with ≥{_pct(t['high_conf'])} confidence")
+        evid.append(f"high_conf_error_share={ev.high_conf_error_share:.4f}")
+        if _known(ev.n_high_conf_errors):
+            evid.append(f"n_high_conf_errors={ev.n_high_conf_errors}")
+    if _known(ev.mean_confidence) and _known(ev.accuracy):
+        facts.append(f"mean confidence {_pct(ev.mean_confidence)} vs accuracy {_pct(ev.accuracy)}")
+    if ev.overconfident_classes:
+        facts.append("most of them in " + _join([f"{n} ({c})" for n, c in ev.overconfident_classes[:3]]))
+    text = (f"{'; '.join(facts)} → overconfident: fit temperature scaling on a held-out split (one parameter, "
+            f"accuracy unchanged) and/or retrain with label smoothing (e.g. 0.1); until then do not read the "
+            f"softmax scores as probabilities.")
+    return Recommendation("overconfident", text, "; ".join(evid))
+
+
+def _label_noise(ev: Evidence, t: dict) -> Optional[Recommendation]:
+    if not _known(ev.n_label_suspects) or ev.n_label_suspects < t["label_suspects_min"]:
+        return None
+    rate = f" ({_pct(ev.n_label_suspects / ev.n_images)} of the test set)" if ev.n_images else ""
+    examples = ""
+    if ev.label_suspect_examples:
+        examples = "; e.g. " + _join([f"{g} (predicted {p})" for g, p in ev.label_suspect_examples[:3]])
+    cl = (f"; cleanlab flags {ev.n_cleanlab_issues} images (approximate on test-set probabilities)"
+          if _known(ev.n_cleanlab_issues) else "")
+    text = (f"{ev.n_label_suspects} test images{rate} get < {_pct(t['label_self_conf_max'])} probability for "
+            f"their own label while the model is ≥ {_pct(t['label_conf_min'])} sure of another class{examples}{cl} "
+            f"→ audit these {ev.n_label_suspects} images before trusting per-class numbers, and relabel or exclude "
+            f"confirmed errors (Northcutt et al., 2021, estimate 5.85% of the CIFAR-100 test labels are wrong).")
+    evid = f"n_label_suspects={ev.n_label_suspects}"
+    if _known(ev.n_cleanlab_issues):
+        evid += f"; n_cleanlab_issues={ev.n_cleanlab_issues}"
+    return Recommendation("label_noise", text, evid)
+
+
+def _weak_classes(ev: Evidence, t: dict) -> Optional[Recommendation]:
+    mean = ev.class_accuracy_mean if _known(ev.class_accuracy_mean) else ev.accuracy
+    if not ev.worst_classes or not _known(mean) or not _known(ev.class_accuracy_std):
+        return None
+    cutoff = mean - max(t["weak_class_z"] * ev.class_accuracy_std, t["weak_class_gap"])
+    weak = [(n, a) for n, a in ev.worst_classes if _known(a) and a < cutoff]
+    if not weak:
+        return None
+    weak.sort(key=lambda x: x[1])
+    names = _join([f"{n} ({_pct(a)})" for n, a in weak])
+    text = (f"{names} {'are' if len(weak) > 1 else 'is'} below {_pct(cutoff)}, far under the mean class accuracy "
+            f"{_pct(mean)} (std {_pct(ev.class_accuracy_std)}) → first check their galleries for one systematic "
+            f"confusion, then collect more and more varied images of {_join([n for n, _ in weak])} or train with a "
+            f"class-balanced or focal loss.")
+    evid = "; ".join(f"{n}={a:.4f}" for n, a in weak) + f"; mean={mean:.4f}; std={ev.class_accuracy_std:.4f}"
+    return Recommendation("weak_classes", text, evid)
+
+
+def _cam_untrustworthy(ev: Evidence, t: dict) -> Optional[Recommendation]:
+    if not _known(ev.cam_faithfulness) or ev.cam_faithfulness >= t["cam_faithfulness_min"]:
+        return None
+    text = (f"The {ev.cam_faithfulness_name} is {ev.cam_faithfulness:.2f} (< {t['cam_faithfulness_min']:.2f}) "
+            f"→ the heatmaps follow what drives the predictions only loosely: read the galleries"
+            f"{' of ' + _group_label(ev) if ev.group_names else ''} as hints, and confirm any conclusion with the "
+            f"occlusion maps or another CAM method or target layer.")
+    return Recommendation("cam_untrustworthy", text, f"cam_faithfulness={ev.cam_faithfulness:.4f}")
+
+
+def _verify(ev: Evidence, t: dict) -> Optional[Recommendation]:
+    if not ev.top_pairs:
+        return None
+    n = int(t["verify_pairs"])
+    checks = [f"the pairs {_pair_list(ev.top_pairs, n)}"]
+    evid = [f"{p.label()}={p.count}" for p in ev.top_pairs[:n]]
+    if _known(ev.accuracy):
+        checks.append(f"accuracy {_pct(ev.accuracy)}")
+        evid.append(f"accuracy={ev.accuracy:.4f}")
+    if _known(ev.within_superclass_share):
+        checks.append(f"within-superclass error share {_pct(ev.within_superclass_share)}")
+    if _known(ev.ece):
+        checks.append(f"ECE {ev.ece:.3f}")
+    if _known(ev.group_objective) and ev.group_names:
+        checks.append(f"{ev.group_objective} confusions inside {_join(ev.group_names)}")
+    text = (f"After any change, re-run this analysis on the same test set and compare {_join(checks)}: a fix works "
+            f"if these counts fall without new pairs taking their place.")
+    return Recommendation("verify", text, "; ".join(evid))
+
+
+RULES = [_fine_grained, _dominant_pair, _low_separability, _head_similarity, _calibration,
+         _label_noise, _weak_classes, _cam_untrustworthy, _verify]
+
+
+def recommend(ev: Evidence, thresholds: Optional[dict] = None) -> list[Recommendation]:
+    """The recommendations whose thresholds trip, in a fixed order, "verify" last.
+
+    Rule names: fine_grained, dominant_pair, low_separability, head_similarity, overconfident
+    (or underconfident), label_noise, weak_classes, cam_untrustworthy, verify.
+    """
+    t = dict(THRESHOLDS, **(thresholds or {}))
+    return [rec for rule in RULES if (rec := rule(ev, t)) is not None]
+
+
+def format_recommendations(recs: Sequence[Recommendation]) -> str:
+    """Numbered plain text, one block per recommendation with its evidence line."""
+    if not recs:
+        return "No measured value crossed a recommendation threshold.\n"
+    blocks = [f"{i}. [{r.rule}] {r.text}\n   Evidence: {r.evidence}" for i, r in enumerate(recs, start=1)]
+    return "\n".join(blocks) + "\n"
+
+
+# ----------------------------------------------------------------------------- building evidence
+
+def label_suspect_mask(labels, probs, self_conf_max: Optional[float] = None,
+                       conf_min: Optional[float] = None) -> np.ndarray:
+    """Images whose own label gets < self_conf_max probability while the max prob >= conf_min
+    (defaults from THRESHOLDS: < 5% and >= 90%), i.e. the model confidently says something else."""
+    self_conf_max = THRESHOLDS["label_self_conf_max"] if self_conf_max is None else self_conf_max
+    conf_min = THRESHOLDS["label_conf_min"] if conf_min is None else conf_min
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    self_conf = probs[np.arange(len(labels)), labels]
+    return (self_conf < self_conf_max) & (probs.max(axis=1) >= conf_min)
+
+
+def count_label_suspects(labels, probs) -> int:
+    return int(label_suspect_mask(labels, probs).sum())
+
+
+def build_evidence(labels, preds, probs, class_names: Sequence[str],
+                   fine_to_coarse: Optional[np.ndarray] = None, top_k: int = 15,
+                   group: Optional[Sequence[int]] = None, group_separability: Optional[dict] = None,
+                   head_cosine: Optional[np.ndarray] = None, cam_faithfulness: Optional[float] = None,
+                   cam_faithfulness_name: str = "CAM faithfulness score",
+                   cleanlab_issues: Optional[np.ndarray] = None, n_worst: int = 10) -> Evidence:
+    """Compute every Evidence field that the predictions (and optional deep-dive results) allow.
+
+    group_separability is deep_dive.separability()'s dict; head_cosine the (k, k) matrix from
+    deep_dive.head_cosine_similarity() in the group's order.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    preds = np.asarray(preds, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    num_classes = len(class_names)
+    names = [readable(n) for n in class_names]
+    cm = metrics.confusion_matrix(labels, preds, num_classes)
+    table = metrics.most_confused(cm, class_names, k=top_k, fine_to_coarse=fine_to_coarse)
+    pairs = [Pair(r.true_name, r.pred_name, int(r.count), r.same_superclass, float(r.share_of_true))
+             for r in table.itertuples()]
+    ev = Evidence(accuracy=float((labels == preds).mean()) if len(labels) else None,
+                  n_classes=num_classes, n_images=len(labels), n_errors=int((labels != preds).sum()),
+                  top_pairs=pairs)
+
+    if fine_to_coarse is not None and np.all(np.asarray(fine_to_coarse) >= 0):
+        share = metrics.superclass_error_share(labels, preds, fine_to_coarse)
+        ev.within_superclass_share, ev.within_superclass_chance = share["share"], share["chance"]
+
+    ece, _ = metrics.expected_calibration_error(probs, labels)
+    ev.ece = ece
+    ev.mean_confidence = float(probs.max(axis=1).mean())
+    hc = metrics.high_confidence_errors(labels, preds, probs, THRESHOLDS["high_conf"])
+    ev.n_high_conf_errors = hc["count"]
+    ev.high_conf_error_share = hc["share_of_errors"] if ev.n_errors else None
+    by_class = metrics.overconfident_errors_by_class(labels, preds, probs, class_names, THRESHOLDS["high_conf"])
+    ev.overconfident_classes = list(zip(by_class["class_name"], by_class["count"].astype(int)))
+
+    mask = label_suspect_mask(labels, probs)
+    ev.n_label_suspects = int(mask.sum())
+    ranked = [i for i in metrics.label_suspects(labels, probs, n=len(labels)) if mask[i]][:3]
+    ev.label_suspect_examples = [(names[labels[i]], names[int(probs[i].argmax())]) for i in ranked]
+    if cleanlab_issues is not None:
+        ev.n_cleanlab_issues = int(len(cleanlab_issues))
+
+    per_class = metrics.per_class_table(labels, preds, probs, class_names)
+    present = per_class[per_class["support"] > 0]
+    if len(present) >= 2:
+        ev.class_accuracy_mean = float(present["accuracy"].mean())
+        ev.class_accuracy_std = float(present["accuracy"].std(ddof=0))
+        worst = present.sort_values(["accuracy", "class_id"]).head(n_worst)
+        ev.worst_classes = list(zip(worst["class_name"], worst["accuracy"].astype(float)))
+
+    if group is not None:
+        group = [int(c) for c in group]
+        ev.group_names = [names[c] for c in group]
+        ev.group_objective = metrics.group_objective(cm, group)
+        if group_separability is not None:
+            ev.group_separability = group_separability.get("accuracy")
+            ev.group_separability_chance = group_separability.get("chance")
+        if head_cosine is not None and len(group) >= 2:
+            m = np.array(head_cosine, dtype=np.float64)
+            np.fill_diagonal(m, -np.inf)
+            r, c = np.unravel_index(np.argmax(m), m.shape)
+            ev.head_cosine_max = float(m[r, c])
+            ev.head_cosine_pair = (names[group[r]], names[group[c]])
+    ev.cam_faithfulness = cam_faithfulness
+    ev.cam_faithfulness_name = cam_faithfulness_name
+    return ev

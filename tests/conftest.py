@@ -1,0 +1,90 @@
+"""Shared fixtures: the seeded torch hub cache, a generated CIFAR-100-format dataset and a tiny trained model."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DEFAULT_CKPT = "cifar100_resnet56-f2eff4c8.pt"
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def pytest_configure(config):
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_home(tmp_path_factory):
+    """Point TORCH_HOME at a cache holding the real ResNet-56, so load_model()'s download path runs offline."""
+    current = os.environ.get("TORCH_HOME")
+    if current and (Path(current) / "hub" / "checkpoints" / DEFAULT_CKPT).exists():
+        yield Path(current)
+        return
+    home = tmp_path_factory.mktemp("torch_home")
+    ckpt_dir = home / "hub" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    source = SHARED / "models" / DEFAULT_CKPT
+    if source.exists():
+        (ckpt_dir / DEFAULT_CKPT).symlink_to(source)
+    os.environ["TORCH_HOME"] = str(home)
+    yield home
+    if current is None:
+        os.environ.pop("TORCH_HOME", None)
+    else:
+        os.environ["TORCH_HOME"] = current
+
+
+@pytest.fixture(scope="session")
+def real_model_available() -> bool:
+    return (SHARED / "models" / DEFAULT_CKPT).exists()
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    """A CIFAR-100-format folder (official pickle layout): 400 test images over 100 classes, 3000 train images."""
+    from helpers.synthetic import write_cifar100
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar100(root, n_test=400, n_train=3000, seed=0)
+    return root
+
+
+def train_briefly(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, mean, std,
+                  epochs: int = 2, batch_size: int = 128, lr: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    from helpers.inference import to_tensor
+    torch.manual_seed(seed)
+    x = to_tensor(images, mean, std)
+    y = torch.as_tensor(labels)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x))
+        for start in range(0, len(x), batch_size):
+            idx = perm[start:start + batch_size]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(cifar_root, tmp_path_factory) -> Path:
+    """A resnet20 trained for two epochs on the generated train split, saved as a plain state_dict."""
+    from helpers.architectures import BUILTIN_ARCHS
+    from helpers.data import load_dataset
+    train = load_dataset("cifar100", root=cifar_root, split="train", download=False)
+    model = train_briefly(BUILTIN_ARCHS["resnet20"](num_classes=100), train.images, train.labels, train.mean, train.std)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_resnet20.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture()
+def fresh_output(tmp_path) -> Path:
+    return tmp_path / "gradcam_results"

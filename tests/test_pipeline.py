@@ -1,0 +1,124 @@
+"""The whole analysis in-process on generated CIFAR-100-format data with a tiny trained model."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+import sklearn.metrics
+
+from helpers.config import Params
+from helpers.errors import ConfigError, NumericalError, OutputError
+from helpers.pipeline import Analysis
+
+from output_checks import check_outputs, read_csv
+
+
+def make_params(cifar_root, ckpt, out, **kw) -> Params:
+    base = dict(MODEL_PATH=str(ckpt), ARCH="resnet20", DATA_ROOT=str(cifar_root), DOWNLOAD=False,
+                OUTPUT_DIR=str(out), BATCH_SIZE=128, DEVICE="cpu")
+    base.update(kw)
+    return Params(**base)
+
+
+@pytest.fixture(scope="module")
+def finished(cifar_root, tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "gradcam_results"
+    an = Analysis(make_params(cifar_root, tiny_checkpoint, out), progress=False)
+    an.run_all()
+    return an
+
+
+def test_every_output_written_and_valid(finished):
+    check_outputs(finished.out, num_classes=100, n_pair_galleries=5)
+
+
+def test_confusion_matrix_matches_sklearn(finished):
+    pr = finished.preds
+    expected = sklearn.metrics.confusion_matrix(pr.labels, pr.preds, labels=list(range(100)))
+    np.testing.assert_array_equal(finished.results["confusion"].values["cm"], expected)
+
+
+def test_per_class_csv_agrees_with_predictions(finished):
+    pr = finished.preds
+    rows = read_csv(finished.out / "per_class_accuracy.csv")
+    for r in rows[:20]:
+        c = int(r["class_id"])
+        mask = pr.labels == c
+        assert int(r["support"]) == mask.sum()
+        assert int(r["correct"]) == (pr.preds[mask] == c).sum()
+    assert rows[42]["class_name"] == "leopard" and rows[47]["class_name"] == "maple tree"
+
+
+def test_summary_quotes_the_measured_numbers(finished):
+    summary = (finished.out / "analysis_summary.txt").read_text()
+    pr = finished.preds
+    assert f"{pr.accuracy:.2%}" in summary
+    share = finished.results["confusion"].values["superclass_share"]
+    assert f"{share['share']:.1%}" in summary and "chance level 4.0%" in summary
+    assert finished.cams.engine().path in summary
+
+
+def test_gallery_names_follow_the_convention(finished):
+    names = sorted(p.name for p in (finished.out / "worst_predictions").iterdir())
+    assert names[0] == "class_000_apple.png" and "class_042_leopard.png" in names
+    assert "class_047_maple_tree.png" in names
+
+
+def test_rerun_uses_the_cache_and_force_recompute_skips_it(cifar_root, tiny_checkpoint, finished):
+    params = make_params(cifar_root, tiny_checkpoint, finished.out)
+    again = Analysis(params, progress=False)
+    again.load_model(); again.load_data(); again.predict()
+    assert again.cache_hit
+    np.testing.assert_array_equal(again.preds.logits, finished.preds.logits)
+    forced = Analysis(make_params(cifar_root, tiny_checkpoint, finished.out, FORCE_RECOMPUTE=True), progress=False)
+    forced.load_model(); forced.load_data(); forced.predict()
+    assert not forced.cache_hit
+
+
+def test_rerun_with_fewer_outputs_removes_stale_files(cifar_root, tiny_checkpoint, tmp_path):
+    out = tmp_path / "res"
+    an = Analysis(make_params(cifar_root, tiny_checkpoint, out, N_PAIR_GALLERIES=3), progress=False)
+    an.run_all()
+    assert len(list(out.glob("confused_pair_*.png"))) == 3
+    an2 = Analysis(make_params(cifar_root, tiny_checkpoint, out, N_PAIR_GALLERIES=1), progress=False)
+    an2.run_all()
+    assert [p.name.split("_")[2] for p in out.glob("confused_pair_*.png")] == ["1"]
+    manifest = json.loads((out / ".manifest.json").read_text())
+    assert all((out / rel).exists() for rel in manifest)
+    assert an2.results["report"].values["removed_stale"]
+
+
+def test_unknown_cam_method_lists_choices(tmp_path):
+    with pytest.raises(ConfigError, match="gradcam\\+\\+.*layercam"):
+        Analysis(Params(OUTPUT_DIR=str(tmp_path), CAM_METHOD="gradkam"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_fails_before_compute(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    with pytest.raises(OutputError, match="not writable"):
+        Analysis(Params(OUTPUT_DIR=str(locked / "out")))
+
+
+def test_output_path_that_is_a_file_fails_before_compute(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="OUTPUT_DIR"):
+        Analysis(Params(OUTPUT_DIR=str(blocker / "out")))
+
+
+def test_nan_logits_stop_the_run(cifar_root, tiny_checkpoint, tmp_path):
+    import torch
+    an = Analysis(make_params(cifar_root, tiny_checkpoint, tmp_path / "o"), progress=False)
+    an.load_model(); an.load_data()
+    fc = an.loaded.module.fc if hasattr(an.loaded.module, "fc") else an.loaded.module.model.fc
+    with torch.no_grad():
+        fc.bias[3] = float("nan")
+    with pytest.raises(NumericalError, match=f"{len(an.data.labels)} of {len(an.data.labels)} images"):
+        an.predict()
+    assert not (tmp_path / "o" / "confusion_matrix_full.png").exists()

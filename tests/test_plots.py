@@ -1,0 +1,392 @@
+"""Tests for helpers/plots.py: every figure function on small synthetic inputs."""
+import matplotlib
+
+matplotlib.use("Agg")  # tests run headless; the module itself never picks a backend
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+import time
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from PIL import Image
+
+from helpers import plots
+from helpers.errors import ConfigError, NumericalError
+from helpers.plots import LAYOUT, GalleryRow
+
+RNG = np.random.default_rng(0)
+
+
+def _img(h=32, w=32, c=3):
+    return RNG.integers(0, 256, (h, w, c), dtype=np.uint8)
+
+
+def _rows(n, n_panels, ok=None, label="CAM → pred: tiger"):
+    return [GalleryRow(image=_img(), title=f"true: leopard · pred: tiger (0.{i}7)",
+                       panels=[(label, _img()) for _ in range(n_panels)], ok=ok) for i in range(n)]
+
+
+def _expected_size(section_rows, ncols, tile, subtitle, n_bars):
+    L = LAYOUT
+    w = max(L.min_width, 2 * L.pad + ncols * tile + (ncols - 1) * L.gap)
+    h = (2 * L.pad + L.title_h + (L.subtitle_h if subtitle else 0)
+         + sum(L.section_h + n * (L.row_title_h + L.label_h + tile + L.row_gap) for n in section_rows)
+         + n_bars * L.cbar_h)
+    return w, h
+
+
+def _is_blue(a):   # JET(0) is dark blue (0, 0, 127)
+    return (a[..., 2] > 100) & (a[..., 0] < 60) & (a[..., 1] < 60)
+
+
+def _is_red(a):    # JET(1) is dark red (127, 0, 0); wrong-row titles are (200, 0, 0)
+    return (a[..., 0] > 100) & (a[..., 1] < 60) & (a[..., 2] < 60)
+
+
+def _is_green(a):
+    return (a[..., 1] > 90) & (a[..., 0] < 60) & (a[..., 2] < 60)
+
+
+# ---------------------------------------------------------------- galleries
+
+def test_gallery_size_colour_bar_and_title_colours():
+    sections = [("5 worst predictions", _rows(5, 2, ok=False)), ("3 best predictions", _rows(3, 2, ok=True))]
+    img = plots.render_gallery("Class 42: leopard", sections, tile=128, subtitle="acc 45%")
+    assert isinstance(img, Image.Image) and img.mode == "RGB"
+    assert img.size == _expected_size([5, 3], ncols=3, tile=128, subtitle=True, n_bars=1)
+
+    a = np.asarray(img)
+    L = LAYOUT
+    cbar = a[-(L.pad + L.cbar_h):]
+    assert _is_blue(cbar).any() and _is_red(cbar).any()
+
+    first_title_y = L.pad + L.title_h + L.subtitle_h + L.section_h
+    wrong_strip = a[first_title_y:first_title_y + L.row_title_h]
+    assert _is_red(wrong_strip).sum() > 20 and not _is_green(wrong_strip).any()
+    row_h = L.row_title_h + L.label_h + 128 + L.row_gap
+    ok_y = first_title_y + 5 * row_h + L.section_h
+    ok_strip = a[ok_y:ok_y + L.row_title_h]
+    assert _is_green(ok_strip).sum() > 20 and not _is_red(ok_strip).any()
+
+
+def test_gallery_tiles_are_upscaled_originals():
+    image = _img()
+    img = plots.render_gallery("t", [("s", [GalleryRow(image=image, title="x", panels=[])])], tile=128)
+    L = LAYOUT
+    y0 = L.pad + L.title_h + L.section_h + L.row_title_h + L.label_h
+    tile = np.asarray(img)[y0:y0 + 128, L.pad:L.pad + 128]
+    np.testing.assert_array_equal(tile, np.kron(image, np.ones((4, 4, 1), dtype=np.uint8)))
+
+
+def test_gallery_blank_cells_grayscale_and_difference_bar():
+    d = plots.difference_panel(np.ones((28, 28)), np.zeros((28, 28)))
+    gray = RNG.integers(0, 256, (28, 28, 1), dtype=np.uint8)
+    rows = [GalleryRow(image=gray, title="true: shirt · pred: T-shirt (0.91)",
+                       panels=[("CAM → pred: T-shirt", _img(28, 28)), ("difference true − pred", d)], ok=False),
+            GalleryRow(image=gray, title="fewer panels", panels=[("CAM → pred", _img(28, 28))], ok=None)]
+    img = plots.render_gallery("pair", [("confused", rows), ("nothing here", [])], tile=96)
+    assert img.size == _expected_size([2, 0], ncols=3, tile=96, subtitle=False, n_bars=2)
+    a = np.asarray(img)
+    L = LAYOUT
+    diff_bar = a[-(L.pad + L.cbar_h):]
+    rdbu_r = matplotlib.colormaps["RdBu_r"]
+    lo = (np.array(rdbu_r(0.0)[:3]) * 255).round()
+    hi = (np.array(rdbu_r(1.0)[:3]) * 255).round()
+    flat = diff_bar.reshape(-1, 3).astype(int)
+    assert (np.abs(flat - lo).sum(1) <= 3).any() and (np.abs(flat - hi).sum(1) <= 3).any()
+    jet_bar = a[-(L.pad + 2 * L.cbar_h):-(L.pad + L.cbar_h)]
+    assert _is_blue(jet_bar).any() and _is_red(jet_bar).any()
+    # second row has one panel: its third tile stays blank (white)
+    y1 = L.pad + L.title_h + L.section_h + (L.row_title_h + L.label_h + 96 + L.row_gap) + L.row_title_h + L.label_h
+    x3 = L.pad + 2 * (96 + L.gap)
+    assert (a[y1:y1 + 96, x3:x3 + 96] == 255).all()
+
+
+def test_gallery_rejects_tiny_tile():
+    with pytest.raises(ConfigError):
+        plots.render_gallery("t", [], tile=8)
+
+
+def test_gallery_timing_100_galleries():
+    sections = [("5 worst predictions", _rows(5, 3, ok=False)), ("3 best predictions", _rows(3, 3, ok=True))]
+    plots.render_gallery("warm-up", sections)  # font loading is a one-off cost
+    t0 = time.perf_counter()
+    for i in range(100):
+        plots.render_gallery(f"Class {i:03d}: leopard", sections, subtitle="accuracy 45%")
+    ms = (time.perf_counter() - t0) * 1000 / 100
+    print(f"\n[timing] render_gallery, 8 rows × 3 panels of 32×32, tile 128: {ms:.1f} ms per gallery")
+
+
+def test_difference_panel_colours_and_errors():
+    cam_true = np.array([[1.0, 0.0], [0.5, 0.3]])
+    cam_pred = np.array([[0.0, 1.0], [0.5, 0.3]])
+    out = plots.difference_panel(cam_true, cam_pred)
+    assert out.shape == (2, 2, 3) and out.dtype == np.uint8
+    cmap = matplotlib.colormaps["RdBu_r"]
+    for (i, j), x in {(0, 0): 1.0, (0, 1): 0.0, (1, 0): 0.5}.items():
+        np.testing.assert_allclose(out[i, j], np.array(cmap(x)[:3]) * 255, atol=1)
+    assert out[0, 0, 0] > out[0, 0, 2]  # true-class region: red
+    assert out[0, 1, 2] > out[0, 1, 0]  # predicted-class region: blue
+    with pytest.raises(ValueError):
+        plots.difference_panel(np.zeros((2, 2)), np.zeros((3, 3)))
+    with pytest.raises(NumericalError):
+        plots.difference_panel(np.full((2, 2), np.nan), np.zeros((2, 2)))
+
+
+# ---------------------------------------------------------------- confusion matrices
+
+def test_confusion_matrix_100_classes_labels_and_png_size():
+    C = 100
+    names = [f"class {i}" for i in range(C)]
+    cm = RNG.integers(0, 3, (C, C)) + np.diag(np.full(C, 60))
+    order = np.roll(np.arange(C), 5)
+    fig = plots.plot_confusion_matrix(cm, names, normalize=True, order=order, group_boundaries=[5, 50])
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    xt = [t.get_text() for t in ax.get_xticklabels()]
+    yt = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(xt) == len(yt) == C
+    assert xt == yt == [names[i] for i in order]
+    acc = np.trace(cm) / cm.sum()
+    assert f"{acc:.1%}" in ax.get_title()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=30)
+    w, h = fig.get_size_inches()
+    assert (w, h) == (28, 26)
+    assert Image.open(io.BytesIO(buf.getvalue())).size == (round(w * 30), round(h * 30))
+
+
+def test_confusion_matrix_small_annotates_counts():
+    cm = np.array([[5, 1, 0], [2, 7, 1], [0, 0, 9]])
+    fig = plots.plot_confusion_matrix(cm, ["cat", "dog", "bird"], title="Test set")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == [str(v) for v in cm.ravel()]
+    assert "Test set" in fig.axes[0].get_title() and "84.0%" in fig.axes[0].get_title()  # 21/25
+    with pytest.raises(ValueError):
+        plots.plot_confusion_matrix(cm, ["a", "b"])
+
+
+def test_group_and_coarse_confusion_annotations():
+    counts = np.array([[7, 3], [1, 9]])
+    row_pct = 100 * counts / counts.sum(1, keepdims=True)
+    fig = plots.plot_group_confusion(counts, row_pct, ["vehicles", "animals"])
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["7\n(70.0%)", "3\n(30.0%)", "1\n(10.0%)", "9\n(90.0%)"]
+    # fractions are accepted too
+    fig2 = plots.plot_group_confusion(counts, row_pct / 100, ["vehicles", "animals"])
+    assert [t.get_text() for t in fig2.axes[0].texts] == texts
+
+    cm20 = RNG.integers(0, 5, (20, 20)) + np.diag(np.full(20, 80))
+    fig3 = plots.plot_coarse_confusion(cm20, [f"super {i}" for i in range(20)])
+    assert isinstance(fig3, Figure) and len(fig3.axes[0].texts) == 400
+    expected = 100 * cm20[0, 0] / cm20[0].sum()
+    assert fig3.axes[0].texts[0].get_text() == f"{expected:.1f}"
+
+
+def test_head_cosine():
+    v = RNG.normal(size=(4, 16))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    sim = v @ v.T
+    fig = plots.plot_head_cosine(sim, ["a", "b", "c", "d"])
+    im = fig.axes[0].images[0]
+    assert im.norm.vmin == -1 and im.norm.vmax == 1
+    assert fig.axes[0].texts[0].get_text() == "1.00"
+
+
+# ---------------------------------------------------------------- pairs, per-class accuracy
+
+def _pairs_df():
+    return pd.DataFrame({"true_name": ["leopard", "boy", "maple tree"], "pred_name": ["tiger", "man", "oak tree"],
+                         "count": [5, 12, 8], "share": [0.05, 0.12, 0.08],
+                         "same_superclass": [True, True, False]})
+
+
+def test_top_pairs_order_and_text():
+    fig = plots.plot_top_pairs(_pairs_df())
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["boy → man", "maple tree → oak tree", "leopard → tiger"]
+    assert ax.yaxis_inverted()  # first label is on top
+    assert [t.get_text() for t in ax.texts] == ["12 (12.0%)", "8 (8.0%)", "5 (5.0%)"]
+    assert ax.get_legend() is not None
+    assert isinstance(plots.plot_top_pairs(_pairs_df().iloc[:0]), Figure)
+    with pytest.raises(ConfigError):
+        plots.plot_top_pairs(pd.DataFrame({"x": [1]}))
+
+
+def _per_class_df():
+    return pd.DataFrame({
+        "class": ["apple", "aquarium fish", "baby", "bear"], "superclass": ["fruit", "fish", "people", "mammals"],
+        "accuracy": [0.9, 0.4, 0.6, 0.75], "correct": [90, 40, 60, 75], "support": [100] * 4,
+        "mean_confidence": [0.93, 0.55, 0.7, 0.8], "top_wrong": ["pear", "flatfish", "girl", "otter"],
+        "top_wrong_count": [4, 20, 15, 9]})
+
+
+class _Scripts(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.srcs, self.n_scripts = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "script":
+            self.n_scripts += 1
+            src = dict(attrs).get("src")
+            if src:
+                self.srcs.append(src)
+
+
+def _assert_offline(page: str):
+    parser = _Scripts()
+    parser.feed(page)
+    assert parser.n_scripts >= 1
+    assert not any("cdn" in s or s.startswith("http") for s in parser.srcs), parser.srcs
+    assert 'src="https://cdn' not in page and "cdn.plot.ly/plotly" not in page.split("<body")[0]
+    assert len(page) > 1_000_000  # plotly.js itself is inlined
+
+
+def test_per_class_accuracy_html_offline():
+    page = plots.per_class_accuracy_html(_per_class_df())
+    _assert_offline(page)
+    for name in ["apple", "aquarium fish", "baby", "bear", "flatfish"]:
+        assert name in page
+    assert "mean accuracy 66.2%" in page  # (0.9+0.4+0.6+0.75)/4
+
+
+def test_per_class_accuracy_static_sorted():
+    fig = plots.plot_per_class_accuracy(_per_class_df())
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["aquarium fish", "baby", "bear", "apple"]
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == sorted(heights)
+    no_super = _per_class_df().drop(columns=["superclass", "top_wrong"])
+    assert isinstance(plots.plot_per_class_accuracy(no_super), Figure)
+
+
+# ---------------------------------------------------------------- embeddings
+
+def _embedding_data(n=40):
+    coords = RNG.normal(size=(n, 2))
+    labels = np.array([3, 7] * (n // 2))
+    preds = labels.copy()
+    preds[:5] = np.where(labels[:5] == 3, 7, 3)
+    return coords, labels, preds
+
+
+def test_plot_embedding_marks_misclassified():
+    coords, labels, preds = _embedding_data()
+    names = [f"c{i}" for i in range(10)]
+    fig = plots.plot_embedding(coords, labels, preds, [3, 7], names, "UMAP")
+    ax = fig.axes[0]
+    assert "UMAP" in ax.get_title()
+    # per class: a circle collection (correct) and an 'x' collection (wrong); offsets count the points
+    wrong_points = sum(len(c.get_offsets()) for c in ax.collections[1::2])
+    assert wrong_points == int((preds != labels).sum())
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:2] == ["c3 (20)", "c7 (20)"]
+    # names given per class id in class_ids also work
+    fig2 = plots.plot_embedding(coords, labels, preds, [3, 7], ["three", "seven"], "t-SNE")
+    assert [t.get_text() for t in fig2.axes[0].get_legend().get_texts()][:2] == ["three (20)", "seven (20)"]
+
+
+def test_thumbnail_data_uri_decodes():
+    image = _img(28, 28, 1)
+    uri = plots.thumbnail_data_uri(image, size=64)
+    assert uri.startswith("data:image/png;base64,")
+    decoded = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert decoded.size == (64, 64)
+    assert np.asarray(decoded.convert("L"))[0, 0] == image[0, 0, 0]
+
+
+def test_embedding_html_hover_thumbnails_offline():
+    coords, labels, preds = _embedding_data()
+    thumbs = [plots.thumbnail_data_uri(_img()) for _ in range(len(coords))]
+    page = plots.embedding_html(coords, labels, preds, [3, 7], ["three", "seven"], thumbs, "UMAP",
+                                "silhouette 0.12 <low>")
+    _assert_offline(page)
+    # our listener (plotly.js itself also mentions plotly_hover), bound to the plot's real div id
+    div_id = re.search(r'<div id="([^"]+)" class="plotly-graph-div"', page).group(1)
+    assert "plot.on('plotly_hover'" in page and f"getElementById('{div_id}')" in page
+    assert "{plot_id}" not in page and 'id="emb-thumb"' in page
+    assert page.count("data:image/png;base64,") >= len(coords)
+    assert "silhouette 0.12 &lt;low&gt;" in page  # escaped
+    assert "three" in page and "seven" in page
+    with pytest.raises(ValueError):
+        plots.embedding_html(coords, labels, preds, [3, 7], ["three", "seven"], thumbs[:3], "UMAP", "")
+
+
+# ---------------------------------------------------------------- deep dive
+
+def test_plot_occlusion_layout():
+    n = 2
+    fig = plots.plot_occlusion([_img() for _ in range(n)], [_img() for _ in range(n)],
+                               [RNG.normal(size=(8, 8)), RNG.random((8, 8))], ["img 1", "img 2"])
+    assert isinstance(fig, Figure)
+    image_axes = [ax for ax in fig.axes if ax.images]
+    assert len(image_axes) == 3 * n
+    assert len(fig.axes) == 3 * n + n  # one colour bar per occlusion map
+    signed = image_axes[2].images[0]
+    assert signed.norm.vmin == -signed.norm.vmax  # diverging map centred on 0 when negative values occur
+
+
+def test_reliability_diagram():
+    edges = np.linspace(0, 1, 11)
+    bins = pd.DataFrame({"bin_lower": edges[:-1], "bin_upper": edges[1:],
+                         "count": [0, 0, 3, 10, 20, 30, 40, 60, 120, 700],
+                         "accuracy": [0, 0, .2, .3, .4, .5, .6, .65, .75, .95],
+                         "confidence": [0, 0, .25, .35, .45, .55, .65, .75, .85, .97]})
+    fig = plots.plot_reliability_diagram(bins, 0.0321)
+    assert "ECE = 3.21%" in fig.axes[0].get_title()
+    assert len(fig.axes) == 2
+    with pytest.raises(ConfigError):
+        plots.plot_reliability_diagram(bins.drop(columns=["confidence"]), 0.1)
+
+
+def test_label_suspects_titles():
+    n = 30
+    images = [_img() for _ in range(n)]
+    fig = plots.plot_label_suspects(images, [f"g{i}" for i in range(n)], [f"p{i}" for i in range(n)],
+                                    np.full(n, 0.01), np.full(n, 0.97), ncols=6)
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert len(titles) == 24
+    assert titles[0] == "label: g0 (p=0.01)\nmodel: p0 (p=0.97)"
+    assert isinstance(plots.plot_label_suspects([], [], [], [], []), Figure)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_hover_listener_shows_thumbnail_in_node():
+    """Run the hover JS against a minimal fake DOM: hovering point i must show thumbnail i."""
+    js = plots._HOVER_JS.replace("{plot_id}", "plot")
+    harness = """
+    const els = {plot: {handlers: {}, on(n, f) { this.handlers[n] = f; }},
+                 'emb-thumb': {src: '', style: {}}, 'emb-caption': {textContent: ''}};
+    global.document = {getElementById: (id) => els[id]};
+    global.window = {EMB_THUMBS: ['data:a', 'data:b', 'data:c']};
+    %s
+    els.plot.handlers['plotly_hover']({points: [{customdata: [2, 'cat', 'dog']}]});
+    console.log(JSON.stringify({src: els['emb-thumb'].src, cap: els['emb-caption'].textContent,
+                                vis: els['emb-thumb'].style.visibility}));
+    """ % js
+    out = subprocess.run(["node", "-e", harness], capture_output=True, text=True, timeout=20, check=True)
+    state = json.loads(out.stdout)
+    assert state == {"src": "data:c", "cap": "true: cat \u00b7 predicted: dog (wrong)", "vis": "visible"}
+
+
+def test_gallery_fits_large_non_square_images_in_the_tile():
+    big = RNG.integers(0, 256, (200, 150, 3), dtype=np.uint8)
+    row = GalleryRow(image=big, title="big", panels=[("CAM", RNG.integers(0, 256, (200, 150, 3), dtype=np.uint8))])
+    img = plots.render_gallery("t", [("s", [row])], tile=100)
+    assert img.size == _expected_size([1], ncols=2, tile=100, subtitle=False, n_bars=1)
+    L = LAYOUT
+    y0 = L.pad + L.title_h + L.section_h + L.row_title_h + L.label_h
+    tile = np.asarray(img)[y0:y0 + 100, L.pad:L.pad + 100]
+    # 200×150 shrinks to 100×75, centred: 12-px white bands left and right
+    assert (tile[:, :12] == 255).all() and (tile[:, -12:] == 255).all()
+    assert not (tile[:, 13:87] == 255).all()
