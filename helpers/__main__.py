@@ -29,6 +29,7 @@ HELP = {
     "CAM_METHOD": "gradcam, gradcam++, layercam, xgradcam, eigencam, scorecam or finercam",
     "TARGET_LAYER": "dotted layer path such as layer4.1; default: automatic",
     "GROUP_CLASSES": "comma-separated class names for the deep dive; default: found automatically",
+    "EMBEDDING": "feature-space projection: auto (UMAP if installed, else t-SNE), umap or tsne",
     "FORCE_RECOMPUTE": "ignore the cache of an earlier identical run",
 }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -55,7 +56,7 @@ _GRADIENT_METHODS = {"gradcam", "gradcam++", "layercam", "xgradcam"}
 
 FAST_PATH_TOLERANCE = 1e-4
 _FAST_PATH = "fast exact Grad-CAM (GAP→Linear head, verified against pytorch-grad-cam)"
-_FAST_PENDING = "fast exact Grad-CAM (GAP→Linear head, verified against pytorch-grad-cam on the first batch)"
+_FAST_PENDING = "fast exact Grad-CAM (GAP→Linear head; checked against pytorch-grad-cam on the first batch)"
 
 
 def check_method(method: str) -> str:
@@ -415,6 +416,18 @@ def _nearest_classes(logits: np.ndarray, target: int, k: int = 3) -> list[int]:
     return [int(c) for c in order if c != target][:k]
 
 
+@contextlib.contextmanager
+def _quiet_scorecam():
+    """ScoreCAM draws one tqdm bar per image; CamEngine shows its own progress per batch instead."""
+    import pytorch_grad_cam.score_cam as score_cam
+    original = score_cam.tqdm
+    score_cam.tqdm = types.SimpleNamespace(tqdm=lambda iterable, *args, **kwargs: iterable)
+    try:
+        yield
+    finally:
+        score_cam.tqdm = original
+
+
 class CamEngine:
     """Computes CAMs for one model, method and target layer, in batches.
 
@@ -443,7 +456,7 @@ class CamEngine:
         self.fast_max_diff: Optional[float] = None
         self._linear: Optional[nn.Linear] = None
         self._verified = False
-        reason = "fast path disabled"
+        reason = "fast_path=False"
         if self.method != "gradcam":
             reason = ""
         elif fast_path and self.reshape_transform is not None:
@@ -541,7 +554,7 @@ class CamEngine:
         if not any(p.requires_grad for p in self.model.parameters()):
             xb = xb.detach().clone().requires_grad_(True)   # frozen weights: gradients must still reach the layer
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), _quiet_scorecam():
                 result = cam(input_tensor=xb, targets=targets)
         finally:
             hooks.release()

@@ -42,6 +42,7 @@ class Params:
     PAIR_EXAMPLES: int = 6
     GROUP_SIZE: int = 3
     GROUP_CLASSES: Optional[list] = None    # e.g. ["shirt", "t-shirt/top", "pullover"]; None = found automatically
+    EMBEDDING: str = "auto"                 # feature-space map: "auto" (UMAP if installed, else t-SNE), "umap", "tsne"
     FORCE_RECOMPUTE: bool = False           # ignore the cache next to the outputs
     SEED: int = 0
 

@@ -107,7 +107,7 @@ def feature_space_step(an: "Analysis", sec: "Section") -> None:
     if len(idx) < 5:
         sec.notes.append("Feature space: skipped (fewer than 5 images in the group).")
         return
-    coords, method = deep_dive.project_2d(feats, seed=an.params.SEED)
+    coords, method = deep_dive.project_2d(feats, seed=an.params.SEED, method=an.params.EMBEDDING)
     sep = deep_dive.separability(feats, labels, seed=an.params.SEED)
     names = [an.names[g] for g in group]
     sep_text = (f"Logistic-regression CV accuracy on the features: {sep['accuracy']:.1%} "

@@ -104,6 +104,11 @@ def build_evidence(an: "Analysis") -> Evidence:
     )
 
 
+def faithfulness_to_score(road: float) -> float:
+    """ROAD most-relevant-first is p_after - p_before (negative = faithful); the rules want higher = better."""
+    return -float(road)
+
+
 def _faithfulness(an: "Analysis") -> dict:
     scores = {}
     for key in ("pair_galleries", "deep_dive"):

@@ -73,14 +73,17 @@ def train_briefly(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray
     return model.eval()
 
 
+TINY_ARCH = f"{REPO / 'tests' / 'tiny_model.py'}:TinyNet"
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(cifar_root, tmp_path_factory) -> Path:
-    """A resnet20 trained for two epochs on the generated train split, saved as a plain state_dict."""
-    from helpers.architectures import BUILTIN_ARCHS
+    """tests/tiny_model.py's TinyNet trained briefly on the generated train split, saved as a nested state_dict."""
     from helpers.data import load_dataset
+    from tiny_model import TinyNet
     train = load_dataset("cifar100", root=cifar_root, split="train", download=False)
-    model = train_briefly(BUILTIN_ARCHS["resnet20"](num_classes=100), train.images, train.labels, train.mean, train.std)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny_resnet20.pt"
+    model = train_briefly(TinyNet(num_classes=100), train.images, train.labels, train.mean, train.std, epochs=4)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     torch.save({"state_dict": model.state_dict()}, path)
     return path
 

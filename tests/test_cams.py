@@ -137,7 +137,7 @@ def assert_nontrivial(maps: np.ndarray, at_least: float = 0.6):
 
 # ----------------------------------------------------------------------------- equality with the library
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "xgradcam", "eigencam"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "xgradcam", "eigencam", "scorecam"])
 def test_batched_engine_equals_single_image_library_calls(method, images, targets):
     model = seeded(HeResNet)
     engine = CamEngine(model, method=method, batch_size=2, fast_path=False)
@@ -266,9 +266,28 @@ def test_find_target_layer_builtin_architectures():
 
 
 def test_find_target_layer_skips_replicating_adaptive_pool():
-    # torchvision VGG: AdaptiveAvgPool2d(7) turns the 1x1 map of a 32x32 input into a copied 7x7 map.
-    vgg = torchvision.models.vgg11(num_classes=10).eval()
-    assert find_target_layer(vgg)[0] == "features.19"
+    """torchvision VGG layout (features, avgpool=AdaptiveAvgPool2d(7), classifier), narrowed: five max-pools
+    take 32x32 to 1x1, and the adaptive pool only copies that into a 7x7 map, so the last computed map
+    larger than 1x1 is the 2x2 output of the final ReLU, features.13."""
+
+    class MiniVGG(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers, cin = [], 3
+            for _ in range(4):
+                layers += [nn.Conv2d(cin, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+                cin = 4
+            layers += [nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            self.features = nn.Sequential(*layers)
+            self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+            self.classifier = nn.Sequential(nn.Linear(4 * 49, 10))
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+    vgg = MiniVGG().eval()
+    name, module = find_target_layer(vgg)
+    assert name == "features.13" and module is vgg.features[13]
 
 
 def test_resolve_target_layer_error_lists_candidates():

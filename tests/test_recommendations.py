@@ -68,7 +68,7 @@ def test_representation_scenario_without_pairs():
     ev = Evidence(group_names=["shirt", "T-shirt/top", "pullover"], group_separability=0.62,
                   group_separability_chance=0.34, head_cosine_max=0.71, head_cosine_pair=("shirt", "pullover"),
                   worst_classes=[("shirt", 0.55), ("pullover", 0.80), ("coat", 0.82)],
-                  class_accuracy_mean=0.90, class_accuracy_std=0.11, cam_faithfulness=0.1,
+                  class_accuracy_mean=0.90, class_accuracy_std=0.11, cam_faithfulness=0.02,
                   cam_faithfulness_name="deletion-curve faithfulness")
     recs = by_rule(ev)
     assert set(recs) == {"low_separability", "head_similarity", "weak_classes", "cam_untrustworthy"}
@@ -80,7 +80,7 @@ def test_representation_scenario_without_pairs():
     # cutoff 0.90 - max(1.5 * 0.11, 0.10) = 0.735: only shirt is below
     assert "shirt (55%)" in weak and "pullover" not in weak and "74%" in weak
     cam = recs["cam_untrustworthy"].text
-    assert "deletion-curve faithfulness is 0.10" in cam
+    assert "deletion-curve faithfulness is 0.02" in cam
 
 
 def test_head_similarity_with_separable_features_suggests_head_only():
