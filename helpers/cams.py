@@ -98,11 +98,43 @@ def _eval_mode(model: nn.Module):
             m.training = flag
 
 
+# ----------------------------------------------------------------------------- TorchScript
+
+def _scripted_names(model: nn.Module) -> list[str]:
+    """Names of the TorchScript modules in `model` ("" for the root)."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+
+
+def _inside_script(name: str, scripted: Sequence[str]) -> bool:
+    return any(s == "" or name == s or name.startswith(s + ".") for s in scripted)
+
+
+def scripted_model_message(what: str = "The model") -> str:
+    return (f"{what} is TorchScript: its forward pass is compiled code that does not call Python forward hooks, "
+            "and every CAM method needs the activations of an inner layer, so CAMs cannot be computed from it. "
+            "Use the eager (Python) model instead: where the network is defined, save its weights with "
+            "torch.save(model.state_dict(), 'weights.pt'), then set MODEL_PATH='weights.pt' and ARCH to its "
+            "architecture (a built-in or torchvision name, 'timm:<name>', or 'path/to/model.py:ClassName').")
+
+
+def check_hookable(model: nn.Module, what: str = "The model") -> None:
+    """ConfigError naming the fix when the network's forward is TorchScript: the root is scripted, or every
+    child is (e.g. a LogitsWrapper around a loaded TorchScript file). Partly scripted models are fine as long
+    as the target layer is eager Python."""
+    children = list(model.children())
+    if isinstance(model, torch.jit.ScriptModule) or (
+            children and all(isinstance(c, torch.jit.ScriptModule) for c in children)):
+        raise ConfigError(scripted_model_message(what))
+
+
 def _probe(model: nn.Module, x: torch.Tensor, only: Optional[Sequence[nn.Module]] = None):
     """Run `model(x)` with forward hooks on every non-root module (or just `only`).
-    Returns (calls in completion order, model output)."""
+    Returns (calls in completion order, model output). TorchScript modules and their insides are
+    skipped: torch refuses hooks on them (check_hookable explains what to do)."""
     names = {id(m): n for n, m in model.named_modules()}
-    watched = [m for n, m in model.named_modules() if n] if only is None else list(only)
+    scripted = _scripted_names(model)
+    watched = ([m for n, m in model.named_modules() if n and not _inside_script(n, scripted)]
+               if only is None else list(only))
     calls: list[_Call] = []
 
     def hook(module, inputs, output):
@@ -198,14 +230,18 @@ def find_target_layer(model: nn.Module, input_shape: Sequence[int] = (3, 32, 32)
     can return that same tensor (a stage, its last block, the block's final ReLU); the block
     is reported: the outermost non-Sequential module whose parent is a Sequential/ModuleList stage,
     e.g. `layer3.8` for a CIFAR ResNet-56, `layer4.1` for a ResNet-18, `features.N` for VGG."""
+    check_hookable(model)
     vit = _vit_norm_layers(model)
     if vit:
         return vit[-1]
     calls, _ = _probe(model, _zeros(input_shape))
     maps = [c for c in calls if _is_feature_map(c)]
     if not maps:
+        scripted = _scripted_names(model)
+        why = (f" The TorchScript parts ({', '.join(scripted[:3])}) cannot be hooked: build them as eager "
+               "Python modules." if scripted else "")
         raise ConfigError(f"No layer of the model outputs a 4-D feature map larger than 1x1 for input shape "
-                          f"{tuple(input_shape)}; set TARGET_LAYER to a layer name explicitly.")
+                          f"{tuple(input_shape)}; set TARGET_LAYER to a layer name explicitly.{why}")
     last = maps[-1].output
     same = {c.name: c for c in calls if c.output is last}.values()
 
@@ -256,6 +292,7 @@ def resolve_target_layer(model: nn.Module, spec: Optional[str],
     Unknown paths raise ConfigError listing the candidate layers."""
     if spec is None or not str(spec).strip():
         return find_target_layer(model, input_shape)
+    check_hookable(model)
     text = str(spec).strip()
     parts = re.sub(r"\[(-?\d+)\]", r".\1", text).strip(".").split(".")
     module = _walk(model, parts)
@@ -266,6 +303,9 @@ def resolve_target_layer(model: nn.Module, spec: Optional[str],
     if module is None or module is model:
         raise ConfigError(f"Target layer {text!r} not found in the model. {_candidates_text(model, input_shape)}")
     name = names[id(module)]
+    if _inside_script(name, _scripted_names(model)):
+        raise ConfigError(f"Target layer {name!r} is inside a TorchScript module, which cannot be hooked; pick a "
+                          f"layer of the eager (Python) part of the model. {_candidates_text(model, input_shape)}")
     calls, _ = _probe(model, _zeros(input_shape), only=[module])
     if not calls:
         raise ConfigError(f"Target layer {name!r} is not used in the model's forward pass; pick another layer.")
@@ -365,7 +405,8 @@ def _gap_linear_head(model: nn.Module, layer: nn.Module, input_shape) -> tuple[O
     Flatten/Dropout/Identity and exactly one nn.Linear producing the model output; else (None, why).
     Module types are checked on the executed modules, and the semantics numerically on a random probe
     (functional ops between modules are invisible to hooks, hence the numeric check)."""
-    leaves = [m for m in model.modules() if not list(m.children()) and m is not layer]
+    leaves = [m for m in model.modules() if not list(m.children()) and m is not layer
+              and not isinstance(m, torch.jit.ScriptModule)]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((2,) + tuple(int(s) for s in input_shape), generator=gen)
     calls, out = _probe(model, x, only=[layer] + leaves)

@@ -170,8 +170,7 @@ def _read_cifar_pickle(path: Path, folder: Path, what: str) -> dict:
     try:
         with open(path, "rb") as fh:
             obj = _ArrayUnpickler(fh, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            struct.error, MemoryError, OSError, ImportError) as exc:
+    except Exception as exc:  # damaged bytes raise anything from EOFError to OverflowError: all mean "corrupt"
         raise DataError(f"{path} is truncated or not a {what} pickle ({type(exc).__name__}: {exc}). "
                         f"{_fix_hint(folder, what)}") from exc
     if not isinstance(obj, dict):
@@ -373,6 +372,9 @@ def _load_idx_dataset(name: str, root: Optional[Path], download: bool, split: st
     img_path, lab_path = found
     images = _read_idx(img_path, 3, what)
     labels = _read_idx(lab_path, 1, what)
+    if images.size == 0:
+        raise DataError(f"{img_path} holds no image data (shape {images.shape}). Copy the file again from the "
+                        f"original {what} files.")
     if len(images) != len(labels):
         raise DataError(f"{img_path} has {len(images)} images but {lab_path} has {len(labels)} labels; "
                         f"they must come from the same release. Copy both files again.")
@@ -380,7 +382,8 @@ def _load_idx_dataset(name: str, root: Optional[Path], download: bool, split: st
         raise DataError(f"{lab_path} holds label {int(labels.max())}, outside 0..9. Copy the file again.")
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    return dict(images=np.ascontiguousarray(images[..., None]), labels=labels.astype(np.int64),
+    # A writable copy: the idx bytes are a read-only buffer, which torch.from_numpy warns about.
+    return dict(images=np.array(images[..., None], copy=True), labels=labels.astype(np.int64),
                 class_names=list(FASHION_MNIST_CLASSES if name == "fashion_mnist" else MNIST_CLASSES),
                 coarse_labels=None, coarse_names=None)
 
@@ -555,11 +558,13 @@ def _unknown_message(unknown: Sequence, class_names: Sequence[str], what: str) -
         hint = f" - did you mean {', '.join(repr(normed[c]) for c in close)}?" if close else ""
         parts.append(f"{q!r}{hint}")
     shown = ", ".join(class_names[:12]) + (", ..." if len(class_names) > 12 else "")
-    return f"Unknown class name(s) in {what}: {'; '.join(parts)}. Known classes: {shown}"
+    listed = "; ".join(parts)
+    return f"Unknown class name(s) in {what}: {listed}{'' if listed.endswith('?') else '.'} Known classes: {shown}"
 
 
-def resolve_class_names(names, class_names: Sequence[str]) -> list[int]:
-    """Class names (raw or readable, any case; underscores and spaces alike) or ids -> class ids, in order."""
+def resolve_class_names(names, class_names: Sequence[str], what: str = "the class list") -> list[int]:
+    """Class names (raw or readable, any case; underscores and spaces alike) or ids -> class ids, in order.
+    Unknown names raise ConfigError naming `what` (e.g. "GROUP_CLASSES") and the closest known names."""
     if isinstance(names, (str, int, np.integer)):
         names = [names]
     ids, unknown = [], []
@@ -569,7 +574,7 @@ def resolve_class_names(names, class_names: Sequence[str]) -> list[int]:
             unknown.append(q)
         ids.append(i)
     if unknown:
-        raise ConfigError(_unknown_message(unknown, class_names, "the class list"))
+        raise ConfigError(_unknown_message(unknown, class_names, what))
     return ids
 
 

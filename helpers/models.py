@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .architectures import BUILTIN_ARCHS
-from .errors import CheckpointError, ConfigError, DataError, ModelLoadError
+from .errors import CheckpointError, ConfigError, DataError, ModelLoadError, SuiteError
 
 DEFAULT_MODEL_URL = (
     "https://github.com/chenyaofo/pytorch-cifar-models/releases/download/resnet/cifar100_resnet56-f2eff4c8.pt"
@@ -505,8 +505,10 @@ def load_weights(model: nn.Module, state_dict: dict, arch: str, path: Path,
             elif first_name is not None and key == f"{first_name}.weight" and len(ckpt_shape) >= 2 \
                     and ckpt_shape[1] != model_shape[1]:
                 hints.append(
-                    f"The checkpoint takes {ckpt_shape[1]}-channel input but in_channels={in_channels}: set "
-                    f"CONVERT_CHANNELS='{'gray' if ckpt_shape[1] == 1 else 'rgb'}' so the data matches the model."
+                    f"The checkpoint's first layer ({first_name}) takes {ckpt_shape[1]}-channel input but "
+                    f"ARCH='{arch}' builds it for {model_shape[1]} channels and cannot be built otherwise here: "
+                    f"set ARCH (and MODEL_KWARGS, e.g. {{'in_channels': {ckpt_shape[1]}}}) to the configuration the "
+                    "checkpoint was trained with."
                 )
             elif key == "conv1.weight" and len(ckpt_shape) == 4 and ckpt_shape[-1] == 7 and arch in BUILTIN_ARCHS:
                 hints.append(
@@ -567,7 +569,7 @@ def load_model(
     if model_path is None or str(model_path).strip() == "":
         module, arch_used, source, digest = _load_default(arch, num_classes, in_channels)
     else:
-        module, arch_used, source, digest = _load_user(
+        module, arch_used, source, digest, in_channels = _load_user(
             Path(model_path), arch, num_classes, in_channels, allow_unsafe_pickle, model_kwargs)
     module = _to_device(module.eval(), device)
     module, probed_classes = _probe_and_wrap(module, in_channels)
@@ -646,14 +648,14 @@ def _load_user(path: Path, arch: Optional[str], num_classes: int, in_channels: i
         except Exception as exc:
             raise _corrupt(absolute, exc) from None
         _check_finite(module, str(absolute))
-        return module, "torchscript", f"TorchScript file {absolute}", digest
+        return module, "torchscript", f"TorchScript file {absolute}", digest, in_channels
 
     obj = read_checkpoint(absolute, allow_unsafe_pickle)
     pickled = _pickled_module(obj)
     if pickled is not None:  # only reachable with allow_unsafe_pickle=True
         _check_finite(pickled, str(absolute))
         kind = f"pickled:{type(pickled).__module__}.{type(pickled).__qualname__}"
-        return pickled, kind, f"full pickled model {absolute} (ALLOW_UNSAFE_PICKLE)", digest
+        return pickled, kind, f"full pickled model {absolute} (ALLOW_UNSAFE_PICKLE)", digest, in_channels
 
     state_dict, layout = find_state_dict(obj)
     if state_dict is None:
@@ -679,11 +681,42 @@ def _load_user(path: Path, arch: Optional[str], num_classes: int, in_channels: i
             )
         arch, inferred = best, True
     model = build_model(arch, num_classes, in_channels, model_kwargs)
+    model, in_channels = _fit_input_channels(model, state_dict, arch, num_classes, in_channels, model_kwargs)
     load_weights(model, state_dict, arch, absolute, num_classes, in_channels)
     _check_finite(model, str(absolute))
     notes = [layout] + [f"'{p}.' prefix stripped" for p in stripped]
     notes.append(f"ARCH {'inferred' if inferred else 'given'}: {arch}")
-    return model, arch, f"{absolute} ({', '.join(notes)})", digest
+    return model, arch, f"{absolute} ({', '.join(notes)})", digest, in_channels
+
+
+def _checkpoint_in_channels(model: nn.Module, state_dict: dict) -> Optional[int]:
+    """Input channels of the checkpoint's first convolution (the model's first registered layer),
+    or None when that is not a plain Conv2d present in the checkpoint."""
+    name, first = _first_layer(model)
+    if not isinstance(first, nn.Conv2d) or first.groups != 1:
+        return None
+    weights = _maybe_strip_common_prefix(state_dict, set(model.state_dict())).get(f"{name}.weight")
+    if not isinstance(weights, torch.Tensor) or weights.dim() != 4:
+        return None
+    return int(weights.shape[1])
+
+
+def _fit_input_channels(model: nn.Module, state_dict: dict, arch: str, num_classes: int, in_channels: int,
+                        model_kwargs: Optional[dict]) -> tuple[nn.Module, int]:
+    """The checkpoint, not the dataset, decides how many input channels the model has: rebuild a
+    grayscale checkpoint's model for 1 channel (and the reverse) when ARCH can be built that way.
+    A mismatch with the data is then reported by check_model_fits_data, which names CONVERT_CHANNELS."""
+    wanted = _checkpoint_in_channels(model, state_dict)
+    if wanted is None or wanted == in_channels:
+        return model, in_channels
+    try:
+        rebuilt = build_model(arch, num_classes, wanted, model_kwargs)
+    except SuiteError:  # e.g. torchvision models are RGB-only; load_weights explains the mismatch
+        return model, in_channels
+    name, first = _first_layer(rebuilt)
+    if isinstance(first, nn.Conv2d) and first.in_channels == wanted:
+        return rebuilt, wanted
+    return model, in_channels  # the constructor ignores in_channels: load_weights explains
 
 
 def _pickled_module(obj: Any) -> Optional[nn.Module]:
@@ -749,10 +782,16 @@ def _channel_message(data_channels: int, model_channels: int) -> str:
     return text + "Use a model trained on this kind of data."
 
 
-def check_model_fits_data(loaded: LoadedModel, input_shape: Sequence[int], num_classes: int) -> LoadedModel:
+def check_model_fits_data(loaded: LoadedModel, input_shape: Sequence[int], num_classes: int,
+                          needs_cams: bool = True) -> LoadedModel:
     """Probe forward on zeros of `input_shape` (C, H, W): raises DataError for a channel mismatch
     and ConfigError when the output size differs from the dataset's class count. Wraps the module in
-    LogitsWrapper if its output is not a tensor. Returns `loaded` (updated in place)."""
+    LogitsWrapper if its output is not a tensor. With needs_cams (the analysis always needs them), a
+    TorchScript model is refused here, before any compute, with the fix (cams.check_hookable).
+    Returns `loaded` (updated in place)."""
+    if needs_cams:
+        from .cams import check_hookable
+        check_hookable(loaded.module, f"The model ({loaded.source})")
     channels, height, width = (int(v) for v in input_shape)
     probe = torch.zeros(1, channels, height, width, device=_module_device(loaded.module))
     try:

@@ -260,6 +260,7 @@ def write_reports(an: "Analysis") -> "Section":
 
 def remove_stale_outputs(an: "Analysis") -> list[str]:
     """Delete files an earlier run listed in its manifest that this run did not write."""
+    atomic_io.remove_orphan_temps(an.out)
     manifest = an.out / MANIFEST
     try:
         previous = json.loads(manifest.read_text(encoding="utf-8"))

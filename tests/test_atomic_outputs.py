@@ -1,0 +1,127 @@
+"""Nothing is lost when a run dies: `python -m helpers analyze` is killed with SIGKILL in the middle of
+writing the class galleries over a complete earlier run. Every file left is then complete (the earlier
+version or the new one), temporary files are hidden and never linked, and the next complete run
+removes them."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from helpers.config import Params
+from helpers.pipeline import Analysis
+
+from conftest import REPO, TINY_ARCH
+from output_checks import check_outputs, parse_html
+
+# atomic_io names a temporary file ".<final name>.<random>.tmp<final suffix>" next to its target.
+TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp(\.[A-Za-z0-9]+)?$")
+N_NEW_BEFORE_KILL = 8
+
+
+def params(cifar_root, ckpt, out, **kw) -> Params:
+    base = dict(MODEL_PATH=str(ckpt), ARCH=TINY_ARCH, DATA_ROOT=str(cifar_root), DOWNLOAD=False,
+                OUTPUT_DIR=str(out), DEVICE="cpu", EMBEDDING="tsne", BATCH_SIZE=128)
+    base.update(kw)
+    return Params(**base)
+
+
+def visible_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(out).parts)}
+
+
+def temp_files(out: Path) -> list[Path]:
+    return sorted(p for p in out.rglob("*") if p.is_file() and ".tmp" in p.name)
+
+
+def check_every_file_is_complete(out: Path) -> None:
+    for rel in visible_files(out):
+        path = out / rel
+        if path.suffix == ".png":
+            with Image.open(path) as im:
+                im.verify()
+            with Image.open(path) as im:
+                im.load()
+        elif path.suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows = list(csv.reader(fh))
+            assert rows and rows[0] and len({len(r) for r in rows}) == 1, rel  # a header, equal-length rows
+        elif path.suffix == ".html":
+            parse_html(path)
+            assert path.read_text(encoding="utf-8").rstrip().endswith("</html>"), rel
+        elif path.suffix == ".txt":
+            assert path.read_text(encoding="utf-8").strip(), rel
+    manifest = out / ".manifest.json"
+    assert all((out / rel).is_file() for rel in json.loads(manifest.read_text(encoding="utf-8")))
+    for cache in (out / ".cache").glob("*.npz"):
+        with np.load(cache, allow_pickle=False) as z:
+            [z[k] for k in z.files]
+
+
+def kill_during_galleries(cmd: list[str], galleries: Path, log: Path) -> tuple[int, int]:
+    """Start `cmd`, SIGKILL it once it has replaced N_NEW_BEFORE_KILL class galleries.
+    Returns (its exit status, how many galleries it had replaced by then)."""
+    start = time.time()
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+    new = 0
+    try:
+        deadline = start + 300
+        while proc.poll() is None and time.time() < deadline:
+            new = sum(1 for p in galleries.glob("class_*.png") if p.stat().st_mtime >= start)
+            if new >= N_NEW_BEFORE_KILL:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None and new < N_NEW_BEFORE_KILL:
+            proc.kill()
+        proc.wait(timeout=60)
+    return proc.returncode, new
+
+
+def test_sigkill_mid_run_loses_nothing(cifar_root, tiny_checkpoint, tmp_path):
+    out = tmp_path / "gradcam_results"
+    Analysis(params(cifar_root, tiny_checkpoint, out), progress=False).run_all()   # a complete earlier run
+    before = visible_files(out)
+    n_galleries = len(list((out / "worst_predictions").glob("class_*.png")))
+
+    # The same analysis with Grad-CAM++ instead of Grad-CAM: every gallery changes.
+    cmd = [sys.executable, "-m", "helpers", "analyze", "--quiet", "--model-path", str(tiny_checkpoint),
+           "--arch", TINY_ARCH, "--data-root", str(cifar_root), "--no-download", "--output-dir", str(out),
+           "--embedding", "tsne", "--device", "cpu", "--cam-method", "gradcam++"]
+    status, replaced = kill_during_galleries(cmd, out / "worst_predictions", tmp_path / "killed.log")
+    assert status == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    assert N_NEW_BEFORE_KILL <= replaced < n_galleries  # killed in the middle of the galleries
+
+    # Every file is complete: the earlier version or a complete new one; none went missing.
+    after = visible_files(out)
+    assert set(after) == set(before)
+    changed = [rel for rel in after if after[rel] != before[rel]]
+    assert N_NEW_BEFORE_KILL <= sum(rel.startswith("worst_predictions/") for rel in changed) < n_galleries
+    check_every_file_is_complete(out)
+
+    # Temporary files are hidden, named after their target, and nothing points at them.
+    orphan = out / "worst_predictions" / ".class_000_apple.png.k1ll3d.tmp.png"  # as a kill mid-write leaves
+    orphan.write_bytes(before["worst_predictions/class_000_apple.png"][:100])
+    index = (out / "index.html").read_text(encoding="utf-8") + (out / ".manifest.json").read_text(encoding="utf-8")
+    for tmp in temp_files(out):
+        match = TEMP_NAME.match(tmp.name)
+        assert match, f"temporary file not hidden/named after its target: {tmp}"
+        assert (tmp.parent / match["target"]).is_file()
+        assert tmp.name not in index
+
+    # The next complete run replaces everything and removes what the killed run left behind.
+    again = Analysis(params(cifar_root, tiny_checkpoint, out, CAM_METHOD="gradcam++"), progress=False)
+    again.run_all()
+    check_outputs(out, num_classes=100, n_pair_galleries=5)   # includes: no *.tmp* files left
+    assert not temp_files(out)
