@@ -31,6 +31,8 @@ HELP = {
     "GROUP_CLASSES": "comma-separated class names for the deep dive; default: found automatically",
     "EMBEDDING": "feature-space projection: auto (UMAP if installed, else t-SNE), umap or tsne",
     "FORCE_RECOMPUTE": "ignore the cache of an earlier identical run",
+    "COMPARE_WITH": "a second checkpoint (same ARCH and data): also write the before/after comparison to "
+                    "OUTPUT_DIR/compare/",
 }
 
 
@@ -38,9 +40,11 @@ def _flag(name: str) -> str:
     return "--" + name.lower().replace("_", "-")
 
 
-def _add_params(parser: argparse.ArgumentParser) -> None:
+def _add_params(parser: argparse.ArgumentParser, skip: tuple = ()) -> None:
     defaults = Params()
     for f in fields(Params):
+        if f.name in skip:
+            continue
         default = getattr(defaults, f.name)
         kind = str(f.type)
         help_text = HELP.get(f.name, "") + f" (default: {default!r}; env {ENV_PREFIX}{f.name})"
@@ -81,7 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Run the analysis headless; same parameters as the notebook.")
     _add_params(analyze)
     analyze.add_argument("--quiet", action="store_true", help="no progress bars")
+    comp = sub.add_parser(
+        "compare", help="compare two checkpoints on the same test set (before/after re-training)",
+        description="Evaluate checkpoints A and B on the same test set (each through its prediction cache) and "
+                    "write OUTPUT_DIR/compare/: per-class accuracy deltas, confused pairs that got better or worse, "
+                    "images fixed and broken with both models' CAMs, and the change in calibration error and in "
+                    "the within-superclass error share.")
+    comp.add_argument("checkpoint_a", help="checkpoint A, the baseline ('default' = the default ResNet-56)")
+    comp.add_argument("checkpoint_b", help="checkpoint B, e.g. after re-training ('default' = the default ResNet-56)")
+    comp.add_argument("--arch-b", default=None, help="ARCH of checkpoint B when it differs from --arch")
+    comp.add_argument("--examples", type=int, default=8, help="images per fixed/broken gallery (default: 8)")
+    comp.add_argument("--output", default=None, help="where to write the comparison (default: OUTPUT_DIR/compare)")
+    _add_params(comp, skip=("MODEL_PATH", "COMPARE_WITH"))
+    comp.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def _checkpoint(text: str):
+    return None if text.strip().lower() == "default" else text
 
 
 def main(argv: typing.Optional[list[str]] = None) -> int:
@@ -95,6 +116,23 @@ def main(argv: typing.Optional[list[str]] = None) -> int:
             an.run_all()
             print(f"Accuracy {an.preds.accuracy:.2%}; outputs in {an.out.resolve()} "
                   f"({time.perf_counter() - start:.1f} s). Open {an.out / 'index.html'}.")
+            if an.params.COMPARE_WITH:
+                from .compare import compare
+                res = compare(an, an.params.COMPARE_WITH, progress=not args.quiet)
+                print(f"Comparison with {an.params.COMPARE_WITH}: open {res.out / 'index.html'}.")
+        elif args.command == "compare":
+            from .compare import compare
+            start = time.perf_counter()
+            params = params_from_args(args)
+            a, b = _checkpoint(args.checkpoint_a), _checkpoint(args.checkpoint_b)
+            if args.arch_b:
+                b = Params(**{**params.to_dict(), "MODEL_PATH": b, "ARCH": args.arch_b})
+            res = compare(a, b, params=params, output_dir=args.output, n_examples=args.examples,
+                          progress=not args.quiet)
+            s = res.summary
+            print(f"Accuracy A {s['accuracy_a']:.2%} → B {s['accuracy_b']:.2%}; fixed {s['n_fixed']}, broken "
+                  f"{s['n_broken']}; ECE {s['ece_a']:.4f} → {s['ece_b']:.4f} "
+                  f"({time.perf_counter() - start:.1f} s). Open {res.out / 'index.html'}.")
     except SuiteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,14 +5,21 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
+
+
+# PNG zlib level for every PNG written: level 1 encodes ~3.5x faster than Pillow's default 6 for
+# ~15% larger files (measured on the 460x1006 class galleries: 23 ms vs 79 ms each).
+PNG_COMPRESS_LEVEL = 1
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path` atomically."""
+def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it replaces `path` atomically.
+    fsync=True also flushes the data to disk before the rename (for caches that a later run trusts)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
@@ -20,6 +27,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if fsync:
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -55,8 +65,19 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100, **kwargs) -> Path:
     """Save a matplotlib figure atomically (format taken from the final suffix)."""
     path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    if fmt == "png":
+        kwargs.setdefault("pil_kwargs", {"compress_level": PNG_COMPRESS_LEVEL})
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png", **kwargs)
+        fig.savefig(tmp, dpi=dpi, format=fmt, **kwargs)
+    return path
+
+
+def save_png(image, path: str | os.PathLike) -> Path:
+    """Save a PIL image as PNG atomically (fast zlib level, see PNG_COMPRESS_LEVEL)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return path
 
 
@@ -64,3 +85,193 @@ def save_csv(df, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
     return Path(path)
+
+
+# ----------------------------------------------------------------------------- background writing
+
+def save_pickled_figure(data: bytes, path: str, dpi: int, kwargs: dict) -> str:
+    """Unpickle a matplotlib figure and save it atomically (the figure worker's job)."""
+    import pickle
+    fig = pickle.loads(data)
+    save_figure(fig, path, dpi=dpi, **kwargs)
+    return path
+
+
+def _serve_jobs() -> None:
+    """`python -m helpers.atomic_io`: the writer's worker. Reads length-prefixed pickled jobs (a module-level
+    function and its arguments, e.g. save_pickled_figure) on stdin and answers b"ok" or the error on the
+    original stdout."""
+    import pickle
+    import struct
+    reply_to = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)              # anything a library prints goes to stderr, not into the replies
+    sys.stdout = sys.stderr
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.figure  # noqa: F401  (imported before the first job arrives)
+    jobs = sys.stdin.buffer
+    while True:
+        head = jobs.read(8)
+        if len(head) < 8:
+            return
+        job = jobs.read(struct.unpack("<Q", head)[0])
+        try:
+            fn, args = pickle.loads(job)
+            fn(*args)
+            reply = b"ok"
+        except Exception as exc:  # reported to the parent, which retries in-process and raises there
+            reply = f"{type(exc).__name__}: {exc}".encode()
+        reply_to.write(struct.pack("<Q", len(reply)) + reply)
+        reply_to.flush()
+
+
+class _FigureWorker:
+    """One `python -m helpers.atomic_io` subprocess (a plain subprocess rather than multiprocessing, whose
+    spawn would re-run an unguarded user script in the child)."""
+
+    def __init__(self):
+        import subprocess
+        package_parent = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, MPLBACKEND="Agg",
+                   PYTHONPATH=os.pathsep.join([package_parent] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        self.proc = subprocess.Popen([sys.executable, "-m", "helpers.atomic_io"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env)
+
+    def run(self, job: bytes) -> None:
+        import struct
+        self.proc.stdin.write(struct.pack("<Q", len(job)) + job)
+        self.proc.stdin.flush()
+        head = self.proc.stdout.read(8)
+        if len(head) < 8:
+            raise BrokenPipeError("the figure worker exited")
+        reply = self.proc.stdout.read(struct.unpack("<Q", head)[0])
+        if reply != b"ok":
+            raise OSError(reply.decode(errors="replace"))
+
+    def peak_rss_kb(self) -> Optional[int]:
+        """The worker's peak resident memory (VmHWM, Linux), while it is still running."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as fh:
+                return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+        except (OSError, StopIteration, ValueError):
+            return None
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except Exception:
+            self.proc.kill()
+
+
+class BackgroundWriter:
+    """Writes PNG outputs while the caller goes on computing.
+
+    PIL images go to a writer thread (Pillow releases the GIL while it encodes). matplotlib figures go,
+    pickled, to one worker process: Agg rendering holds the GIL, and sending a figure costs ~40 ms where
+    rendering the 100-class confusion matrix costs ~1.8 s. Every file is still written atomically. If the
+    worker cannot start, dies, or a figure cannot be pickled, the figure is saved in this process instead.
+    `flush()` renders the figures the worker has not reached yet itself, waits for the rest, and raises the
+    first error."""
+
+    def __init__(self, processes: bool = True):
+        self._use_processes = processes
+        self._images = None    # thread writing PIL images
+        self._figures = None   # thread feeding the worker process, one job at a time
+        self._worker: Optional[_FigureWorker] = None
+        self._jobs: list = []  # (future, fallback or None)
+        self.worker_peak_rss_kb = 0   # largest figure-worker peak memory seen (Linux), for the benchmark
+
+    def warm_up(self) -> None:
+        """Start the worker now, so it imports matplotlib in parallel with the caller's work."""
+        if self._use_processes and self._worker is None:
+            try:
+                self._worker = _FigureWorker()
+            except Exception:  # no subprocesses here: save in this process
+                self._use_processes = False
+
+    def image(self, image, path: str | os.PathLike) -> None:
+        if self._images is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._images = ThreadPoolExecutor(max_workers=1, thread_name_prefix="png-writer")
+        self._jobs.append((self._images.submit(save_png, image, path), None))
+
+    def figure(self, fig, path: str | os.PathLike, dpi: int = 100, **kwargs) -> None:
+        import pickle
+        self.warm_up()
+        job = None
+        if self._worker is not None:
+            try:
+                job = pickle.dumps((pickle.dumps(fig), str(path), dpi, kwargs))
+            except Exception:   # e.g. a lambda formatter: render here
+                job = None
+        if job is None:
+            save_figure(fig, path, dpi=dpi, **kwargs)
+            return
+        self._submit(save_pickled_figure, job)
+
+    def _submit(self, fn, args_blob: bytes) -> None:
+        """Queue fn(*pickle.loads(args_blob)) for the worker, with the same call in this process as fallback."""
+        import pickle
+        if self._figures is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._figures = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-feeder")
+        job = pickle.dumps((fn, pickle.loads(args_blob)))
+        future = self._figures.submit(self._worker.run, job)
+        self._jobs.append((future, lambda: fn(*pickle.loads(args_blob))))
+
+    def flush(self) -> None:
+        jobs, self._jobs = self._jobs, []
+        first = None
+        # Rather than wait idle, render the figures the worker has not started yet here, latest first,
+        # while the worker works through the queue from the front (a started job cannot be cancelled).
+        stolen = {}
+        for future, fallback in reversed(jobs):
+            if fallback is not None and future.cancel():
+                try:
+                    fallback()
+                    stolen[id(future)] = None
+                except Exception as exc:
+                    stolen[id(future)] = exc
+        for future, fallback in jobs:
+            if id(future) in stolen:
+                first = first or stolen[id(future)]
+                continue
+            error = future.exception()
+            if error is not None and fallback is not None:
+                if isinstance(error, BrokenPipeError) or (self._worker and self._worker.proc.poll() is not None):
+                    self._drop_worker()
+                try:   # the worker failed or died: write it here, where a real error surfaces plainly
+                    fallback()
+                    error = None
+                except Exception as exc:
+                    error = exc
+            first = first or error
+        if first is not None:
+            raise first
+
+    def _drop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+        self._worker, self._use_processes = None, False
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Write what is queued and stop the thread(s) and the worker process."""
+        try:
+            self.flush()
+        except Exception:
+            if raise_errors:
+                raise
+        finally:
+            for executor in (self._images, self._figures):
+                if executor is not None:
+                    executor.shutdown(wait=True)
+            self._images = self._figures = None
+            if self._worker is not None:
+                self.worker_peak_rss_kb = max(self.worker_peak_rss_kb, self._worker.peak_rss_kb() or 0)
+                self._worker.close()
+                self._worker = None
+
+
+if __name__ == "__main__":
+    _serve_jobs()

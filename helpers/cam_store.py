@@ -1,13 +1,119 @@
 """CAMs computed on demand, in batches, and cached per (image, class, method, layer).
 
 The galleries, the pair galleries and the widget all ask the same store, so a CAM is computed once.
+For the fast exact Grad-CAM path, `GalleryActivations` keeps the target layer's activations of the
+images the class galleries will show, captured during the one inference pass, so their CAMs need no
+second forward pass; any other image falls back to a batched forward pass through the engine.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence
+import contextlib
+import json
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+
+
+def _rank_in_groups(sorted_groups: np.ndarray) -> np.ndarray:
+    """Position of each element inside its run of equal values (input sorted by group)."""
+    return np.arange(len(sorted_groups)) - np.searchsorted(sorted_groups, sorted_groups, side="left")
+
+
+def gallery_selection(idx: np.ndarray, labels: np.ndarray, preds: np.ndarray, p_pred: np.ndarray,
+                      p_label: np.ndarray, n_worst: int, n_best: int) -> np.ndarray:
+    """Boolean mask over candidate images: per true class, the first `n_worst` of metrics.rank_worst
+    (errors by confidence in the wrong class, then the least sure correct ones) and the first
+    `n_best + n_worst` of metrics.rank_best (correct, most confident); ties by image index, as there.
+
+    The order is total and restricted subsets keep it, so selecting from (kept so far ∪ new batch)
+    after every batch ends with exactly the selection over the whole set."""
+    idx, labels, preds = (np.asarray(a, dtype=np.int64) for a in (idx, labels, preds))
+    p_pred, p_label = np.asarray(p_pred, dtype=np.float32), np.asarray(p_label, dtype=np.float32)
+    keep = np.zeros(len(idx), dtype=bool)
+    if not len(idx):
+        return keep
+    wrong = preds != labels
+    if n_worst > 0:
+        order = np.lexsort((idx, np.where(wrong, -p_pred, p_label), (~wrong).astype(np.int8), labels))
+        keep[order[_rank_in_groups(labels[order]) < n_worst]] = True
+    n_top = n_best + n_worst
+    right = np.flatnonzero(~wrong)
+    if n_top > 0 and len(right):
+        order = right[np.lexsort((idx[right], -p_label[right], labels[right]))]
+        keep[order[_rank_in_groups(labels[order]) < n_top]] = True
+    return keep
+
+
+class GalleryActivations:
+    """Target-layer activations of the gallery images, kept while the inference pass runs.
+
+    Memory is bounded by the number of classes, not the dataset: at most
+    num_classes * (2 * n_worst + n_best) maps, plus one batch."""
+
+    def __init__(self, layer: torch.nn.Module, n_worst: int, n_best: int):
+        self.layer = layer
+        self.n_worst, self.n_best = int(n_worst), int(n_best)
+        self._idx = np.zeros(0, np.int64)
+        self._labels = np.zeros(0, np.int64)
+        self._preds = np.zeros(0, np.int64)
+        self._p_pred = np.zeros(0, np.float32)
+        self._p_label = np.zeros(0, np.float32)
+        self._maps: dict[int, torch.Tensor] = {}
+        self._batch: Optional[torch.Tensor] = None
+        self.max_held = 0   # most maps held at once (the memory bound, observed)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        """A forward hook on the target layer for the duration of the inference pass."""
+        def hook(_module, _inputs, output):
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                self._batch = output
+        handle = self.layer.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self._batch = None
+
+    def update(self, start: int, probs: np.ndarray, labels: np.ndarray, preds: np.ndarray) -> None:
+        """After the batch of images start..start+len(probs): keep the maps of the images still selected."""
+        acts, self._batch = self._batch, None
+        n = len(probs)
+        if acts is None or acts.shape[0] != n or not n:
+            return
+        preds = np.asarray(preds, dtype=np.int64)
+        labels = np.asarray(labels, dtype=np.int64)
+        rows = np.arange(n)
+        idx = np.concatenate([self._idx, start + rows])
+        lab = np.concatenate([self._labels, np.asarray(labels, dtype=np.int64)])
+        prd = np.concatenate([self._preds, preds])
+        lab_ok = np.clip(labels, 0, probs.shape[1] - 1)
+        pp = np.concatenate([self._p_pred, probs[rows, preds]])
+        pl = np.concatenate([self._p_label, np.where(labels == lab_ok, probs[rows, lab_ok], -np.inf)])
+        keep = gallery_selection(idx, lab, prd, pp, pl, self.n_worst, self.n_best)
+        kept = set(idx[keep].tolist())
+        for i in [i for i in self._maps if i not in kept]:
+            del self._maps[i]
+        for i in idx[keep]:
+            i = int(i)
+            if i >= start and i not in self._maps:
+                self._maps[i] = acts[i - start].float().clone()
+        self._idx, self._labels, self._preds, self._p_pred, self._p_label = (
+            a[keep] for a in (idx, lab, prd, pp, pl))
+        self.max_held = max(self.max_held, len(self._maps))
+
+    def __contains__(self, i: int) -> bool:
+        return int(i) in self._maps
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def stack(self, indices: Sequence[int]) -> torch.Tensor:
+        return torch.stack([self._maps[int(i)] for i in indices])
+
+    def clear(self) -> None:
+        self._maps.clear()
 
 
 class CamStore:
@@ -20,12 +126,20 @@ class CamStore:
         self.method = method
         self.layer = layer
         self._cams: dict[tuple[int, int, str, str], np.ndarray] = {}
-        self.n_computed = 0   # CAMs actually computed (not served from the cache)
+        self.activations: Optional[GalleryActivations] = None   # set by the inference pass
+        self._cached_paths: dict[tuple[str, str], str] = {}      # (method, layer name) -> path, from the cache
+        self.n_computed = 0        # CAMs actually computed (not served from memory or the cache)
+        self.n_from_activations = 0  # of those, computed from activations captured in the inference pass
 
     def engine(self, method: Optional[str] = None, layer: Optional[str] = None):
         key = (method or self.method, layer if layer is not None else self.layer)
         if key not in self._engines:
-            self._engines[key] = self._factory(*key)
+            engine = self._factory(*key)
+            cached = self._cached_paths.get((key[0], engine.layer_name))
+            if cached is not None:
+                # Nothing computed yet in this run: report the path the cached CAMs came from.
+                engine.path = f"{cached} [CAMs from the cache]"
+            self._engines[key] = engine
         return self._engines[key]
 
     def _key(self, idx: int, cls: int, method: str, layer_name: str):
@@ -42,30 +156,84 @@ class CamStore:
         method = method or self.method
         layer_name = engine.layer_name
         missing = []
+        seen = set()
         for i, c in zip(indices, classes):
             key = self._key(i, c, method, layer_name)
-            if key not in self._cams and key not in missing:
+            if key not in self._cams and key not in seen:
+                seen.add(key)
                 missing.append(key)
+        if missing:
+            self._compute(engine, missing)
+        if not indices:
+            return np.zeros((0,) + tuple(self.inputs.shape[-2:]), np.float32)
+        return np.stack([self._cams[self._key(i, c, method, layer_name)] for i, c in zip(indices, classes)])
+
+    def _compute(self, engine, missing: list) -> None:
+        acts = self.activations
+        held = []
+        if acts is not None and getattr(engine, "fast", False) and engine.layer is acts.layer:
+            held = [k for k in missing if k[0] in acts]
+        if held:
+            idx = [k[0] for k in held]
+            cams = engine.compute_from_activations(self.inputs[torch.as_tensor(idx)], acts.stack(idx),
+                                                   np.array([k[1] for k in held]))
+            if cams is not None:
+                for key, cam in zip(held, cams):
+                    self._cams[key] = cam
+                self.n_computed += len(held)
+                self.n_from_activations += len(held)
+                missing = [k for k in missing if k not in self._cams]
         if missing:
             idx = torch.as_tensor([k[0] for k in missing])
             cams = engine.compute(self.inputs[idx], np.array([k[1] for k in missing]))
             for key, cam in zip(missing, cams):
                 self._cams[key] = cam
             self.n_computed += len(missing)
-        if not indices:
-            return np.zeros((0,) + tuple(self.inputs.shape[-2:]), np.float32)
-        return np.stack([self._cams[self._key(i, c, method, layer_name)] for i, c in zip(indices, classes)])
 
     def prefetch(self, pairs: Iterable[tuple[int, int]], **kwargs) -> None:
         pairs = list(pairs)
         if pairs:
             self.get([p[0] for p in pairs], [p[1] for p in pairs], **kwargs)
 
-    def export(self) -> dict:
-        """Picklable-free snapshot for the on-disk cache: key strings -> arrays."""
-        return {f"{i}|{c}|{m}|{l}": v for (i, c, m, l), v in self._cams.items()}
+    def __len__(self) -> int:
+        return len(self._cams)
 
-    def load(self, snapshot: dict) -> None:
-        for key, value in snapshot.items():
-            i, c, m, l = key.split("|", 3)
-            self._cams[(int(i), int(c), m, l)] = np.asarray(value)
+    # ------------------------------------------------------------------ on-disk cache
+    def export(self) -> dict[str, np.ndarray]:
+        """Arrays for np.savez (no pickle): every CAM held, stacked, with its (image, class) and
+        (method, layer) group, and the path that computed each group."""
+        groups = sorted({(m, l) for (_, _, m, l) in self._cams})
+        if not groups:
+            return {}
+        gid = {g: n for n, g in enumerate(groups)}
+        keys = list(self._cams)
+        paths = dict(self._cached_paths)
+        for (method, _), engine in self._engines.items():
+            if not engine.path.endswith("[CAMs from the cache]"):
+                paths[(method, engine.layer_name)] = engine.path
+        meta = [{"method": m, "layer": l, "path": paths.get((m, l), "")} for m, l in groups]
+        return {
+            "cam_index": np.array([[k[0], k[1], gid[(k[2], k[3])]] for k in keys], dtype=np.int64),
+            "cam_values": np.stack([self._cams[k] for k in keys]).astype(np.float32),
+            "cam_groups": np.array(json.dumps(meta)),
+        }
+
+    def load(self, arrays: dict) -> int:
+        """Inverse of export(); returns the number of CAMs loaded. Raises on malformed input (the caller
+        then ignores the cache)."""
+        meta = json.loads(str(arrays["cam_groups"]))
+        index, values = np.asarray(arrays["cam_index"]), np.asarray(arrays["cam_values"], dtype=np.float32)
+        if index.ndim != 2 or index.shape[1] != 3 or len(index) != len(values) or values.ndim != 3:
+            raise ValueError("malformed CAM cache")
+        if values.shape[1:] != tuple(self.inputs.shape[-2:]):
+            raise ValueError("CAM cache made for another image size")
+        if len(index) and (index[:, 0].min() < 0 or index[:, 0].max() >= len(self.inputs)):
+            raise ValueError("CAM cache refers to images outside the data set")
+        loaded = {}
+        for (i, c, g), cam in zip(index.tolist(), values):
+            loaded[(i, c, meta[g]["method"], meta[g]["layer"])] = cam
+        self._cams.update(loaded)
+        for g in meta:
+            if g.get("path"):
+                self._cached_paths[(g["method"], g["layer"])] = g["path"].replace(" [CAMs from the cache]", "")
+        return len(loaded)

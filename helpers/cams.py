@@ -524,6 +524,35 @@ class CamEngine:
             self._verify_fast(x[:4], t[:4])
         return self._batched(x, lambda xb, tb: self._one_batch(xb, tb), t, progress)
 
+    @property
+    def fast(self) -> bool:
+        """True while the fast exact Grad-CAM path is in use (not yet refuted by the verification)."""
+        return self._linear is not None
+
+    def compute_from_activations(self, inputs: torch.Tensor, activations: torch.Tensor, targets) -> Optional[np.ndarray]:
+        """Fast-path CAMs (N, H, W) from this engine's target-layer activations (N, K, h, w) captured
+        earlier, e.g. by a hook during the inference pass, so no forward pass is needed. `inputs` are the
+        same images, used only for the one-time check against pytorch-grad-cam. None when the fast path
+        does not apply or the check fails: call compute() then."""
+        if self._linear is None:
+            return None
+        x = self._as_inputs(inputs)
+        t = _as_targets(targets, x.shape[0], self.num_classes)
+        if not self._verified and len(x):
+            self._verify_fast(x[:4], t[:4])
+            if self._linear is None:
+                return None
+        out = np.zeros((len(x),) + tuple(x.shape[-2:]), np.float32)
+        with torch.inference_mode():   # captured activations may be inference tensors
+            weight = self._linear.weight.float()
+            for s in range(0, len(x), 256):
+                out[s:s + 256] = gradcam_from_activations(activations[s:s + 256].to(self.device).float(), weight,
+                                                          t[s:s + 256], tuple(x.shape[-2:]))
+        if not np.all(np.isfinite(out)):
+            raise NumericalError(f"{self.method} produced NaN/inf CAMs at layer {self.layer_name}; "
+                                 "check the model's outputs for NaN/inf.")
+        return out
+
     def compute_finer(self, inputs: torch.Tensor, true_classes, pred_classes, progress: bool = True) -> np.ndarray:
         """FinerCAM (N, H, W): what makes image i look like true_classes[i] rather than pred_classes[i]
         (target = logit_true - logit_pred, FinerWeightedTarget(true, [pred], alpha=1)). Where true equals

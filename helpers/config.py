@@ -45,6 +45,7 @@ class Params:
     EMBEDDING: str = "auto"                 # feature-space map: "auto" (UMAP if installed, else t-SNE), "umap", "tsne"
     FORCE_RECOMPUTE: bool = False           # ignore the cache next to the outputs
     SEED: int = 0
+    COMPARE_WITH: Optional[str] = None      # a second checkpoint (same ARCH and data): before/after in OUTPUT_DIR/compare/
 
     @classmethod
     def names(cls) -> list[str]:

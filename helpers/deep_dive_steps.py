@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from . import atomic_io, deep_dive, metrics, plots
+from . import atomic_io, deep_dive, metrics, plots, report
+from .cams import CLASS_AGNOSTIC_METHODS
 from .data import resolve_class_names, safe_filename
 from .recommendations import count_label_suspects
 
@@ -21,6 +22,7 @@ SUB = "deep_dive"
 N_OCCLUSION = 3
 N_SUSPECTS = 24
 MAX_EMBED_POINTS = 3000
+FINER_KEY = "finercam (true vs predicted)"   # faithfulness key of the group galleries' FinerCAM score
 
 
 def run_deep_dive(an: "Analysis") -> "Section":
@@ -65,9 +67,10 @@ def group_step(an: "Analysis", sec: "Section") -> None:
 
 
 def group_pairs_step(an: "Analysis", sec: "Section") -> None:
-    """Original | CAM true | CAM predicted | FinerCAM (true vs predicted) for every ordered pair with errors."""
+    """Original | CAM true | CAM predicted | FinerCAM (true vs predicted) for every ordered pair with errors,
+    and one faithfulness score per CAM method shown, printed beside the galleries."""
     group, counts = sec.values["group"], sec.values["group_counts"]
-    faith_idx, faith_cls, faith_plain, faith_finer = [], [], [], []
+    faith_idx, faith_cls, faith_pred, faith_finer, shown = [], [], [], [], []
     for a, t in enumerate(group):
         for b, q in enumerate(group):
             if a == b or counts[a, b] == 0:
@@ -81,16 +84,42 @@ def group_pairs_step(an: "Analysis", sec: "Section") -> None:
             an._save_fig(img, SUB, name)
             sec.figures[name] = img
             sec.files.append(f"{SUB}/{name}")
+            # The exact maps drawn, so callers (and tests) can check them against pytorch-grad-cam.
+            shown.append({"true": int(t), "pred": int(q), "indices": list(idx), "file": f"{SUB}/{name}",
+                          "cam_true": cam_t, "cam_pred": cam_p, "finercam": finer})
             faith_idx += idx
             faith_cls += [t] * len(idx)
-            faith_plain.append(cam_t)
+            faith_pred.append(cam_p)
             faith_finer.append(finer)
-    if faith_idx:
-        plain = np.concatenate(faith_plain)
-        scores = {an.params.CAM_METHOD: an._faithfulness(faith_idx, faith_cls, plain)}
-        if an.params.CAM_METHOD != "finercam":
-            scores["finercam"] = an._faithfulness(faith_idx, faith_cls, np.concatenate(faith_finer))
-        sec.values["faithfulness"] = scores
+    sec.values["group_pairs"] = shown
+    if not faith_idx:
+        sec.notes.append("Group pair galleries: no errors between the group's classes, so nothing to show.")
+        return
+    # The plain CAM is scored on the predicted class, as in the pair galleries: a misclassified image has
+    # little true-class probability left to lose, so a true-class score would read ~0 whatever the map.
+    # FinerCAM explains "true rather than predicted", so it is scored on p(true) - p(pred). Removing any 20% of
+    # a confidently misclassified image lowers p(pred) somewhat, so seeded random maps give the baseline.
+    method, pred = an.params.CAM_METHOD, [int(an.preds.preds[i]) for i in faith_idx]
+    finer = np.concatenate(faith_finer)
+    random_maps = np.random.default_rng(an.params.SEED).random(finer.shape, dtype=np.float32)
+
+    def contrast(maps: np.ndarray) -> float:
+        return an.cached("contrast_faithfulness", lambda: float(np.nanmean(deep_dive.contrast_faithfulness(
+            an.loaded.module, an.inputs[faith_idx], faith_cls, pred, maps, seed=an.params.SEED))),
+            faith_idx, faith_cls, pred, maps, an.params.SEED)
+
+    scores = {method: an._faithfulness(faith_idx, pred, np.concatenate(faith_pred)), FINER_KEY: contrast(finer)}
+    baseline = {method: an._faithfulness(faith_idx, pred, random_maps), FINER_KEY: contrast(random_maps)}
+    sec.values.update(faithfulness=scores, faithfulness_random=baseline)
+    agnostic = (" EigenCAM ignores the class: its true- and predicted-class maps are the same map."
+                if method in CLASS_AGNOSTIC_METHODS else "")
+    sec.notes.append(
+        f"CAM faithfulness beside these galleries (ROAD most-relevant-first, mean over {len(faith_idx)} images): "
+        f"{method} {scores[method]:+.4f} (change of p(predicted); random maps {baseline[method]:+.4f}); FinerCAM "
+        f"{scores[FINER_KEY]:+.4f} (change of p(true) − p(predicted); random maps {baseline[FINER_KEY]:+.4f}). "
+        f"How to read: removing the 20% most highlighted pixels should take away what the map claims, so a score "
+        f"well below the random maps' = the map shows evidence the model really uses; at or above it = do not "
+        f"trust that map.{agnostic}")
 
 
 def feature_space_step(an: "Analysis", sec: "Section") -> None:
@@ -107,8 +136,11 @@ def feature_space_step(an: "Analysis", sec: "Section") -> None:
     if len(idx) < 5:
         sec.notes.append("Feature space: skipped (fewer than 5 images in the group).")
         return
-    coords, method = deep_dive.project_2d(feats, seed=an.params.SEED, method=an.params.EMBEDDING)
-    sep = deep_dive.separability(feats, labels, seed=an.params.SEED)
+    # an.cached: a re-run with the same model, data and inputs reuses these from OUTPUT_DIR/.cache
+    coords, method = an.cached("embedding", lambda: deep_dive.project_2d(feats, seed=an.params.SEED, method=an.params.EMBEDDING),
+                               feats, an.params.SEED, an.params.EMBEDDING)
+    sep = an.cached("separability", lambda: deep_dive.separability(feats, labels, seed=an.params.SEED),
+                    feats, labels, an.params.SEED)
     names = [an.names[g] for g in group]
     sep_text = (f"Logistic-regression CV accuracy on the features: {sep['accuracy']:.1%} "
                 f"(chance {sep['chance']:.1%}, n={sep['n']})")
@@ -116,7 +148,8 @@ def feature_space_step(an: "Analysis", sec: "Section") -> None:
     sec.figures["group_embedding"] = fig
     an._save_fig(fig, SUB, "group_embedding.png")
     thumbs = [plots.thumbnail_data_uri(an.data.images[i]) for i in idx]
-    html = plots.embedding_html(coords, labels, preds, group, an.names, thumbs, method, sep_text)
+    html = plots.embedding_html(coords, labels, preds, group, an.names, thumbs, method, sep_text,
+                                plotlyjs=report.ship_plotlyjs(an, SUB))
     atomic_io.write_text(an._path(SUB, "group_embedding.html"), html)
     sec.values.update(embedding_method=method, separability=sep)
     sec.files += [f"{SUB}/group_embedding.png", f"{SUB}/group_embedding.html"]
@@ -148,7 +181,8 @@ def occlusion_step(an: "Analysis", sec: "Section") -> None:
     idx = err[np.argsort(-pr.confidence[err], kind="stable")][:N_OCCLUSION].tolist()
     targets = pr.preds[idx]
     cams = an.cams.get(idx, targets)
-    occ = deep_dive.normalise01(deep_dive.occlusion_attribution(an.loaded.module, an.inputs[idx], targets))
+    occ = deep_dive.normalise01(an.cached("occlusion", lambda: deep_dive.occlusion_attribution(
+        an.loaded.module, an.inputs[idx], targets), idx, targets))
     overlays = [an.overlay(i, c) for i, c in zip(idx, cams)]
     titles = [an._conf_title(i) for i in idx]
     fig = plots.plot_occlusion([an.data.images[i] for i in idx], overlays, occ, titles)
@@ -216,7 +250,7 @@ def label_suspects_step(an: "Analysis", sec: "Section") -> None:
     n_strong = count_label_suspects(pr.labels, pr.probs)
     sec.values.update(label_suspects=table, n_label_suspects=n_strong)
     sec.files += [f"{SUB}/label_suspects.png", f"{SUB}/label_suspects.csv"]
-    issues = deep_dive.cleanlab_label_issues(pr.labels, pr.probs)
+    issues = an.cached("cleanlab", lambda: deep_dive.cleanlab_label_issues(pr.labels, pr.probs))
     if issues is not None:
         sec.values["cleanlab_issues"] = int(len(issues))
         sec.notes.append(f"cleanlab flags {len(issues)} test images as likely label issues "

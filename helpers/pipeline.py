@@ -12,20 +12,22 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from . import atomic_io, metrics
-from .cam_store import CamStore
+from .cam_store import CamStore, GalleryActivations
 from .config import Params
 from .data import Dataset, readable, safe_filename
 from .errors import ConfigError, OutputError
-from .inference import Predictions, resolve_device, run_inference, to_tensor
+from .inference import Predictions, default_threads, resolve_device, run_inference, to_tensor
 
 HIGH_CONFIDENCE = 0.9
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+CACHE_KEEP = 4   # cache entries (distinct model/data/params) kept in OUTPUT_DIR/.cache
+_RENDER_CODE: list = [None]   # digest of the drawing code (plots.py, PNG level), computed once
 
 
 @dataclass
@@ -60,6 +62,59 @@ def check_writable(folder: Path) -> None:
         ) from None
 
 
+# ---------------------------------------------------------------------- memo values <-> npz (no pickle)
+def _jsonable_key(value: Any) -> Any:
+    if isinstance(value, np.ndarray) or isinstance(value, torch.Tensor):
+        arr = np.ascontiguousarray(value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value)
+        return {"sha1": hashlib.sha1(arr.view(np.uint8).ravel()).hexdigest(), "shape": list(arr.shape),
+                "dtype": str(arr.dtype)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable_key(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple, set)):
+        items = sorted(value) if isinstance(value, set) else value
+        return [_jsonable_key(v) for v in items]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _digest(key: Any) -> str:
+    return hashlib.sha1(json.dumps(_jsonable_key(key), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _encode(value: Any, arrays: dict) -> Any:
+    """JSON-able form of a memo value; arrays go to `arrays` under memo/<n>."""
+    if isinstance(value, np.ndarray):
+        name = f"memo/{sum(k.startswith('memo/') for k in arrays)}"
+        arrays[name] = value
+        return {"__array__": name}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, arrays) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, arrays) for v in value]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value) or "__array__" in value or "__tuple__" in value:
+            raise TypeError("memo dicts need plain string keys")
+        return {k: _encode(v, arrays) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot cache a {type(value).__name__}")
+
+
+def _decode(obj: Any, arrays: dict) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__array__"}:
+            return np.asarray(arrays[obj["__array__"]])
+        if set(obj) == {"__tuple__"}:
+            return tuple(_decode(v, arrays) for v in obj["__tuple__"])
+        return {k: _decode(v, arrays) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, arrays) for v in obj]
+    return obj
+
+
 class Analysis:
     """fastai-style entry point: `an = Analysis(params)`, then one call per notebook step."""
 
@@ -81,8 +136,9 @@ class Analysis:
         self.out = Path(params.OUTPUT_DIR)
         check_writable(self.out)
         self.device = resolve_device(params.DEVICE)
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
+        if self.device.type == "cpu":   # the free CPUs: oversubscribed OpenMP threads stall each other
+            torch.set_num_threads(default_threads())
+        self.threads = torch.get_num_threads()
         self.written: set[Path] = set()
         self.timings: dict[str, float] = {}
         self.loaded = None
@@ -92,6 +148,12 @@ class Analysis:
         self.cams: Optional[CamStore] = None
         self.cache_key: Optional[str] = None
         self.cache_hit = False
+        self.cache_stats = {"memo_hits": 0, "memo_misses": 0, "memo_missed": [], "cams_loaded": 0, "outputs_kept": 0,
+                            "rejected": []}
+        self._memo: dict[str, Any] = {}
+        self._outputs: dict[str, str] = {}          # gallery file -> digest of what was drawn into it
+        self._outputs_before: dict[str, list] = {}  # the same from the cache: [digest, size, mtime_ns]
+        self._writer = atomic_io.BackgroundWriter()   # PNGs are encoded while the next step computes
         self.results: dict[str, Section] = {}
 
     # ------------------------------------------------------------------ bookkeeping
@@ -103,13 +165,20 @@ class Analysis:
     def _save_fig(self, fig, *parts: str, dpi: int = 100) -> Path:
         import matplotlib.pyplot as plt
         path = self._path(*parts)
-        if hasattr(fig, "savefig"):
-            atomic_io.save_figure(fig, path, dpi=dpi, bbox_inches="tight")
+        if hasattr(fig, "savefig"):   # rendered by the writer's worker process
+            self._writer.figure(fig, path, dpi=dpi, bbox_inches="tight")
             plt.close(fig)
-        else:  # PIL image
-            with atomic_io.atomic_path(path) as tmp:
-                fig.save(tmp, format="PNG", optimize=False)
+        else:  # PIL image: encoded on the writer's thread
+            self._writer.image(fig, path)
         return path
+
+    def _flush_writes(self) -> None:
+        """Wait for the PNGs being written in the background (report() calls it before listing the files)."""
+        try:
+            self._writer.flush()
+        except Exception as exc:
+            raise OutputError(f"Could not write an output file under {self.out.resolve()} ({exc}). "
+                              "Check the free disk space and the folder's permissions.") from exc
 
     def _timed(self, name: str, start: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
@@ -156,47 +225,141 @@ class Analysis:
         check_model_fits_data(self.loaded, shape, self.data.num_classes)
 
     # ------------------------------------------------------------------ 2. inference (cached)
+    # OUTPUT_DIR/.cache/<key>.npz holds the predictions and features, written right after inference;
+    # <key>-derived.npz the CAMs and the memoised deep-dive results, written by report(). Both are written
+    # atomically (temporary file, fsync, rename) and fully read and checked before use: a truncated or
+    # foreign file is ignored and recomputed, never trusted.
     def _cache_file(self, suffix: str) -> Path:
         return self.out / ".cache" / f"{self.cache_key}{suffix}"
 
     def _compute_cache_key(self) -> str:
+        """Hash of what the predictions depend on: the checkpoint bytes, the architecture and its arguments,
+        the data (a hash of images and labels) and the preprocessing. CAM- and deep-dive-specific parameters
+        (CAM_METHOD, TARGET_LAYER, SEED, EMBEDDING, group, ...) key the entries inside the derived cache."""
         p = self.params
         ident = {
             "v": CACHE_VERSION, "weights": self.loaded.weights_sha256, "arch": self.loaded.arch,
-            "data": self.data.fingerprint, "mean": list(self.data.mean), "std": list(self.data.std),
-            "dataset": p.DATASET, "limit": p.LIMIT, "convert": p.CONVERT_CHANNELS,
+            "model_kwargs": p.MODEL_KWARGS, "data": self.data.fingerprint, "n": len(self.data.labels),
+            "shape": list(self.inputs.shape[1:]), "mean": [float(v) for v in self.data.mean],
+            "std": [float(v) for v in self.data.std], "dataset": p.DATASET, "limit": p.LIMIT,
+            "convert": p.CONVERT_CHANNELS,
         }
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
-    def predict(self) -> Predictions:
-        """One inference pass over the test set (or the cached result of an identical earlier run)."""
-        start = time.perf_counter()
-        self.cache_key = self._compute_cache_key()
-        cached = None if self.params.FORCE_RECOMPUTE else self._load_cached_predictions()
-        if cached is not None:
-            self.preds, self.cache_hit = cached, True
-        else:
-            self.preds = run_inference(
-                self.loaded.module, self.inputs, self.data.labels, batch_size=self.params.BATCH_SIZE,
-                device=self.device, progress=self.progress,
-            )
-            self._save_cache_predictions()
-        self._make_cam_store()
-        self._timed("inference", start)
-        return self.preds
+    def _cache_meta(self, kind: str) -> np.ndarray:
+        return np.array(json.dumps({"v": CACHE_VERSION, "key": self.cache_key, "kind": kind}))
 
-    def _load_cached_predictions(self) -> Optional[Predictions]:
-        path = self._cache_file(".npz")
+    def _read_cache(self, suffix: str, kind: str) -> Optional[dict]:
+        """Every array of a cache file, or None when it is missing, truncated, corrupt or not ours."""
+        path = self._cache_file(suffix)
         if not path.exists():
             return None
         try:
             with np.load(path, allow_pickle=False) as z:
-                feats = z["features"] if "features" in z.files else None
-                preds = Predictions(logits=z["logits"], probs=z["probs"], preds=z["preds"],
-                                    labels=z["labels"], features=feats)
-        except Exception:  # a truncated or foreign file: recompute rather than trust it
+                arrays = {k: z[k] for k in z.files}   # reads (and CRC-checks) every member now
+            meta = json.loads(str(arrays.pop("meta")))
+            if meta != json.loads(str(self._cache_meta(kind))):
+                raise ValueError(f"cache made for {meta}")
+            return arrays
+        except Exception as exc:  # truncated zip, bad CRC, missing member, foreign file: recompute
+            self.cache_stats["rejected"].append(f"{path.name}: {type(exc).__name__}")
             return None
-        if len(preds.labels) != len(self.data.labels) or not np.array_equal(preds.labels, self.data.labels):
+
+    def _write_cache(self, suffix: str, kind: str, arrays: dict) -> None:
+        try:
+            with atomic_io.atomic_path(self._cache_file(suffix), fsync=True) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, meta=self._cache_meta(kind), **arrays)
+            self._prune_cache()
+        except OSError:
+            pass  # the cache is an optimisation; the analysis itself already has its results
+
+    def _prune_cache(self) -> None:
+        """Keep the CACHE_KEEP most recently written cache entries (one per model/data/params)."""
+        folder = self.out / ".cache"
+        keys: dict[str, float] = {}
+        for f in folder.glob("*.npz"):
+            if f.name.startswith("."):   # another run's file still being written
+                continue
+            key = f.name.split("-", 1)[0].split(".", 1)[0]
+            keys[key] = max(keys.get(key, 0.0), f.stat().st_mtime)
+        for key in sorted(keys, key=keys.get, reverse=True)[CACHE_KEEP:]:
+            for f in folder.glob(f"{key}[.-]*npz"):
+                f.unlink(missing_ok=True)
+
+    def predict(self, cached_only: bool = False) -> Predictions:
+        """One inference pass over the test set (or the cached result of an identical earlier run).
+        The same pass keeps the penultimate features and, for the fast Grad-CAM path, the target-layer
+        activations of the images the class galleries will show. `cached_only=True` (rebuilding from saved
+        results) reads the cache and raises OutputError instead of running inference when it is missing."""
+        start = time.perf_counter()
+        self.cache_key = self._compute_cache_key()
+        use_cache = cached_only or not self.params.FORCE_RECOMPUTE
+        cached = self._load_cached_predictions() if use_cache else None
+        if cached is None and cached_only:
+            raise OutputError(
+                f"No saved predictions for this model and data in {(self.out / '.cache').resolve()}. Run the "
+                "analysis first with the same parameters (Analysis(params).run_all() or python -m helpers "
+                "analyze), or point OUTPUT_DIR at the folder that run wrote.")
+        self._make_cam_store()
+        if cached is not None:
+            self.preds, self.cache_hit = cached, True
+            self._load_derived_cache()
+        else:
+            self.cache_hit = False
+            self._writer.warm_up()   # the figure worker imports matplotlib while inference runs
+            self._warm_up_deep_dive()
+            self.preds = run_inference(
+                self.loaded.module, self.inputs, self.data.labels, batch_size=self.params.BATCH_SIZE,
+                device=self.device, progress=self.progress, gallery=self._gallery_activations(),
+            )
+            self._save_cache_predictions()
+        self._timed("inference", start)
+        return self.preds
+
+    def _warm_up_deep_dive(self) -> None:
+        """While inference runs (torch releases the GIL), import what the deep dive needs later and load
+        UMAP's compiled kernels on a few random points: ~2-3 s of single-threaded work taken off the end."""
+        import threading
+
+        def work() -> None:
+            try:
+                import captum.attr  # noqa: F401
+                import cleanlab.filter  # noqa: F401
+                if str(self.params.EMBEDDING).lower() in ("auto", "umap"):
+                    from .deep_dive import _umap_available, project_2d
+                    if _umap_available():
+                        project_2d(np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32), method="umap")
+            except Exception:  # only a warm-up: the step itself reports real problems
+                pass
+        threading.Thread(target=work, name="deep-dive-warm-up", daemon=True).start()
+
+    def _gallery_activations(self) -> Optional[GalleryActivations]:
+        """Where the fast Grad-CAM path applies, keep the gallery images' activations in the inference pass."""
+        p = self.params
+        if p.N_WORST + p.N_BEST == 0:
+            return None
+        engine = self.cams.engine()
+        if not engine.fast:
+            return None
+        self.cams.activations = GalleryActivations(engine.layer, p.N_WORST, p.N_BEST)
+        return self.cams.activations
+
+    def _load_cached_predictions(self) -> Optional[Predictions]:
+        z = self._read_cache(".npz", "predictions")
+        if z is None:
+            return None
+        try:
+            preds = Predictions(logits=z["logits"], probs=z["probs"], preds=z["preds"],
+                                labels=z["labels"], features=z.get("features"))
+            n = len(self.data.labels)
+            ok = (preds.logits.ndim == 2 and preds.logits.shape[0] == n and preds.probs.shape == preds.logits.shape
+                  and preds.preds.shape == (n,) and np.array_equal(preds.labels, self.data.labels)
+                  and (preds.features is None or len(preds.features) == n))
+        except Exception:
+            ok = False
+        if not ok:
+            self.cache_stats["rejected"].append(f"{self.cache_key}.npz: arrays do not fit the data")
             return None
         return preds
 
@@ -205,12 +368,7 @@ class Analysis:
                       labels=self.preds.labels)
         if self.preds.features is not None:
             arrays["features"] = self.preds.features
-        try:
-            with atomic_io.atomic_path(self._cache_file(".npz")) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, **arrays)
-        except OSError:
-            pass  # the cache is an optimisation; the analysis itself already has its results
+        self._write_cache(".npz", "predictions", arrays)
 
     def _make_cam_store(self) -> None:
         from .cams import CamEngine
@@ -221,29 +379,79 @@ class Analysis:
                              batch_size=min(self.params.BATCH_SIZE, 128), device=str(self.device))
 
         self.cams = CamStore(factory, self.inputs, method=self.params.CAM_METHOD, layer=self.params.TARGET_LAYER)
-        if self.cache_hit:
-            self._load_cached_cams()
 
-    def _load_cached_cams(self) -> None:
-        path = self._cache_file("-cams.npz")
-        if not path.exists():
+    def _load_derived_cache(self) -> None:
+        z = self._read_cache("-derived.npz", "derived")
+        if z is None:
             return
         try:
-            with np.load(path, allow_pickle=False) as z:
-                self.cams.load({k: z[k] for k in z.files})
-        except Exception:
-            pass
+            memo = {key: _decode(value, z) for key, value in json.loads(str(z["memo"])).items()}
+            outputs = json.loads(str(z["outputs"])) if "outputs" in z else {}
+            n = self.cams.load(z) if "cam_index" in z else 0
+        except Exception as exc:
+            self.cache_stats["rejected"].append(f"{self.cache_key}-derived.npz: {type(exc).__name__}")
+            return
+        self._memo.update(memo)
+        self._outputs_before = outputs
+        self.cache_stats["cams_loaded"] = n
 
     def save_cam_cache(self) -> None:
-        snapshot = self.cams.export() if self.cams is not None else {}
-        if not snapshot or self.cache_key is None:
+        """Write the CAMs and memoised results next to the outputs (report() calls it)."""
+        if self.cache_key is None or self.cams is None:
             return
+        arrays = dict(self.cams.export())
+        memo = {}
+        for key, value in self._memo.items():
+            try:
+                memo[key] = _encode(value, arrays)
+            except TypeError:   # a value the cache cannot hold without pickle: recomputed next time
+                continue
+        arrays["memo"] = np.array(json.dumps(memo))
+        outputs = {}
+        for rel, digest in self._outputs.items():
+            try:
+                st = (self.out / rel).stat()
+            except OSError:
+                continue
+            outputs[rel] = [digest, st.st_size, st.st_mtime_ns]
+        arrays["outputs"] = np.array(json.dumps(outputs))
+        self._write_cache("-derived.npz", "derived", arrays)
+
+    def _output_unchanged(self, rel: str, content: Any) -> bool:
+        """True when the file `rel` is what an earlier run drew from exactly this `content` with the same
+        drawing code, and has not been touched since (size and mtime as that run recorded them): a cached
+        re-run then keeps the file instead of drawing it again. Records the content's digest either way."""
+        from . import plots
+        if _RENDER_CODE[0] is None:
+            _RENDER_CODE[0] = hashlib.sha1(Path(plots.__file__).read_bytes()
+                                           + str(atomic_io.PNG_COMPRESS_LEVEL).encode()).hexdigest()
+        digest = _digest([_RENDER_CODE[0], content])
+        self._outputs[rel] = digest
+        before = self._outputs_before.get(rel)
+        if not before or before[0] != digest or self.params.FORCE_RECOMPUTE:
+            return False
         try:
-            with atomic_io.atomic_path(self._cache_file("-cams.npz")) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, **snapshot)
+            st = (self.out / rel).stat()
         except OSError:
-            pass
+            return False
+        kept = [st.st_size, st.st_mtime_ns] == before[1:]
+        self.cache_stats["outputs_kept"] += kept
+        return kept
+
+    def cached(self, name: str, compute: Callable[[], Any], *key: Any) -> Any:
+        """`compute()`, or its result from an identical earlier run: same model, data and preprocessing
+        (the cache key) and the same `key` parts (every other input of `compute`: indices, classes, method,
+        seed, ...; arrays are hashed by content). Values: arrays, numbers, strings, None, and lists, tuples
+        and str-keyed dicts of those. FORCE_RECOMPUTE ignores stored results."""
+        mkey = f"{name}:{_digest(key)}"
+        if mkey in self._memo:
+            self.cache_stats["memo_hits"] += 1
+            return self._memo[mkey]
+        value = compute()
+        self.cache_stats["memo_misses"] += 1
+        self.cache_stats["memo_missed"].append(name)
+        self._memo[mkey] = value
+        return value
 
     # ------------------------------------------------------------------ helpers for steps
     @property
@@ -263,7 +471,7 @@ class Analysis:
 
     # ------------------------------------------------------------------ 3. confusion
     def confusion(self) -> Section:
-        from . import plots
+        from . import ordering, plots, report
         start = time.perf_counter()
         p, data, pr = self.params, self.data, self.preds
         cm = metrics.confusion_matrix(pr.labels, pr.preds, data.num_classes)
@@ -275,10 +483,16 @@ class Analysis:
         if data.fine_to_coarse is not None:
             sec.values["superclass_share"] = metrics.superclass_error_share(pr.labels, pr.preds, data.fine_to_coarse)
         sec.values["high_conf"] = metrics.high_confidence_errors(pr.labels, pr.preds, pr.probs, HIGH_CONFIDENCE)
+        # rows/columns of the interactive matrix: confusable classes side by side
+        order, order_how = ordering.confusion_order(cm, data.fine_to_coarse)
+        sec.values.update(order=order, order_how=order_how, row_pct=ordering.row_percent(cm))
 
         atomic_io.save_csv(table, self._path("per_class_accuracy.csv"))
         atomic_io.save_csv(pairs, self._path("most_confused_pairs.csv"))
-        atomic_io.write_text(self._path("per_class_accuracy_interactive.html"), plots.per_class_accuracy_html(table))
+        js = report.ship_plotlyjs(self)  # one plotly.js next to the pages instead of 4.8 MB inside each
+        atomic_io.write_text(self._path("per_class_accuracy_interactive.html"), plots.per_class_accuracy_html(table, js))
+        atomic_io.write_text(self._path("confusion_matrix_interactive.html"),
+                             plots.confusion_heatmap_html(report.confusion_figure(self, sec.values), js))
         fig = plots.plot_confusion_matrix(cm, self.names, title=f"Confusion matrix — accuracy {pr.accuracy:.1%}")
         sec.figures["confusion_matrix"] = fig
         self._save_fig(fig, "confusion_matrix_full.png", dpi=80)
@@ -286,7 +500,7 @@ class Analysis:
         sec.figures["top_pairs"] = fig
         self._save_fig(fig, "top_confused_pairs.png")
         sec.files = ["confusion_matrix_full.png", "per_class_accuracy.csv", "per_class_accuracy_interactive.html",
-                     "most_confused_pairs.csv", "top_confused_pairs.png"]
+                     "confusion_matrix_interactive.html", "most_confused_pairs.csv", "top_confused_pairs.png"]
         self.results["confusion"] = sec
         self._timed("confusion", start)
         return sec
@@ -314,14 +528,17 @@ class Analysis:
 
     def class_gallery(self, cls: int, n_worst: Optional[int] = None, n_best: Optional[int] = None, **kw):
         from .plots import render_gallery
+        return render_gallery(*self._class_gallery_content(cls, n_worst, n_best, **kw))
+
+    def _class_gallery_content(self, cls: int, n_worst: Optional[int] = None, n_best: Optional[int] = None, **kw):
+        """(title, sections) that plots.render_gallery draws for one class."""
         p = self.params
         n_worst = p.N_WORST if n_worst is None else n_worst
         n_best = p.N_BEST if n_best is None else n_best
         worst, best = self.class_rows(cls, n_worst, n_best, **kw)
         acc = float((self.preds.preds[self.preds.labels == cls] == cls).mean()) if (self.preds.labels == cls).any() else float("nan")
         sections = [(f"{len(worst)} worst predictions", worst), (f"{len(best)} best predictions", best)]
-        return render_gallery(f"Class {cls:03d}: {self.names[cls]} — accuracy {acc:.1%}",
-                              [s for s in sections if s[1]])
+        return f"Class {cls:03d}: {self.names[cls]} — accuracy {acc:.1%}", [s for s in sections if s[1]]
 
     def gallery_filename(self, cls: int) -> str:
         return f"class_{cls:03d}_{safe_filename(self.data.class_names[cls])}.png"
@@ -344,14 +561,23 @@ class Analysis:
         order = np.argsort(self.results["confusion"].values["table"]["accuracy"].to_numpy(), kind="stable") \
             if "confusion" in self.results else np.arange(self.data.num_classes)
         shown = set(int(c) for c in order[:show])
+        from .plots import render_gallery
         for cls in tqdm(classes, desc="Class galleries", unit="class", disable=not self.progress):
-            img = self.class_gallery(cls)
             name = self.gallery_filename(cls)
+            rel = f"worst_predictions/{name}"
+            sec.files.append(rel)
+            content = self._class_gallery_content(cls)
+            if cls not in shown and self._output_unchanged(rel, content):
+                self._path("worst_predictions", name)   # still this run's output (kept by the manifest)
+                continue
+            img = render_gallery(*content)
             self._save_fig(img, "worst_predictions", name)
-            sec.files.append(f"worst_predictions/{name}")
             if cls in shown:
                 sec.figures[name] = img
-        sec.notes.append(f"CAM path: {self.cams.engine().path} (layer {self.cams.engine().layer_name})")
+        engine, store = self.cams.engine(), self.cams
+        how = (f"; {store.n_from_activations} of {store.n_computed} CAMs from activations kept in the inference pass"
+               if store.n_from_activations else "")
+        sec.notes.append(f"CAM path: {engine.path} (layer {engine.layer_name}{how})")
         self.results["class_galleries"] = sec
         self._timed("class_galleries", start)
         return sec
@@ -367,8 +593,11 @@ class Analysis:
         cam_p = self.cams.get(idx, [pred_cls] * len(idx), method=method, layer=layer)
         extra = None
         if finer and idx:
-            extra = self.cams.engine(method, layer).compute_finer(self.inputs[idx], np.full(len(idx), true_cls),
-                                                           np.full(len(idx), pred_cls))
+            engine = self.cams.engine(method, layer)
+            extra = self.cached(
+                "finercam", lambda: engine.compute_finer(self.inputs[idx], np.full(len(idx), true_cls),
+                                                         np.full(len(idx), pred_cls)),
+                engine.method, engine.layer_name, idx, true_cls, pred_cls)
         rows = []
         for k, i in enumerate(idx):
             panels = [(f"CAM → true: {self.names[true_cls]}", self.overlay(i, cam_t[k])),
@@ -408,8 +637,11 @@ class Analysis:
 
     def _faithfulness(self, idx, classes, cams) -> float:
         from .cams import faithfulness
-        scores = faithfulness(self.loaded.module, self.inputs[idx], np.asarray(classes), cams)
-        return float(np.nanmean(scores))
+
+        def compute() -> float:
+            scores = faithfulness(self.loaded.module, self.inputs[idx], np.asarray(classes), cams)
+            return float(np.nanmean(scores))
+        return self.cached("faithfulness", compute, list(idx), list(classes), np.asarray(cams, np.float32))
 
     # ------------------------------------------------------------------ 5. deep dive
     def deep_dive(self) -> Section:
@@ -424,6 +656,7 @@ class Analysis:
     def report(self) -> Section:
         from . import report
         start = time.perf_counter()
+        self._flush_writes()   # PNGs are written in the background; the index and manifest need them on disk
         sec = report.write_reports(self)
         self.results["report"] = sec
         self.save_cam_cache()
@@ -440,10 +673,15 @@ class Analysis:
             self.load_model()
         if self.data is None:
             self.load_data()
-        self.predict()
-        self.confusion()
-        self.class_galleries()
-        self.pair_galleries()
-        self.deep_dive()
-        self.report()
+        try:
+            self.predict()
+            self.confusion()
+            self.class_galleries()
+            self.pair_galleries()
+            self.deep_dive()
+            self.report()
+        except BaseException:
+            self._writer.close(raise_errors=False)   # the step's own error is the one to report
+            raise
+        self._writer.close()   # also stops the figure worker process
         return self.results

@@ -34,7 +34,8 @@ __all__ = [
     "plot_confusion_matrix", "plot_top_pairs", "per_class_accuracy_html", "plot_per_class_accuracy",
     "plot_group_confusion", "plot_head_cosine", "plot_embedding", "embedding_html",
     "thumbnail_data_uri", "plot_occlusion", "plot_reliability_diagram", "plot_coarse_confusion",
-    "plot_label_suspects",
+    "plot_label_suspects", "per_class_accuracy_figure", "confusion_heatmap_figure", "confusion_heatmap_html",
+    "plotly_div", "PLOTLY_CONFIG", "CONFUSION_VIEWS",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -514,11 +515,18 @@ def _present(v) -> bool:
     return v is not None and not (isinstance(v, float) and np.isnan(v)) and str(v) != ""
 
 
-def per_class_accuracy_html(table_df: pd.DataFrame) -> str:
+def per_class_accuracy_html(table_df: pd.DataFrame, plotlyjs="inline") -> str:
+    """per_class_accuracy_figure as a full HTML page that opens offline. plotlyjs: "inline" embeds
+    plotly.js (self-contained, ~4.8 MB); a relative path such as "plotly.min.js" loads the copy
+    shipped next to the page instead (see plotly_js_source)."""
+    return per_class_accuracy_figure(table_df).to_html(
+        include_plotlyjs=_include_plotlyjs(plotlyjs), full_html=True, config=PLOTLY_CONFIG)
+
+
+def per_class_accuracy_figure(table_df: pd.DataFrame):
     """Interactive (Plotly) bar chart of per-class accuracy, worst class first, coloured by
     superclass when the table has one, dashed line at the mean (macro) accuracy; hover shows class,
     superclass, accuracy, correct/support, mean confidence, top wrong prediction and its count.
-    Self-contained HTML: plotly.js is inlined, so it opens offline.
     Columns: class, accuracy (0–1); optional support, correct, mean_confidence, top_wrong,
     top_wrong_count, superclass."""
     import plotly.express as px
@@ -569,7 +577,7 @@ def per_class_accuracy_html(table_df: pd.DataFrame) -> str:
         yaxis=dict(title="accuracy", range=[0, 1.05], tickformat=".0%"),
         legend=dict(title="superclass"), height=620, bargap=0.15, template="plotly_white",
     )
-    return fig.to_html(include_plotlyjs=True, full_html=True)
+    return fig
 
 
 def plot_per_class_accuracy(table_df: pd.DataFrame) -> Figure:
@@ -733,11 +741,12 @@ _HOVER_JS = """
 
 def embedding_html(coords: np.ndarray, labels: np.ndarray, preds: np.ndarray, class_ids: Sequence[int],
                    names: Sequence[str], thumbnails: Sequence[str], method: str,
-                   separability_text: str) -> str:
+                   separability_text: str, plotlyjs="inline") -> str:
     """Self-contained interactive embedding page: Plotly scatter (one trace per true class,
     misclassified as '×'), hover label with the true and predicted class, and the hovered image's
     thumbnail in a side panel (a `plotly_hover` listener; thumbnails are data: URIs from
-    thumbnail_data_uri, one per point, or an empty list). plotly.js is inlined: works offline."""
+    thumbnail_data_uri, one per point, or an empty list). Works offline: plotly.js is inlined, or
+    loaded from the relative path `plotlyjs` (e.g. "../plotly.min.js")."""
     import plotly.graph_objects as go
 
     coords, labels, preds, ids = _embedding_inputs(coords, labels, preds, class_ids)
@@ -764,8 +773,8 @@ def embedding_html(coords: np.ndarray, labels: np.ndarray, preds: np.ndarray, cl
     fig.update_layout(title=f"{method} of penultimate-layer features ({len(coords)} images)",
                       xaxis_title=f"{method} 1", yaxis_title=f"{method} 2", height=700,
                       legend=dict(title="true class"), template="plotly_white", hovermode="closest")
-    plot_div = fig.to_html(include_plotlyjs=True, full_html=False, post_script=_HOVER_JS,
-                           default_height="700px")
+    plot_div = fig.to_html(include_plotlyjs=_include_plotlyjs(plotlyjs), full_html=False, post_script=_HOVER_JS,
+                           default_height="700px", config=PLOTLY_CONFIG)
     # "</" inside a <script> would end it early; JSON allows the escaped form
     thumbs_js = json.dumps(thumbnails).replace("</", "<\\/")
     title = html.escape(f"{method} embedding")
@@ -800,6 +809,109 @@ def embedding_html(coords: np.ndarray, labels: np.ndarray, preds: np.ndarray, cl
 </body>
 </html>
 """
+
+
+# ----------------------------------------------------------------------------------------------
+# Plotly pages: shared plotly.js, the interactive confusion matrix
+# ----------------------------------------------------------------------------------------------
+
+# No "Produced with Plotly" logo link and no "Share chart" (uploads to Plotly Cloud): the report pages
+# make no request off the disk.
+PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "modeBarButtonsToRemove": ["sendChartToCloud"]}
+
+CONFUSION_VIEWS = ("counts", "row %", "row %, errors only")
+
+
+def _include_plotlyjs(plotlyjs):
+    """Map plotlyjs ("inline", a relative .js path, or None when the page loads it itself) to
+    plotly's include_plotlyjs. CDN addresses are refused: the pages must open offline."""
+    if plotlyjs in ("inline", True):
+        return True
+    if plotlyjs in (None, False):
+        return False
+    if isinstance(plotlyjs, str) and plotlyjs.endswith(".js") and ":" not in plotlyjs and not plotlyjs.startswith("//"):
+        return plotlyjs
+    raise ValueError(f"plotlyjs must be 'inline', None or a relative path to a .js file, got {plotlyjs!r}")
+
+
+def plotly_div(fig, div_id: str) -> str:
+    """A figure as a <div> plus its drawing script, for a page that loads plotly.js itself."""
+    return fig.to_html(include_plotlyjs=False, full_html=False, div_id=div_id, config=PLOTLY_CONFIG)
+
+
+def _json_ready(z: np.ndarray) -> list:
+    """NaN -> None, so the cell is blank in the heatmap and valid JSON in the page."""
+    if np.asarray(z).dtype.kind in "iub":
+        return np.asarray(z).tolist()
+    z = np.asarray(z, dtype=np.float64)
+    return np.where(np.isnan(z), None, z).tolist()
+
+
+def confusion_heatmap_figure(cm: np.ndarray, row_pct: np.ndarray, names: Sequence[str], order: Sequence[int],
+                             superclasses: Optional[Sequence[str]] = None,
+                             spans: Optional[Sequence[tuple[int, int, int]]] = None, title: str = ""):
+    """Interactive confusion matrix (Plotly heatmap), rows = true class, columns = prediction, both
+    permuted by `order` (helpers.ordering). Hover gives true, predicted, count and row %. Buttons
+    switch the colour between CONFUSION_VIEWS: counts, row %, and row % with the diagonal blanked
+    (so the errors use the whole colour range). superclasses: each class's superclass name, shown on
+    hover; spans: (start, stop, id) runs along `order`, outlined as diagonal blocks.
+    row_pct: NaN on rows of classes without test images."""
+    import plotly.graph_objects as go
+
+    cm = np.asarray(cm)
+    n = len(cm)
+    order = np.asarray(order, dtype=np.int64)
+    if cm.shape != (n, n) or np.shape(row_pct) != (n, n) or sorted(order.tolist()) != list(range(n)):
+        raise ValueError(f"cm and row_pct must be n x n and order a permutation of range(n) (n={n})")
+    counts = cm[np.ix_(order, order)]
+    pct = np.asarray(row_pct, dtype=np.float64)[np.ix_(order, order)]
+    errors = pct.copy()
+    np.fill_diagonal(errors, np.nan)
+    labels = [str(names[i]) for i in order]
+    # Category values carry the hover name (with the superclass); the tick text stays short.
+    full = [f"{labels[k]} · {superclasses[i]}" for k, i in enumerate(order)] if superclasses is not None else labels
+    if len(set(full)) < n:
+        full = [f"{f} (#{i})" for f, i in zip(full, order)]
+    pct_text = np.where(np.isnan(pct), "n/a (no images)", np.char.mod("%.1f%%", np.nan_to_num(pct)))
+    custom = [[[int(counts[a, b]), str(pct_text[a, b])] for b in range(n)] for a in range(n)]
+
+    def zmax(z) -> float:
+        finite = z[np.isfinite(z)]
+        return float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+
+    views = [(counts, "count"), (np.round(pct, 1), "row %"), (np.round(errors, 1), "row %<br>(errors)")]
+    buttons = [dict(label=label, method="restyle",
+                    args=[{"z": [_json_ready(z)], "zmax": [zmax(z)], "colorbar.title.text": bar}])
+               for label, (z, bar) in zip(CONFUSION_VIEWS, views)]
+    fig = go.Figure(go.Heatmap(
+        z=_json_ready(views[0][0]), x=full, y=full, customdata=custom,
+        zmin=0, zmax=zmax(views[0][0]), colorscale="Blues", colorbar=dict(title=dict(text="count")),
+        hovertemplate="true: %{y}<br>predicted: %{x}<br>count: %{customdata[0]}"
+                      "<br>row %: %{customdata[1]}<extra></extra>",
+        texttemplate="%{z}" if n <= 20 else None))   # few classes: the value is written in each cell
+    for start, stop, _ in spans or []:
+        fig.add_shape(type="rect", x0=start - 0.5, x1=stop - 0.5, y0=start - 0.5, y1=stop - 0.5,
+                      line=dict(color="#d62728", width=1), fillcolor="rgba(0,0,0,0)")
+    font = 12 if n <= 20 else 10 if n <= 50 else 8
+    cell = 48 if n <= 12 else 32 if n <= 20 else 16 if n <= 50 else 9   # 100 classes: 9-px rows, every name shown
+    axis = dict(type="category", tickmode="array", tickvals=full, ticktext=labels, tickfont=dict(size=font),
+                showgrid=False, zeroline=False, range=[-0.5, n - 0.5])
+    fig.update_layout(
+        title=dict(text=title, x=0, xanchor="left"), template="plotly_white",
+        height=max(460, cell * n + 260), margin=dict(l=40, r=40, t=110, b=40),
+        xaxis=dict(axis, title="predicted class", tickangle=-90, constrain="domain"),
+        yaxis=dict(axis, title="true class", autorange=False, range=[n - 0.5, -0.5], scaleanchor="x",
+                   constrain="domain"),
+        updatemenus=[dict(type="buttons", direction="right", active=0, showactive=True, buttons=buttons,
+                          x=1, xanchor="right", y=1.0, yanchor="bottom", pad=dict(b=30))],
+    )
+    return fig
+
+
+def confusion_heatmap_html(fig, plotlyjs="plotly.min.js") -> str:
+    """confusion_heatmap_figure as a full page that opens offline (plotly.js: see _include_plotlyjs)."""
+    return fig.to_html(include_plotlyjs=_include_plotlyjs(plotlyjs), full_html=True, config=PLOTLY_CONFIG,
+                       div_id="confusion-matrix")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -906,4 +1018,61 @@ def plot_label_suspects(images: Sequence[np.ndarray], given_names: Sequence[str]
                      f"model: {predicted_names[k]} (p={float(probs_pred[k]):.2f})", fontsize=8)
     fig.suptitle(f"Possible label errors: the model confidently disagrees with the label ({n} shown)",
                  fontsize=11)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparing two checkpoints (helpers.compare computes the tables)
+# ----------------------------------------------------------------------------------------------
+
+def plot_accuracy_deltas(per_class_df: pd.DataFrame, name_a: str = "A", name_b: str = "B") -> Figure:
+    """Bars of accuracy_b − accuracy_a for every class with test images, sorted (most improved on the
+    left); green = better under B, red = worse. Columns: class_name, delta, support."""
+    df = per_class_df[per_class_df["support"] > 0]
+    if len(df) == 0:
+        return _text_figure("no classes with test images", "Per-class accuracy change")
+    df = df.sort_values(["delta", "class_name"], ascending=[False, True], kind="stable").reset_index(drop=True)
+    C = len(df)
+    delta = df["delta"].to_numpy(dtype=np.float64)
+    fig = Figure(figsize=(max(8.0, 0.2 * C + 2.5), 5.0), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(C)
+    ax.bar(x, delta, color=np.where(delta > 0, "#2ca02c", np.where(delta < 0, "#d62728", "#999999")), width=0.85)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axhline(float(delta.mean()), color="black", ls="--", lw=1, label=f"mean change {delta.mean() * 100:+.2f} pp")
+    ax.set_xticks(x, labels=df["class_name"].astype(str).tolist(), rotation=90, fontsize=6 if C > 40 else 8)
+    ax.set_xlim(-0.6, C - 0.4)
+    lim = max(float(np.abs(delta).max()), 0.01) * 1.1
+    ax.set_ylim(-lim, lim)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.set_ylabel("accuracy B − A")
+    ax.set_title(f"Per-class accuracy change: {int((delta > 0).sum())} classes better, {int((delta < 0).sum())} worse"
+                 f"\nA = {name_a} · B = {name_b}", fontsize=10)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def plot_pair_changes(pairs_df: pd.DataFrame, k: int = 10) -> Figure:
+    """Horizontal bars of the k confused pairs that improved most (fewer errors under B, green) and the k
+    that worsened most (red), labelled "true → pred (count A → count B)". Columns: true_name, pred_name,
+    count_a, count_b, delta (= count_b − count_a)."""
+    if pairs_df is None or len(pairs_df) == 0:
+        return _text_figure("no confused pair changed between the two models", "Confused pairs: better and worse")
+    better = pairs_df[pairs_df["delta"] < 0].sort_values("delta", kind="stable").head(k)
+    worse = pairs_df[pairs_df["delta"] > 0].sort_values("delta", ascending=False, kind="stable").head(k)
+    df = pd.concat([better, worse.iloc[::-1]]).reset_index(drop=True)
+    delta = df["delta"].to_numpy(dtype=np.float64)
+    fig = Figure(figsize=(9, 0.3 * len(df) + 1.6), layout="constrained")
+    ax = fig.add_subplot()
+    y = np.arange(len(df))
+    ax.barh(y, delta, color=np.where(delta < 0, "#2ca02c", "#d62728"))
+    ax.set_yticks(y, labels=[f"{r.true_name} → {r.pred_name} ({r.count_a} → {r.count_b})" for r in df.itertuples()],
+                  fontsize=8)
+    ax.invert_yaxis()   # most improved on top, most worsened at the bottom
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("errors B − A (negative = fewer under B)")
+    ax.set_title(f"Confused pairs: {len(better)} most improved (green), {len(worse)} most worsened (red)", fontsize=10)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(axis="x", alpha=0.3)
     return fig

@@ -1,7 +1,8 @@
 """Evidence-driven recommendations: each rule fires only when a measured value crosses a named
 threshold, and its text cites the numbers and classes that tripped it.
 
-Build an Evidence (by hand or with build_evidence), call recommend(), print format_recommendations().
+Build an Evidence (by hand, or from a finished analysis with report.build_evidence), call recommend(),
+print format_recommendations().
 """
 from __future__ import annotations
 
@@ -10,9 +11,6 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
-
-from . import metrics
-from .data import readable
 
 THRESHOLDS: dict[str, float] = {
     # fine_grained: within-superclass error share >= both of these ...
@@ -334,7 +332,7 @@ def format_recommendations(recs: Sequence[Recommendation]) -> str:
     return "\n".join(blocks) + "\n"
 
 
-# ----------------------------------------------------------------------------- building evidence
+# ----------------------------------------------------------------------------- label suspects
 
 def label_suspect_mask(labels, probs, self_conf_max: Optional[float] = None,
                        conf_min: Optional[float] = None) -> np.ndarray:
@@ -350,73 +348,3 @@ def label_suspect_mask(labels, probs, self_conf_max: Optional[float] = None,
 
 def count_label_suspects(labels, probs) -> int:
     return int(label_suspect_mask(labels, probs).sum())
-
-
-def build_evidence(labels, preds, probs, class_names: Sequence[str],
-                   fine_to_coarse: Optional[np.ndarray] = None, top_k: int = 15,
-                   group: Optional[Sequence[int]] = None, group_separability: Optional[dict] = None,
-                   head_cosine: Optional[np.ndarray] = None, cam_faithfulness: Optional[float] = None,
-                   cam_faithfulness_name: str = "CAM faithfulness score",
-                   cleanlab_issues: Optional[np.ndarray] = None, n_worst: int = 10) -> Evidence:
-    """Compute every Evidence field that the predictions (and optional deep-dive results) allow.
-
-    group_separability is deep_dive.separability()'s dict; head_cosine the (k, k) matrix from
-    deep_dive.head_cosine_similarity() in the group's order.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    preds = np.asarray(preds, dtype=np.int64)
-    probs = np.asarray(probs, dtype=np.float64)
-    num_classes = len(class_names)
-    names = [readable(n) for n in class_names]
-    cm = metrics.confusion_matrix(labels, preds, num_classes)
-    table = metrics.most_confused(cm, class_names, k=top_k, fine_to_coarse=fine_to_coarse)
-    pairs = [Pair(r.true_name, r.pred_name, int(r.count), r.same_superclass, float(r.share_of_true))
-             for r in table.itertuples()]
-    ev = Evidence(accuracy=float((labels == preds).mean()) if len(labels) else None,
-                  n_classes=num_classes, n_images=len(labels), n_errors=int((labels != preds).sum()),
-                  top_pairs=pairs)
-
-    if fine_to_coarse is not None and np.all(np.asarray(fine_to_coarse) >= 0):
-        share = metrics.superclass_error_share(labels, preds, fine_to_coarse)
-        ev.within_superclass_share, ev.within_superclass_chance = share["share"], share["chance"]
-
-    ece, _ = metrics.expected_calibration_error(probs, labels)
-    ev.ece = ece
-    ev.mean_confidence = float(probs.max(axis=1).mean())
-    hc = metrics.high_confidence_errors(labels, preds, probs, THRESHOLDS["high_conf"])
-    ev.n_high_conf_errors = hc["count"]
-    ev.high_conf_error_share = hc["share_of_errors"] if ev.n_errors else None
-    by_class = metrics.overconfident_errors_by_class(labels, preds, probs, class_names, THRESHOLDS["high_conf"])
-    ev.overconfident_classes = list(zip(by_class["class_name"], by_class["count"].astype(int)))
-
-    mask = label_suspect_mask(labels, probs)
-    ev.n_label_suspects = int(mask.sum())
-    ranked = [i for i in metrics.label_suspects(labels, probs, n=len(labels)) if mask[i]][:3]
-    ev.label_suspect_examples = [(names[labels[i]], names[int(probs[i].argmax())]) for i in ranked]
-    if cleanlab_issues is not None:
-        ev.n_cleanlab_issues = int(len(cleanlab_issues))
-
-    per_class = metrics.per_class_table(labels, preds, probs, class_names)
-    present = per_class[per_class["support"] > 0]
-    if len(present) >= 2:
-        ev.class_accuracy_mean = float(present["accuracy"].mean())
-        ev.class_accuracy_std = float(present["accuracy"].std(ddof=0))
-        worst = present.sort_values(["accuracy", "class_id"]).head(n_worst)
-        ev.worst_classes = list(zip(worst["class_name"], worst["accuracy"].astype(float)))
-
-    if group is not None:
-        group = [int(c) for c in group]
-        ev.group_names = [names[c] for c in group]
-        ev.group_objective = metrics.group_objective(cm, group)
-        if group_separability is not None:
-            ev.group_separability = group_separability.get("accuracy")
-            ev.group_separability_chance = group_separability.get("chance")
-        if head_cosine is not None and len(group) >= 2:
-            m = np.array(head_cosine, dtype=np.float64)
-            np.fill_diagonal(m, -np.inf)
-            r, c = np.unravel_index(np.argmax(m), m.shape)
-            ev.head_cosine_max = float(m[r, c])
-            ev.head_cosine_pair = (names[group[r]], names[group[c]])
-    ev.cam_faithfulness = cam_faithfulness
-    ev.cam_faithfulness_name = cam_faithfulness_name
-    return ev

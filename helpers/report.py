@@ -8,11 +8,12 @@ import html
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from . import atomic_io
+from .data import readable
 from .recommendations import Evidence, format_recommendations, recommend
 
 if TYPE_CHECKING:
@@ -31,6 +32,9 @@ DESCRIPTIONS = [
     ("confusion_matrix_full.png", "Full confusion matrix: rows are true classes, columns predictions."),
     ("per_class_accuracy.csv", "Accuracy, support, confidence and most frequent wrong prediction per class."),
     ("per_class_accuracy_interactive.html", "Interactive per-class accuracy chart (hover for details)."),
+    ("confusion_matrix_interactive.html", "Interactive confusion matrix: hover for counts and row %, "
+                                          "toggle counts / row %, confusable classes side by side."),
+    ("plotly.min.js", "plotly.js, loaded by every HTML page here, so they open offline."),
     ("most_confused_pairs.csv", "The most frequent true → predicted confusions."),
     ("top_confused_pairs.png", "Bar chart of the most confused pairs."),
     ("confused_pair_", "Confused-pair gallery: original, CAM for the true class, CAM for the predicted class, difference."),
@@ -208,33 +212,174 @@ def summary_text(an: "Analysis", recs) -> str:
     return "\n".join(lines) + "\n"
 
 
-def index_html(an: "Analysis", files: list[str]) -> str:
-    pr = an.preds
-    conf = an.results["confusion"].values
-    head = [f"<li><b>Accuracy</b>: {pr.accuracy:.2%} on {len(pr.labels)} images, {an.data.num_classes} classes</li>"]
+PLOTLY_JS = "plotly.min.js"
+
+
+def ship_plotlyjs(an: "Analysis", *subdir: str) -> str:
+    """Write plotly.js once per run at the top of the output folder (rewritten only when it changed)
+    and return its path relative to a page in `subdir`: every HTML output loads this one copy."""
+    from plotly.offline import get_plotlyjs
+    path = an.out / PLOTLY_JS
+    if path.resolve() not in an.written:
+        data = get_plotlyjs().encode("utf-8")
+        if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
+            atomic_io.write_bytes(path, data)
+        an._path(PLOTLY_JS)
+    return "../" * len(subdir) + PLOTLY_JS
+
+
+def confusion_figure(an: "Analysis", values: Optional[dict] = None):
+    """The interactive confusion matrix from what the confusion step measured (cm, row_pct, order)."""
+    from . import ordering, plots
+    conf = values if values is not None else an.results["confusion"].values
+    f2c = an.data.fine_to_coarse
+    supers = spans = None
+    if f2c is not None:
+        coarse = an.data.coarse_names or []
+        supers = [readable(coarse[c]) if 0 <= c < len(coarse) else "unknown superclass" for c in f2c]
+        spans = ordering.block_spans(conf["order"], f2c)
+    how = ("grouped by superclass (outlined)" if conf["order_how"] == "superclass"
+           else "ordered by a clustering of the confusion")
+    title = f"Confusion matrix — accuracy {an.preds.accuracy:.1%}; classes {how}"
+    return plots.confusion_heatmap_figure(conf["cm"], conf["row_pct"], an.names, conf["order"], supers, spans, title)
+
+
+_INDEX_CSS = """
+body{font-family:"DejaVu Sans",Arial,sans-serif;max-width:1240px;margin:0 auto;padding:0 16px 40px;color:#222}
+nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:8px 0;z-index:10}
+nav a{margin-right:14px;color:#1f5fa8;text-decoration:none}
+h2{margin-top:1.8em;border-bottom:2px solid #1f5fa8;padding-bottom:4px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(180px,1fr));gap:12px}
+.card{border:1px solid #ddd;border-radius:6px;padding:10px 12px;background:#fafbfd}
+.card .v{font-size:1.6em;font-weight:bold;color:#1f5fa8}.card .l{font-size:.85em;color:#555}
+.card.wide{grid-column:span 2}.card.wide .v{font-size:1em}
+table{border-collapse:collapse;width:100%}th{text-align:left;background:#f0f3f8}
+td,th{border-bottom:1px solid #ddd;padding:4px 8px;vertical-align:top}
+.figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:16px}
+figure{margin:0}figure img{max-width:100%;border:1px solid #ccc}figcaption{font-size:.85em;color:#444}
+img.wide{max-width:100%;border:1px solid #ccc}iframe{width:100%;height:820px;border:1px solid #ccc}
+.note{color:#444}.recs li{margin-bottom:.6em}.recs .ev{color:#555;font-size:.9em}
+"""
+
+
+def _link(rel: str, text: Optional[str] = None) -> str:
+    return f'<a href="{html.escape(rel)}">{html.escape(text or rel)}</a>'
+
+
+def _cards(an: "Analysis") -> str:
+    from .pipeline import HIGH_CONFIDENCE
+    pr, conf = an.preds, an.results["confusion"].values
+    dd = an.results["deep_dive"].values if "deep_dive" in an.results else {}
+    n, n_err = len(pr.labels), int((~pr.correct).sum())
+    cards = [(f"{pr.accuracy:.2%}", f"accuracy on {n} images, {an.data.num_classes} classes"),
+             (f"{n_err}", f"errors ({n_err / max(n, 1):.1%} of the images)")]
     share = conf.get("superclass_share")
     if share:
-        head.append(f"<li><b>Errors within the superclass</b>: {share['share']:.1%} (chance {share['chance']:.1%})</li>")
-    head.append(f"<li><b>High-confidence errors</b> (≥ 0.9): {conf['high_conf']['count']}</li>")
-    if "deep_dive" in an.results:
-        dd = an.results["deep_dive"].values
-        head.append(f"<li><b>Most confused group</b>: {html.escape(', '.join(dd['group_names']))}</li>")
-        if "ece" in dd:
-            head.append(f"<li><b>Expected calibration error</b>: {dd['ece']:.3f}</li>")
-    rows = []
-    for rel in files:
-        rows.append(f"<tr><td><a href=\"{html.escape(rel)}\">{html.escape(rel)}</a></td>"
-                    f"<td>{html.escape(describe(rel))}</td></tr>")
+        cards.append((f"{share['share']:.1%}", f"of errors stay inside the true superclass (chance {share['chance']:.1%})"))
+    if "ece" in dd:
+        cards.append((f"{dd['ece']:.3f}", "expected calibration error (15 bins)"))
+    high = conf["high_conf"]
+    cards.append((f"{high['count']}", f"errors at confidence ≥ {HIGH_CONFIDENCE:.1f} ({_pct(high['share_of_errors'])} of errors)"))
+    out = [f'<div class="card"><div class="v">{html.escape(v)}</div><div class="l">{html.escape(l)}</div></div>'
+           for v, l in cards]
+    if an.cams is not None:
+        eng = an.cams.engine()
+        out.append(f'<div class="card wide"><div class="v">{html.escape(an.params.CAM_METHOD)} at '
+                   f'{html.escape(eng.layer_name)}</div><div class="l">CAM path: {html.escape(eng.path)}</div></div>')
+    if dd.get("group_names"):
+        out.append(f'<div class="card wide"><div class="v">{html.escape(", ".join(dd["group_names"]))}</div>'
+                   f'<div class="l">most confused group ({dd["group_objective"]} errors among them)</div></div>')
+    return '<div class="cards">' + "".join(out) + "</div>"
+
+
+def _pairs_table(an: "Analysis", present: set) -> str:
+    pairs = an.results["confusion"].values["pairs"]
+    galleries = {int(rel.split("_")[2]): rel for rel in present
+                 if rel.startswith("confused_pair_") and rel.split("_")[2].isdigit()}
+    rows = ["<tr><th>#</th><th>true class</th><th>predicted as</th><th>count</th><th>% of true class</th>"
+            "<th>same superclass</th><th>galleries</th></tr>"]
+    for r in pairs.itertuples():
+        links = []
+        if int(r.rank) in galleries:
+            links.append(_link(galleries[int(r.rank)], "pair CAMs"))
+        cls_gallery = f"worst_predictions/{an.gallery_filename(int(r.true_id))}"
+        if cls_gallery in present:
+            links.append(_link(cls_gallery, f"{r.true_name} gallery"))
+        rows.append(f"<tr><td>{int(r.rank)}</td><td>{html.escape(str(r.true_name))}</td>"
+                    f"<td>{html.escape(str(r.pred_name))}</td><td>{int(r.count)}</td><td>{r.share_of_true:.1%}</td>"
+                    f"<td>{html.escape(str(r.same_superclass or ''))}</td><td>{' · '.join(links)}</td></tr>")
+    return "<table id=\"pairs-table\">" + "".join(rows) + "</table>"
+
+
+def _figures(rels: list[str]) -> str:
+    return '<div class="figs">' + "".join(
+        f'<figure><a href="{html.escape(r)}"><img src="{html.escape(r)}" alt="{html.escape(r)}"></a>'
+        f"<figcaption>{html.escape(describe(r) or r)}</figcaption></figure>" for r in rels) + "</div>"
+
+
+def _file_table(rels: list[str]) -> str:
+    return "<table>" + "".join(f"<tr><td>{_link(r)}</td><td>{html.escape(describe(r))}</td></tr>" for r in rels) + "</table>"
+
+
+def index_html(an: "Analysis", files: list[str], recs=None) -> str:
+    """The report page: headline numbers, the interactive confusion matrix and per-class chart,
+    the confused pairs with their galleries, the deep dive, and every output with a description.
+    Loads the plotly.min.js shipped beside it (ship_plotlyjs); no network."""
+    from . import plots
+    conf = an.results["confusion"].values
+    present = set(files)
+    pair_pngs = [f for f in files if f.startswith("confused_pair_")]
+    deep_pngs = [f for f in files if f.startswith("deep_dive/") and f.endswith(".png")]
+    how = ("Rows and columns are grouped by superclass (red outlines), with superclasses placed next to those "
+           "they are confused with" if conf["order_how"] == "superclass" else
+           "Rows and columns are ordered by a hierarchical clustering of the confusion, so classes the model "
+           "mixes up sit next to each other")
+    sections = [
+        ("summary", "Headline numbers", _cards(an)),
+        ("confusion", "Confusion matrix",
+         f'<p class="note">{how}. Hover a cell for the true and predicted class, the count and the row %. '
+         "The buttons switch the colour between counts, row % and row % without the diagonal (errors only). "
+         f'Also as {_link("confusion_matrix_interactive.html", "its own page")} and as a '
+         f'{_link("confusion_matrix_full.png", "static PNG")}.</p>'
+         + plots.plotly_div(confusion_figure(an), "confusion-matrix")),
+        ("per-class", "Per-class accuracy",
+         plots.plotly_div(plots.per_class_accuracy_figure(conf["table"]), "per-class-accuracy")
+         + f'<p>{_link("per_class_accuracy.csv")} · {_link("per_class_accuracy_interactive.html")}</p>'),
+        ("pairs", "Most confused pairs",
+         _pairs_table(an, present) + (f'<p><img class="wide" src="top_confused_pairs.png" alt="top confused pairs"></p>'
+                                      if "top_confused_pairs.png" in present else "")
+         + (_figures(pair_pngs) if pair_pngs else "")),
+    ]
+    if deep_pngs or "deep_dive/group_embedding.html" in present:
+        body = _figures(deep_pngs)
+        if "deep_dive/group_embedding.html" in present:
+            body += ('<h3>Feature space of the group</h3><p class="note">Hover a point to see the image. '
+                     f'{_link("deep_dive/group_embedding.html", "Open on its own page")}.</p>'
+                     '<iframe src="deep_dive/group_embedding.html" title="group embedding"></iframe>')
+        sections.append(("deep-dive", "Deep dive", body))
+    if recs is not None:
+        items = "".join(f'<li><b>[{html.escape(r.rule)}]</b> {html.escape(r.text)}'
+                        f'<div class="ev">Evidence: {html.escape(r.evidence)}</div></li>' for r in recs)
+        sections.append(("recommendations", "Recommendations",
+                         f'<ol class="recs">{items}</ol>' if recs else "<p>No measured value crossed a threshold.</p>"))
+    per_class = [f for f in files if f.startswith("worst_predictions/")]
+    others = [f for f in files if f not in per_class]
+    listing = _file_table(others)
+    if per_class:
+        listing += (f"<details><summary>{len(per_class)} per-class galleries (worst_predictions/): "
+                    f"{html.escape(describe(per_class[0]))}</summary>{_file_table(per_class)}</details>")
+    sections.append(("files", "Every output", listing))
+    nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
+    content = "".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{body}</section>' for sid, title, body in sections)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Grad-CAM confusion analysis</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;width:100%}}td{{border-bottom:1px solid #ddd;padding:4px 8px;vertical-align:top}}
-img.preview{{max-width:100%;border:1px solid #ccc}}</style></head>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>{_INDEX_CSS}</style>
+<script src="{PLOTLY_JS}"></script></head>
 <body><h1>Grad-CAM confusion analysis</h1>
 <p>Model: {html.escape(an.loaded.arch)} — {html.escape(an.loaded.source)}. Dataset: {html.escape(an.data.name)}.</p>
-<ul>{''.join(head)}</ul>
-<h2>Most confused pairs</h2><p><img class="preview" src="top_confused_pairs.png" alt="top confused pairs"></p>
-<h2>Every output</h2><table>{''.join(rows)}</table>
+<nav>{nav}</nav>
+{content}
 </body></html>
 """
 
@@ -247,7 +392,7 @@ def write_reports(an: "Analysis") -> "Section":
     atomic_io.write_text(an._path("analysis_summary.txt"), summary_text(an, recs))
     removed = remove_stale_outputs(an)
     files = sorted(str(p.relative_to(an.out.resolve())) for p in an.written) + ["index.html"]
-    atomic_io.write_text(an._path("index.html"), index_html(an, [f for f in files if f != "index.html"]))
+    atomic_io.write_text(an._path("index.html"), index_html(an, [f for f in files if f != "index.html"], recs))
     atomic_io.write_text(an.out / MANIFEST, json.dumps(sorted(files), indent=1))
     sec.values.update(recommendations=recs, removed_stale=removed)
     sec.files = ["analysis_summary.txt", "recommendations.txt", "index.html"]

@@ -1,27 +1,36 @@
-"""Interactive class explorer for the notebook (ipywidgets 8).
+"""Interactive class explorer for the notebook (ipywidgets 8: JupyterLab 4 and Notebook 7).
 
-The state lives in one small `ExplorerState`; the rendering is a pure function of that state plus
-the analysis, so tests drive it by setting widget values and reading the HTML it produced.
+The state lives in one small `ExplorerState`; the page is a function of that state plus the analysis, so
+tests drive the widget by setting `.value` on its controls and reading the HTML it produced. CAMs come
+from the analysis' CamStore: computed on demand, one batch per view, cached per (image, class, method,
+layer) and saved with the run's cache, so `ClassExplorer.from_results(params)` rebuilds the explorer of
+a finished run without running inference again.
 """
 from __future__ import annotations
 
 import base64
 import html
 import io
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
+import torch
 
 from . import metrics
+from .errors import ConfigError, SuiteError
 
 if TYPE_CHECKING:
+    from .config import Params
     from .pipeline import Analysis
 
 MAX_EXAMPLES = 12
+MAX_PAGES = 32      # rendered pages kept (each holds its gallery PNG); CAMs themselves stay in the CamStore
+N_WRONG_SHOWN = 5   # top wrong predictions listed for a class
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExplorerState:
     cls: int = 0
     other: Optional[int] = None      # a class `cls` is confused with; None = the class's own gallery
@@ -38,64 +47,132 @@ def png_data_uri(image) -> str:
 
 def class_label(cls: int, name: str, accuracy: float) -> str:
     """Dropdown text, e.g. '042: leopard (67.0%)'."""
-    return f"{cls:03d}: {name} ({accuracy:.1%})"
+    return f"{cls:03d}: {name} ({accuracy:.1%})" if np.isfinite(accuracy) else f"{cls:03d}: {name} (no test images)"
+
+
+def confusions_of(cm: np.ndarray, cls: int) -> list[tuple[int, int]]:
+    """(predicted class, count) for every wrong prediction of `cls`, most frequent first (ties by id)."""
+    row = np.asarray(cm[cls]).copy()
+    row[cls] = 0
+    return [(int(j), int(row[j])) for j in np.argsort(-row, kind="stable") if row[j] > 0]
+
+
+def target_layer_choices(model: torch.nn.Module, input_shape: Sequence[int], k: int = 4) -> list[str]:
+    """A few sensible CAM layers, late to early: the automatic layer first, then the last layer of each
+    earlier resolution stage (e.g. layer3.8, layer2.8, layer1.8 for a CIFAR ResNet-56); for a ViT, block
+    norms spread over the depth. Later layers are more semantic and coarser; earlier ones sharper."""
+    from .cams import _STAGES, _is_feature_map, _probe, _vit_norm_layers, _zeros, find_target_layer
+    vit = [name for name, _ in _vit_norm_layers(model)]
+    if vit:
+        picks = np.unique(np.linspace(len(vit) - 1, 0, num=min(k, len(vit))).round().astype(int))[::-1]
+        return [vit[i] for i in picks]
+    default = find_target_layer(model, input_shape)[0]
+    depth = max(default.count("."), 1)
+    calls, _ = _probe(model, _zeros(input_shape))
+    last_of_size: dict[tuple[int, int], str] = {}
+    for c in calls:   # completion order: the last writer per resolution ends that stage
+        if _is_feature_map(c) and c.name.count(".") <= depth and not isinstance(c.module, _STAGES):
+            last_of_size.pop(tuple(c.output.shape[2:]), None)
+            last_of_size[tuple(c.output.shape[2:])] = c.name
+    ordered = [default] + [n for n in reversed(list(last_of_size.values())) if n != default]
+    return ordered[:k]
 
 
 class ClassExplorer:
+    """Class dropdown, 'confused with' dropdown, CAM method, target layer and number of examples.
+
+    `n_renders` counts pages built; the analysis' `cams.n_computed` counts CAMs computed. Both are what
+    the tests watch to prove that a repeated selection is served from the caches."""
+
     def __init__(self, analysis: "Analysis", layers: Optional[list[str]] = None):
         import ipywidgets as w
         from .cams import CAM_METHODS
 
+        if analysis.preds is None:
+            raise ConfigError("The explorer needs predictions: call predict() (or run_all()) first, or rebuild "
+                             "it from a finished run with ClassExplorer.from_results(params).")
         self.an = analysis
-        pr = analysis.preds
-        names = analysis.names
+        pr, names = analysis.preds, analysis.names
         self.cm = metrics.confusion_matrix(pr.labels, pr.preds, analysis.data.num_classes)
         support = self.cm.sum(axis=1)
         self.accuracy = np.divide(np.diag(self.cm), support, out=np.full(len(support), np.nan), where=support > 0)
-        self.state = ExplorerState(method=analysis.params.CAM_METHOD, layer=analysis.params.TARGET_LAYER,
-                                   n_examples=max(1, analysis.params.N_WORST))
-        self._rendered: dict[tuple, str] = {}
+        p = analysis.params
+        run_layer = analysis.cams.engine().layer_name   # the layer this run's CAMs used
+        if layers is None:
+            layers = target_layer_choices(analysis.loaded.module, tuple(analysis.inputs.shape[1:]))
+        # The first option is the run's own layer (TARGET_LAYER or automatic), so its cached CAMs are reused.
+        layer_options = [(f"{run_layer} ({'TARGET_LAYER' if p.TARGET_LAYER else 'automatic'})", p.TARGET_LAYER)]
+        layer_options += [(name, name) for name in layers if name != run_layer]
+        self.state = ExplorerState(cls=int(np.nanargmin(np.where(support > 0, self.accuracy, np.inf)))
+                                   if support.any() else 0,
+                                   method=p.CAM_METHOD, layer=p.TARGET_LAYER,
+                                   n_examples=min(MAX_EXAMPLES, max(1, p.N_WORST)))
+        self._rendered: OrderedDict[ExplorerState, str] = OrderedDict()
         self.n_renders = 0
+        self._syncing = False
 
+        wide = dict(layout=w.Layout(width="380px"), style={"description_width": "110px"})
         self.class_dropdown = w.Dropdown(
             options=[(class_label(c, names[c], self.accuracy[c]), c) for c in range(len(names))],
-            value=0, description="Class:", layout=w.Layout(width="360px"))
-        self.other_dropdown = w.Dropdown(description="Confused with:", layout=w.Layout(width="360px"),
-                                         style={"description_width": "initial"})
-        self.method_dropdown = w.Dropdown(options=list(CAM_METHODS), value=self.state.method, description="CAM:")
-        layer_options = [("automatic", None)] + [(name, name) for name in (layers or [])]
-        self.layer_dropdown = w.Dropdown(options=layer_options, value=None, description="Layer:")
-        self.n_slider = w.IntSlider(value=self.state.n_examples, min=1, max=MAX_EXAMPLES, description="Examples:")
+            value=self.state.cls, description="Class:", **wide)
+        self.other_dropdown = w.Dropdown(description="Confused with:", **wide)
+        self.method_dropdown = w.Dropdown(options=list(CAM_METHODS), value=self.state.method,
+                                          description="CAM method:", **wide)
+        self.layer_dropdown = w.Dropdown(options=layer_options, value=self.state.layer,
+                                         description="Target layer:", **wide)
+        self.n_slider = w.IntSlider(value=self.state.n_examples, min=1, max=MAX_EXAMPLES,
+                                    description="Examples:", continuous_update=False, **wide)
+        self.status = w.HTML()
         self.output = w.HTML()
         self._set_other_options()
-        for widget in (self.class_dropdown, self.other_dropdown, self.method_dropdown,
-                       self.layer_dropdown, self.n_slider):
-            widget.observe(self._on_change, names="value")
+        for control in self.controls:
+            control.observe(self._on_change, names="value")
         self.widget = w.VBox([
             w.HBox([self.class_dropdown, self.other_dropdown]),
-            w.HBox([self.method_dropdown, self.layer_dropdown, self.n_slider]),
-            self.output,
+            w.HBox([self.method_dropdown, self.layer_dropdown]),
+            self.n_slider, self.status, self.output,
         ])
         self.refresh()
+
+    @classmethod
+    def from_results(cls, params: Union["Params", Mapping[str, Any], None] = None, progress: bool = False,
+                     **overrides: Any) -> "ClassExplorer":
+        """The explorer of a finished run, rebuilt without running inference: the model and the test images
+        are loaded (cheap), the predictions and the CAMs come from OUTPUT_DIR/.cache. `params` are the run's
+        parameters (a Params, or a mapping such as the notebook's globals); OutputError when that run's
+        results are not there."""
+        from .config import Params
+        from .pipeline import Analysis
+        if params is not None and not isinstance(params, Params):
+            params = Params.from_mapping(params)
+        an = Analysis(params, progress=progress, **overrides)
+        an.load_model()
+        an.load_data()
+        an.predict(cached_only=True)
+        return cls(an)
 
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget)
 
+    @property
+    def controls(self) -> list:
+        return [self.class_dropdown, self.other_dropdown, self.method_dropdown, self.layer_dropdown, self.n_slider]
+
     # ------------------------------------------------------------------ state <-> widgets
     def _set_other_options(self) -> None:
         cls = self.class_dropdown.value
-        row = self.cm[cls].copy()
-        row[cls] = 0
-        order = [int(j) for j in np.argsort(-row, kind="stable") if row[j] > 0]
-        options = [("— its own gallery —", None)] + [(f"{self.an.names[j]} ({row[j]})", j) for j in order]
-        self._syncing = True
-        self.other_dropdown.options = options
-        self.other_dropdown.value = None
-        self._syncing = False
+        options = [("— its own gallery —", None)]
+        options += [(f"{self.an.names[j]} ({n} error{'s' if n != 1 else ''})", j) for j, n in confusions_of(self.cm, cls)]
+        was, self._syncing = self._syncing, True
+        try:
+            self.other_dropdown.options = options
+            self.other_dropdown.value = None
+        finally:
+            self._syncing = was
 
     def _on_change(self, change) -> None:
-        if getattr(self, "_syncing", False):
+        if self._syncing:
             return
         if change["owner"] is self.class_dropdown:
             self._set_other_options()
@@ -105,37 +182,90 @@ class ClassExplorer:
         self.state = ExplorerState(cls=self.class_dropdown.value, other=self.other_dropdown.value,
                                    method=self.method_dropdown.value, layer=self.layer_dropdown.value,
                                    n_examples=self.n_slider.value)
-        self.output.value = self.render(self.state)
+        store = self.an.cams
+        before = store.n_computed
+        if self.state not in self._rendered:
+            self.status.value = "<i>Computing CAMs…</i>"
+        try:
+            page = self.render(self.state)
+        except SuiteError as exc:   # e.g. a layer this method cannot use: say so in place of the page
+            page = f'<p style="color:#b00"><b>Cannot show this view:</b> {html.escape(str(exc))}</p>'
+        self.output.value = page
+        try:
+            layer_name = store.engine(self.state.method, self.state.layer).layer_name
+        except SuiteError:
+            layer_name = str(self.state.layer)
+        self.status.value = (f"<small>{html.escape(self.state.method)} at layer <code>{html.escape(layer_name)}</code>"
+                             f" · {store.n_computed - before} CAMs computed for this view, {len(store)} cached</small>")
 
     # ------------------------------------------------------------------ rendering
     def render(self, s: ExplorerState) -> str:
-        key = (s.cls, s.other, s.method, s.layer, s.n_examples)
-        if key not in self._rendered:
-            self._rendered[key] = self._render(s)
+        if s not in self._rendered:
+            self._rendered[s] = self._render(s)
             self.n_renders += 1
-        return self._rendered[key]
+            while len(self._rendered) > MAX_PAGES:
+                self._rendered.popitem(last=False)
+        self._rendered.move_to_end(s)
+        return self._rendered[s]
 
     def _render(self, s: ExplorerState) -> str:
         from .plots import render_gallery
         an, names = self.an, self.an.names
-        support = int(self.cm[s.cls].sum())
-        correct = int(self.cm[s.cls, s.cls])
-        row = self.cm[s.cls].copy()
-        row[s.cls] = 0
-        wrong = [(int(j), int(row[j])) for j in np.argsort(-row, kind="stable")[:5] if row[j] > 0]
-        parts = [f"<h3>{s.cls:03d}: {html.escape(names[s.cls])}</h3>",
-                 f"<p><b>Accuracy:</b> {self.accuracy[s.cls]:.1%} ({correct}/{support})</p>"]
+        support, correct = int(self.cm[s.cls].sum()), int(self.cm[s.cls, s.cls])
+        wrong = confusions_of(self.cm, s.cls)
+        parts = [f"<h3>{s.cls:03d}: {html.escape(names[s.cls])}</h3>"]
+        if not support:
+            return "".join(parts) + "<p>No test images of this class.</p>"
+        parts.append(f"<p><b>Accuracy:</b> {self.accuracy[s.cls]:.1%} ({correct}/{support})</p>")
         if wrong:
-            items = "".join(f"<li>{html.escape(names[j])}: {n}</li>" for j, n in wrong)
-            parts.append(f"<p><b>Top wrong predictions:</b></p><ul>{items}</ul>")
+            items = "".join(f"<li>{html.escape(names[j])}: {n}</li>" for j, n in wrong[:N_WRONG_SHOWN])
+            parts.append(f'<p><b>Top wrong predictions:</b></p><ul class="wrong">{items}</ul>')
         else:
             parts.append("<p>No wrong predictions.</p>")
+        kw = dict(method=s.method, layer=s.layer)
         if s.other is None:
-            n_best = max(1, round(s.n_examples * an.params.N_BEST / max(1, an.params.N_WORST)))
-            img = an.class_gallery(s.cls, n_worst=s.n_examples, n_best=n_best, method=s.method, layer=s.layer)
+            n_worst = s.n_examples
+            n_best = max(1, round(n_worst * an.params.N_BEST / max(1, an.params.N_WORST)))
+            worst, best = an.class_rows(s.cls, n_worst, n_best, **kw)
+            sections = [(f"{len(worst)} worst predictions", worst), (f"{len(best)} best predictions", best)]
+            sections = [sec for sec in sections if sec[1]]
+            title = f"Class {s.cls:03d}: {names[s.cls]} — accuracy {self.accuracy[s.cls]:.1%} ({s.method})"
         else:
-            _, rows, *_ = an.pair_rows(s.cls, s.other, s.n_examples, method=s.method, layer=s.layer)
-            img = render_gallery(f"{names[s.cls]} → {names[s.other]}: {int(self.cm[s.cls, s.other])} errors "
-                                 f"({s.method})", [("most confident errors", rows)])
-        parts.append(f'<img src="{png_data_uri(img)}" style="max-width:100%">')
+            pr = an.preds
+            idx = metrics.pair_examples(pr.labels, pr.preds, pr.probs, s.cls, s.other, s.n_examples)
+            # both CAMs of every example in one batch; pair_rows then reads them from the store
+            an.cams.prefetch([(int(i), s.cls) for i in idx] + [(int(i), s.other) for i in idx], **kw)
+            _, rows, *_ = an.pair_rows(s.cls, s.other, s.n_examples, **kw)
+            n = int(self.cm[s.cls, s.other])
+            parts.append(f"<p><b>{html.escape(names[s.cls])} → {html.escape(names[s.other])}:</b> {n} of "
+                         f"{support} images ({n / max(support, 1):.1%}); the {len(rows)} most confident shown: "
+                         "original, CAM for the true class, CAM for the predicted class, their difference.</p>")
+            sections = [(f"{len(rows)} most confident {names[s.cls]} → {names[s.other]} errors", rows)]
+            title = f"{names[s.cls]} → {names[s.other]}: {n} errors ({s.method})"
+        if not any(rows for _, rows in sections):
+            parts.append("<p>No examples to show.</p>")
+            return "".join(parts)
+        img = render_gallery(title, sections)
+        parts.append(f'<img class="gallery" src="{png_data_uri(img)}" style="max-width:100%">')
+        listed = "".join(f'<li class="{"ok" if r.ok else "err"}">{html.escape(r.title)}</li>'
+                         for _, rows in sections for r in rows)
+        parts.append(f'<details><summary>Images shown</summary><ol class="examples">{listed}</ol></details>')
         return "".join(parts)
+
+    def select(self, **changes: Any) -> str:
+        """Set several controls at once (cls=, other=, method=, layer=, n_examples=) and return the page;
+        the same as choosing them in the widget, with one refresh instead of one per control."""
+        target = replace(self.state, **changes)
+        self._syncing = True
+        try:
+            if target.cls != self.class_dropdown.value:
+                self.class_dropdown.value = target.cls
+                self._set_other_options()
+            self.other_dropdown.value = target.other
+            self.method_dropdown.value = target.method
+            self.layer_dropdown.value = target.layer
+            self.n_slider.value = target.n_examples
+        finally:
+            self._syncing = False
+        self.refresh()
+        return self.output.value

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from helpers import metrics
-from helpers.recommendations import (THRESHOLDS, Evidence, Recommendation, build_evidence,
+from helpers.recommendations import (THRESHOLDS, Evidence, Recommendation,
                                      count_label_suspects, format_recommendations, label_suspect_mask,
                                      recommend)
 
@@ -134,40 +134,107 @@ def test_label_suspect_definition():
     assert count_label_suspects(labels, probs) == 2
 
 
-def test_build_evidence_matches_metrics_and_fires_fine_grained():
-    rng = np.random.default_rng(0)
-    n_classes, n = 20, 4000
-    f2c = np.arange(n_classes) // 5
-    names = [f"class_{i}" for i in range(n_classes)]
-    labels = rng.integers(0, n_classes, n)
-    preds = labels.copy()
-    wrong = rng.random(n) < 0.3
-    # 80% of errors go to a sibling in the same superclass of 5
-    sibling = f2c[labels] * 5 + (labels % 5 + rng.integers(1, 5, n)) % 5
-    other = (labels + rng.integers(1, n_classes, n)) % n_classes
-    preds[wrong] = np.where(rng.random(n) < 0.8, sibling, other)[wrong]
-    logits = rng.normal(0, 1, (n, n_classes))
-    logits[np.arange(n), preds] += 4
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+# ----------------------------------------------------------------------------- each threshold, on and off
 
-    cm = metrics.confusion_matrix(labels, preds, n_classes)
-    group, objective = metrics.find_confused_group(cm, k=3)
-    cos = np.array([[1, 0.7, 0.2], [0.7, 1, 0.1], [0.2, 0.1, 1]])
-    ev = build_evidence(labels, preds, probs, names, f2c, top_k=15, group=group,
-                        group_separability={"accuracy": 0.9, "chance": 0.34}, head_cosine=cos,
-                        cleanlab_issues=np.arange(7))
-    share = metrics.superclass_error_share(labels, preds, f2c)
-    assert ev.within_superclass_share == pytest.approx(share["share"])
-    assert ev.within_superclass_chance == pytest.approx(4 / 19)
-    assert ev.ece == pytest.approx(metrics.expected_calibration_error(probs, labels)[0])
-    assert ev.n_top_pairs == 15 and ev.top_pairs[0].count == metrics.most_confused(cm, names, 1).loc[0, "count"]
-    assert ev.group_objective == objective and ev.group_names == [f"class {c}" for c in group]
-    assert ev.head_cosine_max == pytest.approx(0.7)
-    assert ev.head_cosine_pair == (f"class {group[0]}", f"class {group[1]}")
-    assert ev.n_label_suspects == count_label_suspects(labels, probs) and ev.n_cleanlab_issues == 7
-    assert ev.accuracy == pytest.approx((labels == preds).mean())
-    fired = rules(ev)
-    assert "fine_grained" in fired and "head_similarity" in fired and "verify" in fired
-    assert "low_separability" not in fired
-    text = format_recommendations(recommend(ev))
-    assert f"{ev.n_top_pairs_within_superclass} of 15" in text
+@pytest.mark.parametrize("rule, fires, quiet", [
+    # within-superclass share: >= 20% and >= 3x chance
+    ("fine_grained", dict(within_superclass_share=0.20, within_superclass_chance=0.04),
+     dict(within_superclass_share=0.1999, within_superclass_chance=0.04)),
+    ("fine_grained", dict(within_superclass_share=0.30, within_superclass_chance=0.0999),
+     dict(within_superclass_share=0.30, within_superclass_chance=0.1001)),
+    # expected calibration error: strictly above 0.05
+    ("overconfident", dict(ece=0.0501), dict(ece=0.05)),
+    # label suspects: at least 10
+    ("label_noise", dict(n_label_suspects=10, n_images=1000), dict(n_label_suspects=9, n_images=1000)),
+    # linear separability of the group's features: strictly below 80%
+    ("low_separability", dict(group_separability=0.7999, group_names=["a", "b", "c"]),
+     dict(group_separability=0.80, group_names=["a", "b", "c"])),
+])
+def test_each_rule_fires_on_its_threshold_and_not_below(rule, fires, quiet):
+    assert THRESHOLDS  # the values above are the documented defaults
+    assert rules(Evidence(**fires)) == {rule}
+    assert rules(Evidence(**quiet)) == set()
+
+
+def test_thresholds_can_be_overridden():
+    ev = Evidence(ece=0.04, n_label_suspects=5)
+    assert rules(ev) == set()
+    assert rules(ev, thresholds={"ece_max": 0.03, "label_suspects_min": 5}) == {"overconfident", "label_noise"}
+
+
+# ----------------------------------------------------------------------------- crafted predictions, end to end
+
+N_CLASSES, PER_CLASS = 20, 100
+F2C = np.arange(N_CLASSES) // 4          # 5 superclasses of 4 classes
+
+
+def crafted_analysis(tmp_path, error_rate: float, within_rate: float, confidence: float, separable: bool):
+    """Crafted predictions run through the pipeline's own steps (confusion, then the deep-dive steps that need
+    no model) and the report's evidence builder: every image gets `confidence` on its predicted class."""
+    from helpers import report
+    from helpers import deep_dive_steps as steps
+    from helpers.config import Params
+    from helpers.data import Dataset
+    from helpers.inference import Predictions
+    from helpers.pipeline import Analysis, Section
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(N_CLASSES), PER_CLASS)
+    n = len(labels)
+    wrong = np.zeros(n, bool)
+    for c in range(N_CLASSES):   # exactly error_rate of every class, so no class is weak
+        wrong[c * PER_CLASS + rng.choice(PER_CLASS, int(round(error_rate * PER_CLASS)), replace=False)] = True
+    within = wrong & (rng.random(n) < within_rate)
+    sibling = F2C[labels] * 4 + (labels % 4 + rng.integers(1, 4, n)) % 4
+    stranger = (F2C[labels] + rng.integers(1, 5, n)) % 5 * 4 + rng.integers(0, 4, n)   # in another superclass
+    preds = np.where(within, sibling, np.where(wrong, stranger, labels))
+    probs = np.full((n, N_CLASSES), (1 - confidence) / (N_CLASSES - 1))
+    probs[np.arange(n), preds] = confidence
+    centres = rng.normal(0, 10 if separable else 0, (N_CLASSES, 16))
+    features = (centres[labels] + rng.normal(0, 1, (n, 16))).astype(np.float32)
+    an = Analysis(Params(OUTPUT_DIR=str(tmp_path / "out"), DEVICE="cpu", EMBEDDING="tsne"), progress=False)
+    an.data = Dataset(images=rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8), labels=labels,
+                      class_names=[f"class_{i}" for i in range(N_CLASSES)], coarse_labels=F2C[labels],
+                      coarse_names=[f"super_{g}" for g in range(5)])
+    an.preds = Predictions(logits=np.log(probs).astype(np.float32), probs=probs.astype(np.float32),
+                           preds=preds.astype(np.int64), labels=labels, features=features)
+    an.confusion()
+    sec = Section("Deep dive")
+    for step in (steps.group_step, steps.feature_space_step, steps.superclass_step, steps.calibration_step,
+                 steps.label_suspects_step):
+        step(an, sec)
+    an.results["deep_dive"] = sec
+    an._flush_writes()
+    return an, report.build_evidence(an)
+
+
+def test_crafted_fine_grained_overconfident_noisy_predictions(tmp_path):
+    an, ev = crafted_analysis(tmp_path, error_rate=0.3, within_rate=0.8, confidence=0.97, separable=False)
+    pr = an.preds
+    wrong = pr.labels != pr.preds
+    within = wrong & (F2C[pr.labels] == F2C[pr.preds])
+    # The evidence holds the numbers, computed by hand here.
+    assert ev.accuracy == pytest.approx(0.7)
+    assert ev.within_superclass_share == pytest.approx(within.sum() / wrong.sum())
+    assert ev.within_superclass_chance == pytest.approx(3 / 19)
+    assert ev.ece == pytest.approx(0.97 - 0.7, abs=1e-6)          # one confidence bin: |accuracy - 0.97|
+    assert ev.n_label_suspects == wrong.sum()                      # p(label) = 0.03/19 < 5%, p(pred) = 97%
+    assert ev.group_separability < 0.6                             # pure-noise features
+    assert set(ev.group_names) <= {f"class {c}" for c in range(N_CLASSES)} and len(set(F2C[an.results[
+        "deep_dive"].values["group"]])) == 1                       # the group sits inside one superclass
+    recs = by_rule(ev)
+    assert set(recs) == {"fine_grained", "overconfident", "label_noise", "low_separability", "verify"}
+    assert f"{ev.within_superclass_share * 100:.0f}%" in recs["fine_grained"].text
+    assert "ECE 0.270" in recs["overconfident"].text
+    assert f"audit these {wrong.sum()} images" in recs["label_noise"].text
+    assert f"{ev.group_separability * 100:.0f}%" in recs["low_separability"].text
+    written = (an.out / "deep_dive" / "label_suspects.csv").read_text()
+    assert written.count("\n") == 25                               # header + the 24 shown
+
+
+def test_crafted_healthy_predictions_trigger_nothing_but_verify(tmp_path):
+    # 15% errors at 85% confidence (calibrated: ECE 0), all across superclasses, separable features.
+    an, ev = crafted_analysis(tmp_path, error_rate=0.15, within_rate=0.0, confidence=0.85, separable=True)
+    assert ev.ece == pytest.approx(0.0, abs=1e-6) and ev.within_superclass_share == 0
+    assert ev.n_label_suspects == 0 and ev.n_high_conf_errors == 0 and ev.group_separability > 0.95
+    assert rules(ev) == {"verify"}

@@ -1,0 +1,40 @@
+"""A small run of `python -m helpers.bench`: every stage runs in its own process and the table has all rows."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+
+ROWS = ("(a) bare channels_last inference", "(b) full analysis, every output", "(c) naive notebook pipeline",
+        "(d) cached re-run of (b)")
+
+
+def test_bench_smoke(tmp_path):
+    work = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "helpers.bench", "--n", "60", "--archs", "resnet20", "--dataset", "cifar10",
+           "--embedding", "tsne", "--out", str(work)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    number = r"(\d+(?:\.\d+)?)"
+    for row in ROWS:   # time and peak RSS for each stage
+        assert re.search(rf"^\| {re.escape(row)} \| {number} \| {number} \|$", out, re.M), (row, out)
+    ratios = {k: float(v) for k, v in re.findall(rf"^\| ratio (b/a|c/b|d/b) \| {number}", out, re.M)}
+    assert set(ratios) == {"b/a", "c/b", "d/b"}, out
+
+    saved = json.loads((work / "bench_results.json").read_text())["results"]["resnet20"]
+    assert set(saved) == {"a", "b", "c", "d"}
+    sec = {k: v["seconds"] for k, v in saved.items()}
+    assert abs(ratios["b/a"] - round(sec["b"] / sec["a"], 2)) < 0.011
+    assert abs(ratios["c/b"] - round(sec["c"] / sec["b"], 2)) < 0.011
+    assert abs(ratios["d/b"] - round(sec["d"] / sec["b"], 2)) < 0.011
+    assert all(v["peak_rss_mb"] > 50 for v in saved.values())
+    # (b) wrote the analysis and its cache, (d) reused it; (c) did one GradCAM call per image and class.
+    assert saved["b"]["cache_hit"] is False and saved["d"]["cache_hit"] is True
+    assert saved["d"]["cams_computed"] == 0 and saved["b"]["files"] == saved["d"]["files"] > 20
+    assert saved["c"]["gradcam_calls"] > 0 and saved["c"]["gradcam_calls"] % 2 == 0
+    assert (work / "out_resnet20_analysis" / "analysis_summary.txt").is_file()
+    assert len(list((work / "out_resnet20_naive" / "worst_predictions").glob("class_*.png"))) == 10
