@@ -201,6 +201,6 @@ def test_models_returning_model_output_tuple_or_dict(cifar10_root, tmp_path, cls
     engine = an.cams.engine()
     wanted = {None: "body.5", "body.4": "body.4", "body[-1]": "body.5"}[layer]
     assert engine.layer_name.endswith(wanted)
-    assert f"(layer {engine.layer_name})" in " ".join(an.results["class_galleries"].notes)
+    assert f"(layer {engine.layer_name}" in " ".join(an.results["class_galleries"].notes)
     cams = an.cams.get(list(range(20)), [int(c) for c in an.preds.preds[:20]])
     assert cams.shape == (20, 32, 32) and non_constant_share(cams) >= 0.9
