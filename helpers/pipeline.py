@@ -6,6 +6,7 @@ the CAM store and the on-disk cache serve every later request.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -64,6 +65,10 @@ def check_writable(folder: Path) -> None:
 
 # ---------------------------------------------------------------------- memo values <-> npz (no pickle)
 def _jsonable_key(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # field by field: str() of a dataclass would print its arrays, summarised with "..." when large
+        return {"__dataclass__": type(value).__qualname__,
+                **{f.name: _jsonable_key(getattr(value, f.name)) for f in dataclasses.fields(value)}}
     if isinstance(value, np.ndarray) or isinstance(value, torch.Tensor):
         arr = np.ascontiguousarray(value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value)
         return {"sha1": hashlib.sha1(arr.view(np.uint8).ravel()).hexdigest(), "shape": list(arr.shape),
@@ -456,7 +461,9 @@ class Analysis:
     # ------------------------------------------------------------------ helpers for steps
     @property
     def names(self) -> list[str]:
-        return self.data.display_names
+        if getattr(self, "_names_of", None) is not self.data:   # every title asks: build the list once per dataset
+            self._names, self._names_of = self.data.display_names, self.data
+        return self._names
 
     def overlay(self, idx: int, cam: np.ndarray) -> np.ndarray:
         from .cams import overlay
@@ -490,7 +497,9 @@ class Analysis:
         atomic_io.save_csv(table, self._path("per_class_accuracy.csv"))
         atomic_io.save_csv(pairs, self._path("most_confused_pairs.csv"))
         js = report.ship_plotlyjs(self)  # one plotly.js next to the pages instead of 4.8 MB inside each
-        atomic_io.write_text(self._path("per_class_accuracy_interactive.html"), plots.per_class_accuracy_html(table, js))
+        sec.values["per_class_figure"] = plots.per_class_accuracy_figure(table)   # index.html embeds it too
+        atomic_io.write_text(self._path("per_class_accuracy_interactive.html"),
+                             plots.per_class_accuracy_html(table, js, fig=sec.values["per_class_figure"]))
         atomic_io.write_text(self._path("confusion_matrix_interactive.html"),
                              plots.confusion_heatmap_html(report.confusion_figure(self, sec.values), js))
         fig = plots.plot_confusion_matrix(cm, self.names, title=f"Confusion matrix — accuracy {pr.accuracy:.1%}")

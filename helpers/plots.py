@@ -515,11 +515,11 @@ def _present(v) -> bool:
     return v is not None and not (isinstance(v, float) and np.isnan(v)) and str(v) != ""
 
 
-def per_class_accuracy_html(table_df: pd.DataFrame, plotlyjs="inline") -> str:
+def per_class_accuracy_html(table_df: pd.DataFrame, plotlyjs="inline", fig=None) -> str:
     """per_class_accuracy_figure as a full HTML page that opens offline. plotlyjs: "inline" embeds
     plotly.js (self-contained, ~4.8 MB); a relative path such as "plotly.min.js" loads the copy
-    shipped next to the page instead (see plotly_js_source)."""
-    return per_class_accuracy_figure(table_df).to_html(
+    shipped next to the page instead (see plotly_js_source). fig: that figure when already built."""
+    return (fig if fig is not None else per_class_accuracy_figure(table_df)).to_html(
         include_plotlyjs=_include_plotlyjs(plotlyjs), full_html=True, config=PLOTLY_CONFIG)
 
 

@@ -229,9 +229,12 @@ def ship_plotlyjs(an: "Analysis", *subdir: str) -> str:
 
 
 def confusion_figure(an: "Analysis", values: Optional[dict] = None):
-    """The interactive confusion matrix from what the confusion step measured (cm, row_pct, order)."""
+    """The interactive confusion matrix from what the confusion step measured (cm, row_pct, order).
+    Built once per run and kept in those values (its own page and index.html both embed it)."""
     from . import ordering, plots
     conf = values if values is not None else an.results["confusion"].values
+    if "heatmap" in conf:
+        return conf["heatmap"]
     f2c = an.data.fine_to_coarse
     supers = spans = None
     if f2c is not None:
@@ -241,7 +244,9 @@ def confusion_figure(an: "Analysis", values: Optional[dict] = None):
     how = ("grouped by superclass (outlined)" if conf["order_how"] == "superclass"
            else "ordered by a clustering of the confusion")
     title = f"Confusion matrix — accuracy {an.preds.accuracy:.1%}; classes {how}"
-    return plots.confusion_heatmap_figure(conf["cm"], conf["row_pct"], an.names, conf["order"], supers, spans, title)
+    conf["heatmap"] = plots.confusion_heatmap_figure(conf["cm"], conf["row_pct"], an.names, conf["order"], supers,
+                                                     spans, title)
+    return conf["heatmap"]
 
 
 _INDEX_CSS = """
@@ -343,7 +348,8 @@ def index_html(an: "Analysis", files: list[str], recs=None) -> str:
          f'{_link("confusion_matrix_full.png", "static PNG")}.</p>'
          + plots.plotly_div(confusion_figure(an), "confusion-matrix")),
         ("per-class", "Per-class accuracy",
-         plots.plotly_div(plots.per_class_accuracy_figure(conf["table"]), "per-class-accuracy")
+         plots.plotly_div(conf.get("per_class_figure") or plots.per_class_accuracy_figure(conf["table"]),
+                          "per-class-accuracy")
          + f'<p>{_link("per_class_accuracy.csv")} · {_link("per_class_accuracy_interactive.html")}</p>'),
         ("pairs", "Most confused pairs",
          _pairs_table(an, present) + (f'<p><img class="wide" src="top_confused_pairs.png" alt="top confused pairs"></p>'

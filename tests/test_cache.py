@@ -304,3 +304,17 @@ def test_cams_from_the_inference_pass_equal_pytorch_grad_cam_without_a_second_pa
     other = next(i for i in range(90) if i not in keep)
     store.get([other], [0])
     assert store.n_computed == len(wanted) + 1 and store.n_from_activations == len(wanted)
+
+
+def test_gallery_content_digest_sees_every_pixel():
+    """A kept gallery must be redrawn when any pixel of its content changes; numpy's repr of a large array
+    elides the middle ("..."), so the digest must hash the arrays themselves."""
+    from helpers.plots import GalleryRow
+    overlay = np.zeros((32, 32, 3), np.uint8)
+    changed = overlay.copy()
+    changed[16, 16, 1] = 255   # in the part of the array that repr() summarises away
+    assert repr(overlay) == repr(changed)
+    row = lambda o: GalleryRow(image=np.zeros((32, 32, 3), np.uint8), title="t", panels=[("CAM", o)], ok=False)
+    assert pipeline._digest([row(overlay)]) != pipeline._digest([row(changed)])
+    assert pipeline._digest([row(overlay)]) == pipeline._digest([row(overlay.copy())])
+    assert pipeline._digest([row(overlay)]) != pipeline._digest([GalleryRow(overlay, "t", [("CAM", overlay)], True)])

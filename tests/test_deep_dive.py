@@ -146,10 +146,13 @@ def test_occlusion_finds_the_only_region_that_matters():
     assert first[inside].min() > 0
     r, c = np.unravel_index(first.argmax(), first.shape)
     assert inside[r, c]
-    # windows (4 px, stride 2) that do not touch the patch change nothing
+    # non-overlapping 4-px windows: the patch is exactly one window, and nothing outside it matters
+    assert np.abs(first[~inside]).max() == 0
+    # with a half-window stride the overlapping windows around it respond too, and only those
+    smooth = deep_dive.occlusion_attribution(PatchSum(), x, np.array([0, 1]), stride=2)[0]
     near = np.zeros((32, 32), bool)
-    near[5:15, 17:27] = True
-    assert np.abs(first[~near]).max() == 0
+    near[6:14, 18:26] = True
+    assert smooth[inside].min() > 0 and np.abs(smooth[~near]).max() == 0 and (smooth[near] > 0).all()
     assert np.abs(maps[1]).max() == 0          # the constant logit does not depend on any pixel
     norm = deep_dive.normalise01(maps)
     assert norm[0].min() == 0 and norm[0].max() == pytest.approx(1) and (norm[1] == 0).all()
