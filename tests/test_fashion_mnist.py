@@ -141,3 +141,27 @@ def test_deep_dive_numbers_are_plausible(fmnist_run):
     assert "How to read" in summary
     recs = (fmnist_run.out / "recommendations.txt").read_text(encoding="utf-8")
     assert "[verify]" in recs and dd["group_names"][0] in recs
+
+
+def test_notebook_on_real_fashion_mnist_writes_the_report(fmnist_checkpoint, tmp_path, monkeypatch):
+    """The notebook itself, headless, on the real data: every output, the report page, the widget."""
+    import nbformat
+    from nbclient import NotebookClient
+    out = tmp_path / "nb_fmnist"
+    env = {"GRADCAM_MODEL_PATH": str(fmnist_checkpoint), "GRADCAM_ARCH": FMNIST_ARCH, "GRADCAM_DATASET": "fashion_mnist",
+           "GRADCAM_DATA_ROOT": str(SYSTEM_FASHION_MNIST), "GRADCAM_DOWNLOAD": "false", "GRADCAM_LIMIT": "2000",
+           "GRADCAM_OUTPUT_DIR": str(out), "GRADCAM_DEVICE": "cpu", "GRADCAM_EMBEDDING": "tsne"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    nb = nbformat.read(REPO / "GradCAM_Analysis.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors, errors
+    check_outputs(out, num_classes=10, n_pair_galleries=5)
+    index = out / "index.html"
+    parse_html(index)
+    page = index.read_text(encoding="utf-8")
+    assert "Fashion" in page or "fashion_mnist" in page
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "Overall accuracy" in text and "fashion_mnist" in text
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in nb.cells[-1].outputs)
