@@ -238,7 +238,7 @@ def label_suspects_step(an: "Analysis", sec: "Section") -> None:
     idx = [int(i) for i in metrics.label_suspects(pr.labels, pr.probs, n=N_SUSPECTS)]
     given = pr.probs[idx, pr.labels[idx]] if idx else np.zeros(0)
     pred = pr.probs[idx, pr.preds[idx]] if idx else np.zeros(0)
-    fig = plots.plot_label_suspects([an.data.images[i] for i in idx], [an.names[pr.labels[i]] for i in idx],
+    fig = plots.render_label_suspects([an.data.images[i] for i in idx], [an.names[pr.labels[i]] for i in idx],
                                     [an.names[pr.preds[i]] for i in idx], given, pred)
     sec.figures["label_suspects"] = fig
     an._save_fig(fig, SUB, "label_suspects.png")

@@ -171,7 +171,10 @@ class Analysis:
         import matplotlib.pyplot as plt
         path = self._path(*parts)
         if hasattr(fig, "savefig"):   # rendered by the writer's worker process
-            self._writer.figure(fig, path, dpi=dpi, bbox_inches="tight")
+            # constrained layout already fits everything in; "tight" would cost a second full draw
+            engine = fig.get_layout_engine() if hasattr(fig, "get_layout_engine") else None
+            constrained = type(engine).__name__ == "ConstrainedLayoutEngine"
+            self._writer.figure(fig, path, dpi=dpi, **({} if constrained else {"bbox_inches": "tight"}))
             plt.close(fig)
         else:  # PIL image: encoded on the writer's thread
             self._writer.image(fig, path)

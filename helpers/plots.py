@@ -34,7 +34,7 @@ __all__ = [
     "plot_confusion_matrix", "plot_top_pairs", "per_class_accuracy_html", "plot_per_class_accuracy",
     "plot_group_confusion", "plot_head_cosine", "plot_embedding", "embedding_html",
     "thumbnail_data_uri", "plot_occlusion", "plot_reliability_diagram", "plot_coarse_confusion",
-    "plot_label_suspects", "per_class_accuracy_figure", "confusion_heatmap_figure", "confusion_heatmap_html",
+    "render_label_suspects", "per_class_accuracy_figure", "confusion_heatmap_figure", "confusion_heatmap_html",
     "plotly_div", "PLOTLY_CONFIG", "CONFUSION_VIEWS",
 ]
 
@@ -172,6 +172,16 @@ def _fit_text(text: str, font: ImageFont.FreeTypeFont, max_w: int) -> str:
     return text[:lo] + "…"
 
 
+def _fit_label(label: str, max_w: int) -> tuple[str, ImageFont.FreeTypeFont]:
+    """(text, font) of a tile label within max_w px: 11 px, else 10 px, else without the "CAM → " prefix
+    (the row title names the classes too), else cut with an ellipsis. Class names stay whole when possible."""
+    for text in (label, label.replace("CAM → ", "", 1)):
+        for size in (11, 10):
+            if _font(size).getlength(text) <= max_w:
+                return text, _font(size)
+    return _fit_text(label.replace("CAM → ", "", 1), _font(10), max_w), _font(10)
+
+
 def _display_size(h: int, w: int, tile: int) -> tuple[int, int]:
     """Size an (h, w) image is shown at inside a tile: an integer upscale (crisp pixels) when it is
     small, a plain fit when it is larger than the tile."""
@@ -270,7 +280,7 @@ def render_gallery(title: str, sections: Sequence[tuple[str, Sequence[GalleryRow
         texts.append(((L.pad, y + 1), _fit_text(subtitle, sub_font, text_w), sub_font, _GREY, "lt"))
         y += L.subtitle_h
 
-    section_font, row_font, label_font = _font(16, bold=True), _font(13, bold=True), _font(11)
+    section_font, row_font = _font(16, bold=True), _font(13, bold=True)
     for heading, rows in sections:
         shown = heading if rows else f"{heading} — none"
         texts.append(((L.pad, y + 4), _fit_text(shown, section_font, text_w), section_font, (40, 40, 40), "lt"))
@@ -286,8 +296,8 @@ def render_gallery(title: str, sections: Sequence[tuple[str, Sequence[GalleryRow
             items = [("input", original, False)] + [(lbl, _as_rgb_uint8(p), True) for lbl, p in row.panels]
             for c, (label, img, smooth) in enumerate(items):
                 x = L.pad + c * (tile + L.gap)
-                texts.append(((x + tile // 2, y + L.row_title_h + 1), _fit_text(label, label_font, tile),
-                              label_font, _BLACK, "mt"))
+                text, font = _fit_label(label, tile)
+                texts.append(((x + tile // 2, y + L.row_title_h + 1), text, font, _BLACK, "mt"))
                 shown_img = _resize(img, (disp_h, disp_w), smooth)
                 oy, ox = tiles_y + (tile - disp_h) // 2, x + (tile - disp_w) // 2
                 canvas[oy:oy + disp_h, ox:ox + disp_w] = shown_img
@@ -992,33 +1002,56 @@ def plot_reliability_diagram(bins_df: pd.DataFrame, ece: float) -> Figure:
     return fig
 
 
-def plot_label_suspects(images: Sequence[np.ndarray], given_names: Sequence[str],
-                        predicted_names: Sequence[str], probs_given: Sequence[float],
-                        probs_pred: Sequence[float], ncols: int = 6) -> Figure:
-    """Grid of possibly mislabelled test images (at most the first 24, in the order given), each
-    titled "label: X (p=…)\\nmodel: Y (p=…)"."""
+SUSPECT_TILE = 200   # px per image in the label-suspects grid (room for "model: aquarium fish (p=0.97)")
+SUSPECT_CAPTION_H = 36   # two caption lines above each image
+
+
+def render_label_suspects(images: Sequence[np.ndarray], given_names: Sequence[str],
+                          predicted_names: Sequence[str], probs_given: Sequence[float],
+                          probs_pred: Sequence[float], ncols: int = 6, tile: int = SUSPECT_TILE) -> Image.Image:
+    """Grid (RGB PIL.Image) of possibly mislabelled test images, at most the first 24 in the order
+    given, each captioned "label: X (p=…)" (red) over "model: Y (p=…)" (black). Composed with
+    numpy/PIL like the galleries: a matplotlib grid of 24 axes cost ~1 s to lay out and render.
+
+    Size: width = max(LAYOUT.min_width, 2*pad + ncols*tile + (ncols-1)*gap), height = 2*pad + title_h +
+    rows*(SUSPECT_CAPTION_H + tile + row_gap), rows = ceil(n / ncols); n = 0 gives a one-line picture."""
+    L = LAYOUT
     n = min(24, len(images))
     if not (len(given_names) >= n and len(predicted_names) >= n and len(probs_given) >= n
             and len(probs_pred) >= n):
         raise ValueError("given_names, predicted_names, probs_given and probs_pred must cover every image")
-    if n == 0:
-        return _text_figure("no suspected label errors", "Possible label errors")
-    ncols = max(1, min(ncols, n))
+    ncols = max(1, min(ncols, n)) if n else 1
     nrows = -(-n // ncols)
-    fig = Figure(figsize=(2.3 * ncols, 2.65 * nrows + 0.5), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if k >= n:
-            ax.axis("off")
-            continue
-        ax.imshow(_as_rgb_uint8(images[k]), interpolation="nearest")
-        ax.set_title(f"label: {given_names[k]} (p={float(probs_given[k]):.2f})\n"
-                     f"model: {predicted_names[k]} (p={float(probs_pred[k]):.2f})", fontsize=8)
-    fig.suptitle(f"Possible label errors: the model confidently disagrees with the label ({n} shown)",
-                 fontsize=11)
-    return fig
+    cell_h = SUSPECT_CAPTION_H + tile + L.row_gap
+    width = max(L.min_width, 2 * L.pad + ncols * tile + (ncols - 1) * L.gap)
+    height = 2 * L.pad + L.title_h + nrows * cell_h
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    title_font, caption_font = _font(16, bold=True), _font(11)
+    title = (f"Possible label errors: the model confidently disagrees with the label ({n} shown)" if n
+             else "Possible label errors: none (the model never confidently contradicts a label)")
+    texts = [((L.pad, L.pad + 2), _fit_text(title, title_font, width - 2 * L.pad), title_font, _BLACK, "lt")]
+    for k in range(n):
+        r, c = divmod(k, ncols)
+        x = L.pad + c * (tile + L.gap)
+        y = L.pad + L.title_h + r * cell_h
+        texts.append(((x + tile // 2, y + 1), _fit_text(f"label: {given_names[k]} (p={float(probs_given[k]):.2f})",
+                                                         caption_font, tile), caption_font, _RED, "mt"))
+        texts.append(((x + tile // 2, y + 17), _fit_text(f"model: {predicted_names[k]} (p={float(probs_pred[k]):.2f})",
+                                                          caption_font, tile), caption_font, _BLACK, "mt"))
+        img = _as_rgb_uint8(images[k])
+        disp_h, disp_w = _display_size(*img.shape[:2], tile)
+        ty = y + SUSPECT_CAPTION_H
+        oy, ox = ty + (tile - disp_h) // 2, x + (tile - disp_w) // 2
+        canvas[oy:oy + disp_h, ox:ox + disp_w] = _resize(img, (disp_h, disp_w), smooth=False)
+        canvas[ty - 1, x - 1:x + tile + 1] = _FRAME
+        canvas[ty + tile, x - 1:x + tile + 1] = _FRAME
+        canvas[ty:ty + tile, x - 1] = _FRAME
+        canvas[ty:ty + tile, x + tile] = _FRAME
+    out = Image.fromarray(canvas, mode="RGB")
+    draw = ImageDraw.Draw(out)
+    for xy, text, font, colour, anchor in texts:
+        draw.text(xy, text, font=font, fill=colour, anchor=anchor)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

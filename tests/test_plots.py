@@ -349,15 +349,31 @@ def test_reliability_diagram():
         plots.plot_reliability_diagram(bins.drop(columns=["confidence"]), 0.1)
 
 
-def test_label_suspects_titles():
+def test_label_suspects_grid_layout_and_pixels():
     n = 30
-    images = [_img() for _ in range(n)]
-    fig = plots.plot_label_suspects(images, [f"g{i}" for i in range(n)], [f"p{i}" for i in range(n)],
-                                    np.full(n, 0.01), np.full(n, 0.97), ncols=6)
-    titles = [ax.get_title() for ax in fig.axes if ax.images]
-    assert len(titles) == 24
-    assert titles[0] == "label: g0 (p=0.01)\nmodel: p0 (p=0.97)"
-    assert isinstance(plots.plot_label_suspects([], [], [], [], []), Figure)
+    images = [np.full((32, 32, 3), 8 * i, np.uint8) for i in range(n)]
+    img = plots.render_label_suspects(images, [f"g{i}" for i in range(n)], [f"p{i}" for i in range(n)],
+                                      np.full(n, 0.01), np.full(n, 0.97), ncols=6)
+    L, tile = plots.LAYOUT, plots.SUSPECT_TILE
+    assert isinstance(img, Image.Image) and img.mode == "RGB"
+    cell_h = plots.SUSPECT_CAPTION_H + tile + L.row_gap
+    # only the first 24 are drawn: 4 rows of 6
+    assert img.size == (2 * L.pad + 6 * tile + 5 * L.gap, 2 * L.pad + L.title_h + 4 * cell_h)
+    a = np.asarray(img)
+    for k in (0, 7, 23):   # each image fills its tile (32 px shown 6x = 192 px, centred) with its own pixels
+        r, c = divmod(k, 6)
+        x = L.pad + c * (tile + L.gap) + tile // 2
+        y = L.pad + L.title_h + r * cell_h + plots.SUSPECT_CAPTION_H + tile // 2
+        assert (a[y, x] == 8 * k).all()
+    # the captions are drawn: red "label" text and black "model" text above the first tile
+    caption = a[L.pad + L.title_h: L.pad + L.title_h + plots.SUSPECT_CAPTION_H, L.pad:L.pad + tile]
+    reddish = (caption[..., 0] > 150) & (caption[..., 1] < 100)
+    dark = caption.max(axis=-1) < 80
+    assert reddish[:16].sum() > 20 and dark[16:].sum() > 20
+    empty = plots.render_label_suspects([], [], [], [], [])
+    assert isinstance(empty, Image.Image) and empty.size[1] == 2 * L.pad + L.title_h
+    with pytest.raises(ValueError):
+        plots.render_label_suspects(images, ["g"], ["p"], [0.1], [0.9])
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
@@ -390,3 +406,11 @@ def test_gallery_fits_large_non_square_images_in_the_tile():
     # 200×150 shrinks to 100×75, centred: 12-px white bands left and right
     assert (tile[:, :12] == 255).all() and (tile[:, -12:] == 255).all()
     assert not (tile[:, 13:87] == 255).all()
+
+
+def test_tile_labels_keep_class_names_whole():
+    text, font = plots._fit_label("CAM → pred: T-shirt/top", 128)
+    assert "T-shirt/top" in text and font.getlength(text) <= 128
+    assert plots._fit_label("input", 128)[0] == "input"
+    long_text, font = plots._fit_label("CAM → true: an extremely long class name indeed", 128)
+    assert long_text.endswith("…") and font.getlength(long_text) <= 128
