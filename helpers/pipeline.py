@@ -315,8 +315,9 @@ class Analysis:
             self._load_derived_cache()
         else:
             self.cache_hit = False
-            self._writer.warm_up()   # the figure worker imports matplotlib while inference runs
-            self._warm_up_deep_dive()
+            # Nothing else runs during inference: warming up the figure worker and the deep dive's imports here
+            # (UMAP's numba kernels, captum, cleanlab) slowed ResNet-56 inference on 2 cores from ~13 s to ~17 s,
+            # more than the ~2 s it saved later (GIL and OpenMP threads contend).
             self.preds = run_inference(
                 self.loaded.module, self.inputs, self.data.labels, batch_size=self.params.BATCH_SIZE,
                 device=self.device, progress=self.progress, gallery=self._gallery_activations(),
@@ -324,23 +325,6 @@ class Analysis:
             self._save_cache_predictions()
         self._timed("inference", start)
         return self.preds
-
-    def _warm_up_deep_dive(self) -> None:
-        """While inference runs (torch releases the GIL), import what the deep dive needs later and load
-        UMAP's compiled kernels on a few random points: ~2-3 s of single-threaded work taken off the end."""
-        import threading
-
-        def work() -> None:
-            try:
-                import captum.attr  # noqa: F401
-                import cleanlab.filter  # noqa: F401
-                if str(self.params.EMBEDDING).lower() in ("auto", "umap"):
-                    from .deep_dive import _umap_available, project_2d
-                    if _umap_available():
-                        project_2d(np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32), method="umap")
-            except Exception:  # only a warm-up: the step itself reports real problems
-                pass
-        threading.Thread(target=work, name="deep-dive-warm-up", daemon=True).start()
 
     def _gallery_activations(self) -> Optional[GalleryActivations]:
         """Where the fast Grad-CAM path applies, keep the gallery images' activations in the inference pass."""

@@ -169,7 +169,14 @@ def summary_text(an: "Analysis", recs) -> str:
         lines += ["", "CAM faithfulness (mean ROAD most-relevant-first score on the gallery images):"]
         for method, value in faith.items():
             lines.append(f"  {method}: {value:+.4f}")
-        lines.append("  How to read: " + FAITHFULNESS_HOW_TO_READ)
+        group_scores, random_scores = dd.get("faithfulness", {}), dd.get("faithfulness_random", {})
+        if group_scores and random_scores:
+            # removing any 20% of a confidently misclassified image moves the scores a little: the baseline
+            lines.append("  On the confused group's galleries, against seeded random maps of the same images: " + "; ".join(
+                f"{m} {v:+.4f} (random maps {random_scores[m]:+.4f})" for m, v in group_scores.items()
+                if m in random_scores))
+        lines.append("  How to read: " + FAITHFULNESS_HOW_TO_READ
+                     + " A score at or above its random-map baseline says the map is no better than chance.")
     if dd:
         lines += ["", "DEEP DIVE", "-" * 60,
                   f"Confused group ({dd['group_how']}): {', '.join(dd['group_names'])} — "

@@ -139,6 +139,7 @@ def test_deep_dive_numbers_are_plausible(fmnist_run):
     summary = (fmnist_run.out / "analysis_summary.txt").read_text(encoding="utf-8")
     assert ", ".join(dd["group_names"]) in summary and f"{fmnist_run.preds.accuracy:.2%}" in summary
     assert "How to read" in summary
+    assert f"gradcam {faith['gradcam']:+.4f} (random maps {random['gradcam']:+.4f})" in summary
     recs = (fmnist_run.out / "recommendations.txt").read_text(encoding="utf-8")
     assert "[verify]" in recs and dd["group_names"][0] in recs
 
