@@ -26,7 +26,7 @@ from .errors import ConfigError, OutputError
 from .inference import Predictions, default_threads, resolve_device, run_inference, to_tensor
 
 HIGH_CONFIDENCE = 0.9
-CACHE_VERSION = 2
+CACHE_VERSION = 3   # bump when a cached computation changes (3: occlusion on non-overlapping windows)
 CACHE_KEEP = 4   # cache entries (distinct model/data/params) kept in OUTPUT_DIR/.cache
 _RENDER_CODE: list = [None]   # digest of the drawing code (plots.py, PNG level), computed once
 
