@@ -122,12 +122,13 @@ def stage_analysis(args, fresh: bool) -> dict:
         shutil.rmtree(out)
     start = time.perf_counter()
     an = Analysis(_params(args, out), progress=False)
-    if args.threads:
+    if args.threads:   # the same count as every other stage (the analysis halves it after inference)
+        an.threads = args.threads
         torch.set_num_threads(args.threads)
     an.run_all()
     seconds = time.perf_counter() - start
     n_files = sum(1 for p in out.rglob("*") if p.is_file() and ".cache" not in p.parts)
-    return {"seconds": seconds, "cache_hit": an.cache_hit, "files": n_files,
+    return {"seconds": seconds, "cache_hit": an.cache_hit, "files": n_files, "threads": an.threads,
             "worker_rss_kb": an._writer.worker_peak_rss_kb,
             "cams_computed": an.cams.n_computed, "cams_from_inference_pass": an.cams.n_from_activations,
             "cam_path": an.cams.engine().path, "steps": {k: round(v, 2) for k, v in an.timings.items()}}
@@ -215,7 +216,8 @@ def run_stage(args) -> None:
     worker = out.pop("worker_rss_kb", 0) / 1024
     # Peak RSS: this process plus the analysis's figure worker (an upper bound on what both held at once).
     out.update(peak_rss_mb=usage.ru_maxrss / 1024 + worker, process_rss_mb=usage.ru_maxrss / 1024,
-               worker_rss_mb=worker, threads=torch.get_num_threads(), cpu_seconds=usage.ru_utime + usage.ru_stime)
+               worker_rss_mb=worker, threads=out.get("threads", torch.get_num_threads()),
+               cpu_seconds=usage.ru_utime + usage.ru_stime)
     print(RESULT_PREFIX + json.dumps(out), flush=True)
 
 

@@ -123,3 +123,32 @@ def test_nan_logits_stop_the_run(cifar_root, tiny_checkpoint, tmp_path):
     with pytest.raises(NumericalError, match=f"{len(an.data.labels)} of {len(an.data.labels)} images"):
         an.predict()
     assert not (tmp_path / "o" / "confusion_matrix_full.png").exists()
+
+
+def test_inference_gets_every_thread_and_the_small_batches_after_it_half(cifar_root, tiny_checkpoint, tmp_path,
+                                                                         monkeypatch):
+    import torch
+
+    import helpers.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "default_threads", lambda: 2)
+    seen = {}
+    real_inference, real_deep_dive = pipeline.run_inference, Analysis.deep_dive
+
+    def inference(*args, **kwargs):
+        seen["inference"] = torch.get_num_threads()
+        return real_inference(*args, **kwargs)
+
+    def deep_dive(self):
+        seen["deep_dive"] = torch.get_num_threads()
+        return real_deep_dive(self)
+    monkeypatch.setattr(pipeline, "run_inference", inference)
+    monkeypatch.setattr(Analysis, "deep_dive", deep_dive)
+    before = torch.get_num_threads()
+    try:
+        an = Analysis(make_params(cifar_root, tiny_checkpoint, tmp_path / "out", N_PAIR_GALLERIES=1), progress=False)
+        assert an.threads == 2
+        an.run_all()
+        assert seen == {"inference": 2, "deep_dive": 1}
+        assert torch.get_num_threads() == 2   # given back when the analysis is done
+    finally:
+        torch.set_num_threads(before)
