@@ -204,6 +204,18 @@ def _resize(img: np.ndarray, size_hw: tuple[int, int], smooth: bool) -> np.ndarr
     return np.asarray(Image.fromarray(img).resize((tw, th), resample))
 
 
+def _place_tile(canvas: np.ndarray, shown: np.ndarray, x: int, y: int, tile: int) -> None:
+    """Paste `shown` (already sized to fit) centred in the tile x..x+tile, y..y+tile, with a 1-px frame just
+    outside the tile (the gaps leave room for it)."""
+    h, w = shown.shape[:2]
+    oy, ox = y + (tile - h) // 2, x + (tile - w) // 2
+    canvas[oy:oy + h, ox:ox + w] = shown
+    canvas[y - 1, x - 1:x + tile + 1] = _FRAME
+    canvas[y + tile, x - 1:x + tile + 1] = _FRAME
+    canvas[y:y + tile, x - 1] = _FRAME
+    canvas[y:y + tile, x + tile] = _FRAME
+
+
 def difference_panel(cam_true: np.ndarray, cam_pred: np.ndarray) -> np.ndarray:
     """RGB uint8 (H,W,3) picture of cam_true − cam_pred with the diverging 'RdBu_r' colormap over
     [-1, 1]: red = the region drives the TRUE class more, blue = it drives the PREDICTED class more,
@@ -298,14 +310,7 @@ def render_gallery(title: str, sections: Sequence[tuple[str, Sequence[GalleryRow
                 x = L.pad + c * (tile + L.gap)
                 text, font = _fit_label(label, tile)
                 texts.append(((x + tile // 2, y + L.row_title_h + 1), text, font, _BLACK, "mt"))
-                shown_img = _resize(img, (disp_h, disp_w), smooth)
-                oy, ox = tiles_y + (tile - disp_h) // 2, x + (tile - disp_w) // 2
-                canvas[oy:oy + disp_h, ox:ox + disp_w] = shown_img
-                # 1-px frame just outside the tile (the gap leaves room for it)
-                canvas[tiles_y - 1, x - 1:x + tile + 1] = _FRAME
-                canvas[tiles_y + tile, x - 1:x + tile + 1] = _FRAME
-                canvas[tiles_y:tiles_y + tile, x - 1] = _FRAME
-                canvas[tiles_y:tiles_y + tile, x + tile] = _FRAME
+                _place_tile(canvas, _resize(img, (disp_h, disp_w), smooth), x, tiles_y, tile)
             y += row_h
 
     _draw_colour_bar(canvas, texts, y, width, "jet", "CAM: low → high importance", ("0", "0.5", "1"))
@@ -1040,13 +1045,7 @@ def render_label_suspects(images: Sequence[np.ndarray], given_names: Sequence[st
                                                           caption_font, tile), caption_font, _BLACK, "mt"))
         img = _as_rgb_uint8(images[k])
         disp_h, disp_w = _display_size(*img.shape[:2], tile)
-        ty = y + SUSPECT_CAPTION_H
-        oy, ox = ty + (tile - disp_h) // 2, x + (tile - disp_w) // 2
-        canvas[oy:oy + disp_h, ox:ox + disp_w] = _resize(img, (disp_h, disp_w), smooth=False)
-        canvas[ty - 1, x - 1:x + tile + 1] = _FRAME
-        canvas[ty + tile, x - 1:x + tile + 1] = _FRAME
-        canvas[ty:ty + tile, x - 1] = _FRAME
-        canvas[ty:ty + tile, x + tile] = _FRAME
+        _place_tile(canvas, _resize(img, (disp_h, disp_w), smooth=False), x, y + SUSPECT_CAPTION_H, tile)
     out = Image.fromarray(canvas, mode="RGB")
     draw = ImageDraw.Draw(out)
     for xy, text, font, colour, anchor in texts:
