@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +73,15 @@ def train_briefly(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray
 
 
 TINY_ARCH = f"{REPO / 'tests' / 'tiny_model.py'}:TinyNet"
+
+
+def run_params(data_root, model_path, out, arch: str = TINY_ARCH, **kw):
+    """Params for a quick, offline CPU run of `arch` (default: the tiny test model); `kw` adds or overrides."""
+    from helpers.config import Params
+    base = dict(MODEL_PATH=str(model_path), ARCH=arch, DATA_ROOT=str(data_root), DOWNLOAD=False,
+                OUTPUT_DIR=str(out), BATCH_SIZE=128, DEVICE="cpu")
+    base.update(kw)
+    return Params(**base)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from PIL import Image
 from helpers.config import Params
 from helpers.pipeline import Analysis
 
-from conftest import REPO, TINY_ARCH
+from conftest import REPO, TINY_ARCH, run_params
 from output_checks import check_outputs, parse_html
 
 # atomic_io names a temporary file ".<final name>.<random>.tmp<final suffix>" next to its target.
@@ -28,10 +28,7 @@ N_NEW_BEFORE_KILL = 8
 
 
 def params(cifar_root, ckpt, out, **kw) -> Params:
-    base = dict(MODEL_PATH=str(ckpt), ARCH=TINY_ARCH, DATA_ROOT=str(cifar_root), DOWNLOAD=False,
-                OUTPUT_DIR=str(out), DEVICE="cpu", EMBEDDING="tsne", BATCH_SIZE=128)
-    base.update(kw)
-    return Params(**base)
+    return run_params(cifar_root, ckpt, out, **{"EMBEDDING": "tsne", **kw})
 
 
 def visible_files(out: Path) -> dict[str, bytes]:

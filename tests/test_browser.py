@@ -10,11 +10,10 @@ import pytest
 import sklearn.metrics
 from PIL import Image
 
-from helpers.config import Params
 from helpers.pipeline import Analysis
 
 from browser import CHROMIUM, PLOTS_DRAWN, browser_page, open_page, screenshot_report
-from conftest import TINY_ARCH
+from conftest import run_params
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason=f"{CHROMIUM} is missing (CI installs it: apt-get install -y chromium)")
@@ -27,9 +26,8 @@ STANDALONE = ["per_class_accuracy_interactive.html", "confusion_matrix_interacti
 def run(cifar_root, tiny_checkpoint, tmp_path_factory) -> Analysis:
     """A complete small run (100 classes, 400 images), galleries kept short to stay quick."""
     out = tmp_path_factory.mktemp("browser") / "gradcam_results"
-    params = Params(MODEL_PATH=str(tiny_checkpoint), ARCH=TINY_ARCH, DATA_ROOT=str(cifar_root), DOWNLOAD=False,
-                    OUTPUT_DIR=str(out), BATCH_SIZE=128, DEVICE="cpu", EMBEDDING="tsne",
-                    N_WORST=2, N_BEST=1, N_PAIR_GALLERIES=3, PAIR_EXAMPLES=3)
+    params = run_params(cifar_root, tiny_checkpoint, out, EMBEDDING="tsne",
+                        N_WORST=2, N_BEST=1, N_PAIR_GALLERIES=3, PAIR_EXAMPLES=3)
     an = Analysis(params, progress=False)
     an.run_all()
     return an

@@ -21,14 +21,11 @@ from helpers.config import Params
 from helpers.inference import run_inference
 from helpers.pipeline import Analysis
 
-from conftest import TINY_ARCH
+from conftest import run_params
 
 
 def make_params(cifar_root, ckpt, out, **kw) -> Params:
-    base = dict(MODEL_PATH=str(ckpt), ARCH=TINY_ARCH, DATA_ROOT=str(cifar_root), DOWNLOAD=False,
-                OUTPUT_DIR=str(out), BATCH_SIZE=64, DEVICE="cpu", EMBEDDING="tsne", N_PAIR_GALLERIES=2)
-    base.update(kw)
-    return Params(**base)
+    return run_params(cifar_root, ckpt, out, **{"BATCH_SIZE": 64, "EMBEDDING": "tsne", "N_PAIR_GALLERIES": 2, **kw})
 
 
 class InferenceCounter:

@@ -19,15 +19,12 @@ from helpers.errors import ConfigError
 from helpers.inference import to_tensor
 from helpers.plots import LAYOUT
 
-from conftest import REPO, TINY_ARCH, train_briefly
+from conftest import REPO, TINY_ARCH, run_params, train_briefly
 from tiny_model import TinyNet
 
 
 def params_for(cifar_root, ckpt, out, **kw) -> Params:
-    base = dict(MODEL_PATH=str(ckpt), ARCH=TINY_ARCH, DATA_ROOT=str(cifar_root), DOWNLOAD=False,
-                OUTPUT_DIR=str(out), BATCH_SIZE=128, DEVICE="cpu")
-    base.update(kw)
-    return Params(**base)
+    return run_params(cifar_root, ckpt, out, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from helpers.data import load_dataset, readable
 from helpers.errors import DataError
 from helpers.pipeline import Analysis
 
-from conftest import TINY_ARCH, train_briefly
+from conftest import run_params, train_briefly
 from output_checks import check_png, read_csv
 from tiny_model import TinyNet
 
@@ -32,10 +32,7 @@ def run(params: Params) -> Analysis:
 
 
 def cifar100_params(cifar_root, ckpt, out, **kw) -> Params:
-    base = dict(MODEL_PATH=str(ckpt), ARCH=TINY_ARCH, DATA_ROOT=str(cifar_root), DOWNLOAD=False,
-                OUTPUT_DIR=str(out), DEVICE="cpu", EMBEDDING="tsne", BATCH_SIZE=128)
-    base.update(kw)
-    return Params(**base)
+    return run_params(cifar_root, ckpt, out, **{"EMBEDDING": "tsne", **kw})
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +164,7 @@ def cifar10(tmp_path_factory):
 
 def cifar10_params(cifar10, out, **kw) -> Params:
     root, ckpt = cifar10
-    base = dict(MODEL_PATH=str(ckpt), ARCH=TINY_ARCH, DATASET="cifar10", DATA_ROOT=str(root), DOWNLOAD=False,
-                OUTPUT_DIR=str(out), DEVICE="cpu", EMBEDDING="tsne")
-    base.update(kw)
-    return Params(**base)
+    return run_params(root, ckpt, out, **{"DATASET": "cifar10", "EMBEDDING": "tsne", "BATCH_SIZE": 256, **kw})
 
 
 def test_superclass_section_skipped_without_coarse_labels(cifar10, tmp_path):

@@ -7,7 +7,6 @@ table is the one place that proves the whole list, and README's Troubleshooting 
 """
 from __future__ import annotations
 
-import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.architectures import resnet20, resnet56
+from helpers.architectures import resnet20
 from helpers.config import Params
 from helpers.data import CIFAR100_OFFICIAL, load_dataset
 from helpers.errors import (CheckpointError, ConfigError, DataError, NumericalError, OutputError, SuiteError)
@@ -26,7 +25,7 @@ from helpers.inference import to_tensor
 from helpers.pipeline import Analysis
 from helpers.synthetic import synthetic_images
 
-from conftest import TINY_ARCH
+from conftest import run_params
 from tiny_model import TinyNet
 
 LIMIT = 100
@@ -40,10 +39,7 @@ class Ctx:
     monkeypatch: pytest.MonkeyPatch
 
     def params(self, **kw) -> Params:
-        base = dict(MODEL_PATH=str(self.tiny), ARCH=TINY_ARCH, DATA_ROOT=str(self.cifar_root), DOWNLOAD=False,
-                    OUTPUT_DIR=str(self.tmp / "out"), DEVICE="cpu", EMBEDDING="tsne", LIMIT=LIMIT, BATCH_SIZE=128)
-        base.update(kw)
-        return Params(**base)
+        return run_params(self.cifar_root, self.tiny, self.tmp / "out", **{"EMBEDDING": "tsne", "LIMIT": LIMIT, **kw})
 
     def analysis(self, **kw) -> Analysis:
         return Analysis(self.params(**kw), progress=False)

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from conftest import REPO, TINY_ARCH

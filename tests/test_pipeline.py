@@ -13,15 +13,12 @@ from helpers.config import Params
 from helpers.errors import ConfigError, NumericalError, OutputError
 from helpers.pipeline import Analysis
 
-from conftest import TINY_ARCH
+from conftest import run_params
 from output_checks import check_outputs, read_csv
 
 
 def make_params(cifar_root, ckpt, out, **kw) -> Params:
-    base = dict(MODEL_PATH=str(ckpt), ARCH=TINY_ARCH, DATA_ROOT=str(cifar_root), DOWNLOAD=False,
-                OUTPUT_DIR=str(out), BATCH_SIZE=128, DEVICE="cpu", EMBEDDING="tsne")
-    base.update(kw)
-    return Params(**base)
+    return run_params(cifar_root, ckpt, out, **{"EMBEDDING": "tsne", **kw})
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 
-from helpers import metrics
 from helpers.recommendations import (THRESHOLDS, Evidence, Recommendation,
                                      count_label_suspects, format_recommendations, label_suspect_mask,
                                      recommend)

@@ -3,7 +3,6 @@ models whose forward returns a HuggingFace-style ModelOutput, a tuple or a dict,
 model.py with ARCH="model.py:Class"."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -13,17 +12,16 @@ from helpers.config import Params
 from helpers.pipeline import Analysis
 from helpers.synthetic import write_cifar10
 
+from conftest import run_params
+
 from output_checks import check_outputs
 
 VIT_ARCH = "timm:vit_tiny_patch16_224"
 VIT_KWARGS = {"img_size": 32, "patch_size": 4, "depth": 2}   # 2 of 12 blocks, 8x8 patches of 4 px
 
 
-def run_params(data_root, model_path, arch, out, **kw) -> Params:
-    base = dict(MODEL_PATH=str(model_path), ARCH=arch, DATA_ROOT=str(data_root), DOWNLOAD=False,
-                OUTPUT_DIR=str(out), DEVICE="cpu", EMBEDDING="tsne", BATCH_SIZE=128)
-    base.update(kw)
-    return Params(**base)
+def vit_params(data_root, model_path, arch, out, **kw) -> Params:
+    return run_params(data_root, model_path, out, arch=arch, **{"EMBEDDING": "tsne", **kw})
 
 
 def non_constant_share(cams: np.ndarray) -> float:
@@ -66,7 +64,7 @@ def vit_run(cifar_root, tmp_path_factory):
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=100, **VIT_KWARGS).eval()
     folder = tmp_path_factory.mktemp("vit")
     torch.save(vit.state_dict(), folder / "vit.pt")
-    an = Analysis(run_params(cifar_root, folder / "vit.pt", VIT_ARCH, folder / "out", MODEL_KWARGS=VIT_KWARGS,
+    an = Analysis(vit_params(cifar_root, folder / "vit.pt", VIT_ARCH, folder / "out", MODEL_KWARGS=VIT_KWARGS,
                              LIMIT=200), progress=False)
     an.run_all()
     return an
@@ -114,7 +112,7 @@ def test_torchvision_vit_galleries(cifar_root, tmp_path):
     vit = build_model(arch, num_classes=100)
     torch.nn.init.normal_(vit.heads.head.weight, std=0.1)  # torchvision initialises the head to zeros: flat CAMs
     torch.save(vit.state_dict(), tmp_path / "tv_vit.pt")
-    an = Analysis(run_params(cifar_root, tmp_path / "tv_vit.pt", arch, tmp_path / "out", LIMIT=120), progress=False)
+    an = Analysis(vit_params(cifar_root, tmp_path / "tv_vit.pt", arch, tmp_path / "out", LIMIT=120), progress=False)
     an.load_model(); an.load_data(); an.predict()
     engine = an.cams.engine()
     assert engine.layer_name == "encoder.layers.encoder_layer_1.ln_1"   # torchvision names its blocks
@@ -190,7 +188,7 @@ def test_models_returning_model_output_tuple_or_dict(cifar10_root, tmp_path, cls
     torch.manual_seed(0)
     net = build_model(f"{file}:{cls}", num_classes=10).eval()
     torch.save(net.state_dict(), tmp_path / "net.pt")
-    an = Analysis(run_params(cifar10_root, tmp_path / "net.pt", f"{file}:{cls}", tmp_path / "out",
+    an = Analysis(vit_params(cifar10_root, tmp_path / "net.pt", f"{file}:{cls}", tmp_path / "out",
                              DATASET="cifar10", TARGET_LAYER=layer), progress=False)
     an.run_all()
     check_outputs(an.out, num_classes=10, n_pair_galleries=5)

@@ -16,14 +16,11 @@ from helpers.pipeline import Analysis
 from helpers.plots import LAYOUT
 from helpers.widget import ClassExplorer, class_label, target_layer_choices
 
-from conftest import TINY_ARCH
+from conftest import run_params
 
 
 def params_for(cifar_root, ckpt, out, **kw) -> Params:
-    base = dict(MODEL_PATH=str(ckpt), ARCH=TINY_ARCH, DATA_ROOT=str(cifar_root), DOWNLOAD=False,
-                OUTPUT_DIR=str(out), BATCH_SIZE=128, DEVICE="cpu")
-    base.update(kw)
-    return Params(**base)
+    return run_params(cifar_root, ckpt, out, **kw)
 
 
 @pytest.fixture(scope="module")
