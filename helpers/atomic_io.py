@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 # PNG zlib level for every PNG written: level 1 encodes ~3.5x faster than Pillow's default 6 for
 # ~15% larger files (measured on the 460x1006 class galleries: 23 ms vs 79 ms each).
 PNG_COMPRESS_LEVEL = 1
+_FAST_PNG_MODES = ("L", "RGB", "RGBA")   # the modes png_bytes encodes; Pillow does any other
 
 
 @contextlib.contextmanager
@@ -73,11 +74,46 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100, **kwargs) -> Path:
     return path
 
 
+def png_bytes(pixels, level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """A PNG file of 8-bit pixels: (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA.
+
+    Every scanline gets PNG's "Up" filter (the difference to the row above, one numpy subtraction for the
+    whole image), then one zlib call. Pillow chooses a filter per row instead: on the 460x1006 class galleries
+    this encodes in less than half its time (20 vs 45 ms at level 1) for files ~10% smaller. numpy and zlib
+    release the GIL, so the writer thread leaves the main thread free meanwhile."""
+    import struct
+    import zlib
+
+    import numpy as np
+    a = np.ascontiguousarray(pixels)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ValueError(f"png_bytes needs uint8 (H, W), (H, W, 3) or (H, W, 4) pixels, got {a.dtype} {a.shape}")
+    h, w = a.shape[:2]
+    channels = 1 if a.ndim == 2 else a.shape[2]
+    rows = a.reshape(h, w * channels)
+    filtered = np.empty((h, w * channels + 1), np.uint8)
+    filtered[:, 0] = 2                                     # filter type "Up"; the row above the first is zeros
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG wants
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    colour = {1: 0, 3: 2, 4: 6}[channels]
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(filtered, level)) + chunk(b"IEND", b""))
+
+
 def save_png(image, path: str | os.PathLike) -> Path:
-    """Save a PIL image as PNG atomically (fast zlib level, see PNG_COMPRESS_LEVEL)."""
+    """Save a PIL image (or uint8 pixel array) as PNG atomically: png_bytes for 8-bit grey, RGB and RGBA,
+    Pillow for any other mode. Fast zlib level, see PNG_COMPRESS_LEVEL."""
     path = Path(path)
+    mode = getattr(image, "mode", None)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        if mode is None or mode in _FAST_PNG_MODES:
+            import numpy as np
+            tmp.write_bytes(png_bytes(np.asarray(image)))
+        else:
+            image.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return path
 
 

@@ -55,8 +55,12 @@ def _check_pair(labels, preds, num_classes: Optional[int] = None) -> tuple[np.nd
     return labels, preds
 
 
-def _check_probs(probs, n: int) -> np.ndarray:
-    probs = np.asarray(probs, dtype=np.float64)
+def _check_probs(probs, n: int, for_ranking: bool = False) -> np.ndarray:
+    """probs as a float64 (N, C) array; `for_ranking=True` keeps float32 as is: converting is exact, so every
+    order is the same, and the galleries rank 10k x C probabilities a few hundred times (copies add up)."""
+    probs = np.asarray(probs)
+    if not (for_ranking and probs.dtype in (np.float32, np.float64)):
+        probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or probs.shape[0] != n:
         raise DataError(f"probs must have shape (N={n}, C), got {probs.shape}.")
     return probs
@@ -293,7 +297,7 @@ def rank_worst(labels, preds, probs, cls: int, n: int) -> np.ndarray:
     if fewer than n, the correct ones the model was least sure about. Ties by index.
     """
     labels, preds = _check_pair(labels, preds)
-    probs = _check_probs(probs, len(labels))
+    probs = _check_probs(probs, len(labels), for_ranking=True)
     idx = np.nonzero(labels == cls)[0]
     wrong = idx[preds[idx] != cls]
     right = idx[preds[idx] == cls]
@@ -305,7 +309,7 @@ def rank_worst(labels, preds, probs, cls: int, n: int) -> np.ndarray:
 def rank_best(labels, preds, probs, cls: int, n: int) -> np.ndarray:
     """Up to n correctly classified images of `cls`, most confident first (ties by index)."""
     labels, preds = _check_pair(labels, preds)
-    probs = _check_probs(probs, len(labels))
+    probs = _check_probs(probs, len(labels), for_ranking=True)
     idx = np.nonzero((labels == cls) & (preds == cls))[0]
     return idx[np.argsort(-probs[idx, cls], kind="stable")][:max(n, 0)].astype(np.int64)
 
@@ -313,7 +317,7 @@ def rank_best(labels, preds, probs, cls: int, n: int) -> np.ndarray:
 def pair_examples(labels, preds, probs, true_cls: int, pred_cls: int, n: int) -> np.ndarray:
     """Up to n images of true_cls predicted as pred_cls, most confident in pred_cls first."""
     labels, preds = _check_pair(labels, preds)
-    probs = _check_probs(probs, len(labels))
+    probs = _check_probs(probs, len(labels), for_ranking=True)
     idx = np.nonzero((labels == true_cls) & (preds == pred_cls))[0]
     return idx[np.argsort(-probs[idx, pred_cls], kind="stable")][:max(n, 0)].astype(np.int64)
 
@@ -322,7 +326,7 @@ def label_suspects(labels, probs, n: int = 24) -> np.ndarray:
     """Up to n indices whose given label the model believes least: lowest p[i, label[i]] first,
     ties broken by higher max-probability (the model is sure of something else), then index."""
     labels = _as_index_array(labels, "labels")
-    probs = _check_probs(probs, len(labels))
+    probs = _check_probs(probs, len(labels), for_ranking=True)
     self_conf = probs[np.arange(len(labels)), labels]
     order = np.lexsort((np.arange(len(labels)), -probs.max(axis=1), self_conf))
     return order[:max(n, 0)].astype(np.int64)

@@ -167,14 +167,16 @@ class Analysis:
         self.written.add(path.resolve())
         return path
 
-    def _save_fig(self, fig, *parts: str, dpi: int = 100) -> Path:
+    def _save_fig(self, fig, *parts: str, dpi: int = 100, tight: Optional[bool] = None) -> Path:
+        """tight=None: bbox_inches="tight" unless the figure has constrained layout, which already fits
+        everything in ("tight" would cost a second full draw); tight=False for figures laid out by hand."""
         import matplotlib.pyplot as plt
         path = self._path(*parts)
         if hasattr(fig, "savefig"):   # rendered by the writer's worker process
-            # constrained layout already fits everything in; "tight" would cost a second full draw
-            engine = fig.get_layout_engine() if hasattr(fig, "get_layout_engine") else None
-            constrained = type(engine).__name__ == "ConstrainedLayoutEngine"
-            self._writer.figure(fig, path, dpi=dpi, **({} if constrained else {"bbox_inches": "tight"}))
+            if tight is None:
+                engine = fig.get_layout_engine() if hasattr(fig, "get_layout_engine") else None
+                tight = type(engine).__name__ != "ConstrainedLayoutEngine"
+            self._writer.figure(fig, path, dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
             plt.close(fig)
         else:  # PIL image: encoded on the writer's thread
             self._writer.image(fig, path)
@@ -498,7 +500,7 @@ class Analysis:
                              plots.confusion_heatmap_html(report.confusion_figure(self, sec.values), js))
         fig = plots.plot_confusion_matrix(cm, self.names, title=f"Confusion matrix — accuracy {pr.accuracy:.1%}")
         sec.figures["confusion_matrix"] = fig
-        self._save_fig(fig, "confusion_matrix_full.png", dpi=80)
+        self._save_fig(fig, "confusion_matrix_full.png", dpi=80, tight=False)   # constrained, or fixed margins
         fig = plots.plot_top_pairs(pairs)
         sec.figures["top_pairs"] = fig
         self._save_fig(fig, "top_confused_pairs.png")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from helpers.config import Params
@@ -122,3 +123,35 @@ def test_sigkill_mid_run_loses_nothing(cifar_root, tiny_checkpoint, tmp_path):
     again.run_all()
     check_outputs(out, num_classes=100, n_pair_galleries=5)   # includes: no *.tmp* files left
     assert not temp_files(out)
+
+
+# ----------------------------------------------------------------------------- the PNG encoder
+
+def test_png_bytes_decode_to_the_same_pixels_with_pillow_and_matplotlib(tmp_path):
+    """atomic_io.png_bytes writes PNG itself (Up filter + zlib); two independent decoders must read back
+    exactly the pixels, for every mode it takes, odd sizes and a 1x1 image."""
+    import matplotlib.image as mpimg
+
+    from helpers.atomic_io import png_bytes, save_png
+    rng = np.random.default_rng(0)
+    for shape in [(5, 7), (5, 7, 3), (6, 4, 4), (1, 1, 3), (33, 17, 3), (2, 300, 3)]:
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        path = tmp_path / f"p{'x'.join(map(str, shape))}.png"
+        path.write_bytes(png_bytes(pixels))
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size == (shape[1], shape[0])
+            assert np.array_equal(np.asarray(im), pixels), shape
+        via_mpl = mpimg.imread(path)   # floats in [0, 1]
+        assert np.array_equal(np.round(via_mpl * 255).astype(np.uint8), pixels), shape
+    # save_png: PIL images of the fast modes go through png_bytes, other modes through Pillow
+    rgb = Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8))
+    save_png(rgb, tmp_path / "rgb.png")
+    with Image.open(tmp_path / "rgb.png") as im:
+        assert np.array_equal(np.asarray(im), np.asarray(rgb))
+    pal = rgb.convert("P")
+    save_png(pal, tmp_path / "pal.png")
+    with Image.open(tmp_path / "pal.png") as im:
+        assert im.mode == "P" and np.array_equal(np.asarray(im.convert("RGB")), np.asarray(pal.convert("RGB")))
+    for bad in (np.zeros((4, 4), np.float32), np.zeros((4, 4, 2), np.uint8), np.zeros(4, np.uint8)):
+        with pytest.raises(ValueError, match="png_bytes needs uint8"):
+            png_bytes(bad)
