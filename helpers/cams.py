@@ -679,6 +679,41 @@ def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.5) -> np
     return show_cam_on_image(rgb, mask, use_rgb=True, image_weight=float(image_weight))
 
 
+def overlay_many(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], image_weight: float = 0.5) -> np.ndarray:
+    """`overlay` of every (image, CAM) pair, in one vectorised pass: uint8 (N, H, W, 3).
+
+    The same operations as show_cam_on_image, per pixel and in float32, so each result is bit-identical to
+    `overlay(images[i], cams[i])`. A gallery page needs ~13 overlays of 32x32 images and the library call
+    costs ~0.5 ms each in per-call overhead: 100 class pages spent 0.7 s there. Images must share one shape."""
+    if len(images) != len(cams):
+        raise ConfigError(f"overlay_many needs one CAM per image; got {len(images)} images and {len(cams)} CAMs.")
+    if not len(images):
+        return np.zeros((0, 0, 0, 3), np.uint8)
+    if not 0 <= image_weight <= 1:
+        raise ConfigError(f"image_weight must be in [0, 1]; got {image_weight}.")
+    img = np.stack([np.asarray(i) for i in images])
+    if img.ndim == 3:
+        img = img[..., None]
+    if img.ndim != 4 or img.shape[3] not in (1, 3):
+        raise ConfigError(f"overlay expects images (H, W, C) with C in (1, 3); got {img.shape[1:]}.")
+    if img.shape[3] == 1:
+        img = np.repeat(img, 3, axis=3)
+    n, h, w = img.shape[:3]
+    if img.dtype == np.uint8:
+        rgb = img.astype(np.float32) / 255.0
+    else:   # as `overlay` decides per image: values above 1 mean a 0-255 scale
+        scale = np.where(img.reshape(n, -1).max(axis=1) > 1, 255.0, 1.0).astype(np.float32)
+        rgb = img.astype(np.float32) / scale[:, None, None, None]
+    masks = [np.clip(np.nan_to_num(np.asarray(c, dtype=np.float32)), 0, 1) for c in cams]
+    mask = np.stack([m if m.shape == (h, w) else cv2.resize(m, (w, h)) for m in masks])
+    # show_cam_on_image, on all maps at once: OpenCV colours a 2-D array, so stack the maps vertically
+    heatmap = cv2.applyColorMap(np.uint8(255 * mask).reshape(n * h, w), cv2.COLORMAP_JET)
+    heatmap = np.float32(cv2.cvtColor(heatmap, cv2.COLOR_BGR2RGB).reshape(n, h, w, 3)) / 255
+    out = (1 - float(image_weight)) * heatmap + float(image_weight) * rgb
+    out = out / out.max(axis=(1, 2, 3), keepdims=True)
+    return np.uint8(255 * out)
+
+
 def cam_colormap_rgb(values) -> np.ndarray:
     """RGB colours (float32 in [0, 1], shape values.shape + (3,)) that `overlay` gives CAM values in [0, 1]
     (OpenCV's COLORMAP_JET, which differs slightly from matplotlib's "jet"). For a matching colour bar:

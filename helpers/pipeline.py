@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -465,6 +465,11 @@ class Analysis:
         from .cams import overlay
         return overlay(self.data.images[idx], cam)
 
+    def overlays(self, indices: Sequence[int], cams: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """overlay() of many images at once (one vectorised pass, the same pixels)."""
+        from .cams import overlay_many
+        return list(overlay_many([self.data.images[i] for i in indices], cams)) if len(indices) else []
+
     def _conf_title(self, idx: int) -> str:
         p, names = self.preds, self.names
         t, q = int(p.labels[idx]), int(p.preds[idx])
@@ -519,14 +524,15 @@ class Analysis:
         worst = list(metrics.rank_worst(pr.labels, pr.preds, pr.probs, cls, n_worst))
         best = [i for i in metrics.rank_best(pr.labels, pr.preds, pr.probs, cls, n_best + n_worst) if i not in worst][:n_best]
         need = [(i, int(pr.preds[i])) for i in worst + best] + [(i, cls) for i in worst if pr.preds[i] != cls]
-        kw = dict(method=method, layer=layer)
-        self.cams.prefetch(need, **kw)
+        images = [i for i, _ in need]
+        shown = dict(zip(need, self.overlays(images, self.cams.get(images, [c for _, c in need], method=method,
+                                                                      layer=layer))))
 
         def row(i: int) -> GalleryRow:
             q = int(pr.preds[i])
-            panels = [(f"CAM → pred: {self.names[q]}", self.overlay(i, self.cams.get([i], [q], **kw)[0]))]
+            panels = [(f"CAM → pred: {self.names[q]}", shown[(i, q)])]
             if q != cls:
-                panels.append((f"CAM → true: {self.names[cls]}", self.overlay(i, self.cams.get([i], [cls], **kw)[0])))
+                panels.append((f"CAM → true: {self.names[cls]}", shown[(i, cls)]))
             return GalleryRow(image=self.data.images[i], title=self._conf_title(i), panels=panels, ok=q == cls)
 
         return [row(i) for i in worst], [row(i) for i in best]
@@ -604,11 +610,13 @@ class Analysis:
                                                          np.full(len(idx), pred_cls)),
                 engine.method, engine.layer_name, idx, true_cls, pred_cls)
         rows = []
+        over_t, over_p = self.overlays(idx, cam_t), self.overlays(idx, cam_p)
+        over_x = self.overlays(idx, extra) if extra is not None else None
         for k, i in enumerate(idx):
-            panels = [(f"CAM → true: {self.names[true_cls]}", self.overlay(i, cam_t[k])),
-                      (f"CAM → pred: {self.names[pred_cls]}", self.overlay(i, cam_p[k]))]
+            panels = [(f"CAM → true: {self.names[true_cls]}", over_t[k]),
+                      (f"CAM → pred: {self.names[pred_cls]}", over_p[k])]
             if extra is not None:
-                panels.append((f"FinerCAM: {self.names[true_cls]} vs {self.names[pred_cls]}", self.overlay(i, extra[k])))
+                panels.append((f"FinerCAM: {self.names[true_cls]} vs {self.names[pred_cls]}", over_x[k]))
             else:
                 panels.append(("difference (true − pred)", difference_panel(cam_t[k], cam_p[k])))
             rows.append(GalleryRow(image=self.data.images[i], title=self._conf_title(i), panels=panels, ok=False))

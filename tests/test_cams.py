@@ -391,6 +391,42 @@ def test_overlay_is_rgb_with_red_for_high_cam():
         overlay(np.zeros((32, 32, 4), np.uint8), cam)
 
 
+def test_overlay_many_is_bit_identical_to_show_cam_on_image():
+    """The galleries' vectorised overlays against pytorch-grad-cam's own show_cam_on_image, image by image:
+    colour and grey uint8 images, float images on both scales, NaN and out-of-range CAM values, a CAM at
+    a lower resolution (resized), and a non-default image weight."""
+    import cv2
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    from helpers.cams import overlay_many
+    rng = np.random.default_rng(3)
+    colour = list(rng.integers(0, 256, (5, 16, 12, 3), dtype=np.uint8))
+    grey = list(rng.integers(0, 256, (3, 16, 12, 1), dtype=np.uint8))
+    floats = [rng.random((16, 12, 3)).astype(np.float32), 255 * rng.random((16, 12, 3)).astype(np.float32)]
+    cams_ = [rng.random((16, 12)).astype(np.float32) * 1.4 - 0.2 for _ in range(5)]
+    cams_[1][0, 0] = np.nan
+    for images in (colour, grey, floats):
+        maps = cams_[:len(images)]
+        for weight in (0.5, 0.3):
+            got = overlay_many(images, maps, image_weight=weight)
+            assert got.shape == (len(images), 16, 12, 3) and got.dtype == np.uint8
+            for k, (img, cam) in enumerate(zip(images, maps)):
+                rgb = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+                rgb = rgb.astype(np.float32) / (255.0 if rgb.dtype == np.uint8 or rgb.max() > 1 else 1.0)
+                mask = np.clip(np.nan_to_num(cam), 0, 1)
+                ref = show_cam_on_image(rgb, mask, use_rgb=True, image_weight=weight)
+                assert np.array_equal(got[k], ref), (k, weight)
+                assert np.array_equal(got[k], overlay(img, cam, image_weight=weight))
+    small = [rng.random((4, 3)).astype(np.float32) for _ in range(2)]
+    got = overlay_many(colour[:2], small)
+    for k in range(2):
+        ref = show_cam_on_image(colour[k].astype(np.float32) / 255, cv2.resize(small[k], (12, 16)), use_rgb=True)
+        assert np.array_equal(got[k], ref)
+    assert overlay_many([], []).shape[0] == 0
+    with pytest.raises(ConfigError, match="one CAM per image"):
+        overlay_many(colour[:2], cams_[:1])
+
+
 def test_cam_colormap_rgb_matches_overlay_colours():
     colours = cam_colormap_rgb(np.array([0.0, 1.0]))
     assert colours.shape == (2, 3)
