@@ -203,9 +203,9 @@ class _FigureWorker:
 class BackgroundWriter:
     """Writes PNG outputs while the caller goes on computing.
 
-    PIL images go to a writer thread (Pillow releases the GIL while it encodes). matplotlib figures go,
-    pickled, to one worker process: Agg rendering holds the GIL, and sending a figure costs ~40 ms where
-    rendering the 100-class confusion matrix costs ~1.8 s. Every file is still written atomically. If the
+    PIL images go to a writer thread (png_bytes: numpy and zlib release the GIL while they encode). matplotlib
+    figures go, pickled, to one worker process: Agg rendering holds the GIL, and sending a figure costs ~40 ms
+    where rendering the 100-class confusion matrix costs ~1 s. Every file is still written atomically. If the
     worker cannot start, dies, or a figure cannot be pickled, the figure is saved in this process instead.
     `flush()` renders the figures the worker has not reached yet itself, waits for the rest, and raises the
     first error."""
