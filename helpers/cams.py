@@ -660,23 +660,37 @@ class CamEngine:
 
 # ----------------------------------------------------------------------------- display
 
+def _as_rgb01(images: np.ndarray) -> np.ndarray:
+    """A stack of images (N, H, W[, 1 or 3]) as float32 RGB in [0, 1], the input show_cam_on_image wants:
+    uint8 is divided by 255, and so is any other image whose values exceed 1."""
+    img = images[..., None] if images.ndim == 3 else images
+    if img.ndim != 4 or img.shape[3] not in (1, 3):
+        raise ConfigError(f"overlay expects an image (H, W, C) with C in (1, 3); got {img.shape[1:]}.")
+    if img.shape[3] == 1:
+        img = np.repeat(img, 3, axis=3)
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) / 255.0
+    scale = np.where(img.reshape(len(img), -1).max(axis=1) > 1, 255.0, 1.0).astype(np.float32)
+    return img.astype(np.float32) / scale[:, None, None, None]
+
+
+def _cam_mask(cam: np.ndarray, h: int, w: int) -> np.ndarray:
+    """A CAM as show_cam_on_image's mask: float32 in [0, 1] (NaN → 0), resized to (h, w) when it differs."""
+    mask = np.clip(np.nan_to_num(np.asarray(cam, dtype=np.float32)), 0, 1)
+    return mask if mask.shape == (h, w) else cv2.resize(mask, (w, h))
+
+
+def _check_image_weight(image_weight: float) -> None:
+    if not 0 <= image_weight <= 1:
+        raise ConfigError(f"image_weight must be in [0, 1]; got {image_weight}.")
+
+
 def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.5) -> np.ndarray:
     """uint8 RGB (H, W, 3): the CAM as a JET heat map (red = high) blended over the image with
     pytorch-grad-cam's show_cam_on_image(use_rgb=True). image: uint8 (H, W), (H, W, 1) or (H, W, 3)."""
-    img = np.asarray(image)
-    if img.ndim == 2:
-        img = img[..., None]
-    if img.ndim != 3 or img.shape[2] not in (1, 3):
-        raise ConfigError(f"overlay expects an image (H, W, C) with C in (1, 3); got {img.shape}.")
-    if img.shape[2] == 1:
-        img = np.repeat(img, 3, axis=2)
-    rgb = img.astype(np.float32) / (255.0 if img.dtype == np.uint8 or img.max() > 1 else 1.0)
-    mask = np.clip(np.nan_to_num(np.asarray(cam, dtype=np.float32)), 0, 1)
-    if mask.shape != rgb.shape[:2]:
-        mask = cv2.resize(mask, (rgb.shape[1], rgb.shape[0]))
-    if not 0 <= image_weight <= 1:
-        raise ConfigError(f"image_weight must be in [0, 1]; got {image_weight}.")
-    return show_cam_on_image(rgb, mask, use_rgb=True, image_weight=float(image_weight))
+    rgb = _as_rgb01(np.asarray(image)[None])[0]
+    _check_image_weight(image_weight)
+    return show_cam_on_image(rgb, _cam_mask(cam, *rgb.shape[:2]), use_rgb=True, image_weight=float(image_weight))
 
 
 def overlay_many(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], image_weight: float = 0.5) -> np.ndarray:
@@ -689,23 +703,10 @@ def overlay_many(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], image
         raise ConfigError(f"overlay_many needs one CAM per image; got {len(images)} images and {len(cams)} CAMs.")
     if not len(images):
         return np.zeros((0, 0, 0, 3), np.uint8)
-    if not 0 <= image_weight <= 1:
-        raise ConfigError(f"image_weight must be in [0, 1]; got {image_weight}.")
-    img = np.stack([np.asarray(i) for i in images])
-    if img.ndim == 3:
-        img = img[..., None]
-    if img.ndim != 4 or img.shape[3] not in (1, 3):
-        raise ConfigError(f"overlay expects images (H, W, C) with C in (1, 3); got {img.shape[1:]}.")
-    if img.shape[3] == 1:
-        img = np.repeat(img, 3, axis=3)
-    n, h, w = img.shape[:3]
-    if img.dtype == np.uint8:
-        rgb = img.astype(np.float32) / 255.0
-    else:   # as `overlay` decides per image: values above 1 mean a 0-255 scale
-        scale = np.where(img.reshape(n, -1).max(axis=1) > 1, 255.0, 1.0).astype(np.float32)
-        rgb = img.astype(np.float32) / scale[:, None, None, None]
-    masks = [np.clip(np.nan_to_num(np.asarray(c, dtype=np.float32)), 0, 1) for c in cams]
-    mask = np.stack([m if m.shape == (h, w) else cv2.resize(m, (w, h)) for m in masks])
+    _check_image_weight(image_weight)
+    rgb = _as_rgb01(np.stack([np.asarray(i) for i in images]))
+    n, h, w = rgb.shape[:3]
+    mask = np.stack([_cam_mask(c, h, w) for c in cams])
     # show_cam_on_image, on all maps at once: OpenCV colours a 2-D array, so stack the maps vertically
     heatmap = cv2.applyColorMap(np.uint8(255 * mask).reshape(n * h, w), cv2.COLORMAP_JET)
     heatmap = np.float32(cv2.cvtColor(heatmap, cv2.COLOR_BGR2RGB).reshape(n, h, w, 3)) / 255
