@@ -8,7 +8,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 
 # PNG zlib level for every PNG written: level 1 encodes ~3.5x faster than Pillow's default 6 for
@@ -133,6 +133,13 @@ def save_pickled_figure(data: bytes, path: str, dpi: int, kwargs: dict) -> str:
     return path
 
 
+def render_png(render, args: tuple, path: str) -> str:
+    """Draw a PIL image with `render(*args)` and save it as PNG atomically (the figure worker's job for
+    galleries: drawing them holds the GIL)."""
+    save_png(render(*args), path)
+    return path
+
+
 def _serve_jobs() -> None:
     """`python -m helpers.atomic_io`: the writer's worker. Reads length-prefixed pickled jobs (a module-level
     function and its arguments, e.g. save_pickled_figure) on stdin and answers b"ok" or the error on the
@@ -200,23 +207,62 @@ class _FigureWorker:
             self.proc.kill()
 
 
+class _Feeder:
+    """One thread handing jobs to the worker process one at a time, lowest priority number first, then in
+    the order they came (a queue.PriorityQueue in front of concurrent.futures Futures)."""
+
+    def __init__(self, run: Callable[[bytes], None]):
+        import itertools
+        import queue
+        import threading
+        self._run, self._queue, self._order = run, queue.PriorityQueue(), itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="worker-feeder", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: bytes, priority: int):
+        from concurrent.futures import Future
+        future = Future()
+        self._queue.put((priority, next(self._order), future, job))
+        return future
+
+    def _loop(self) -> None:
+        while True:
+            _, _, future, job = self._queue.get()
+            if future is None:
+                return
+            if not future.set_running_or_notify_cancel():   # cancelled: flush() ran it itself
+                continue
+            try:
+                future.set_result(self._run(job))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        self._queue.put((float("inf"), next(self._order), None, None))   # after every queued job
+        self._thread.join()
+
+
 class BackgroundWriter:
     """Writes PNG outputs while the caller goes on computing.
 
     PIL images go to a writer thread (png_bytes: numpy and zlib release the GIL while they encode). matplotlib
-    figures go, pickled, to one worker process: Agg rendering holds the GIL, and sending a figure costs ~40 ms
-    where rendering the 100-class confusion matrix costs ~1 s. Every file is still written atomically. If the
-    worker cannot start, dies, or a figure cannot be pickled, the figure is saved in this process instead.
-    `flush()` renders the figures the worker has not reached yet itself, waits for the rest, and raises the
-    first error."""
+    figures, and PIL pictures still to be drawn (`rendered`), go pickled to one worker process: drawing holds
+    the GIL, and sending a figure costs ~40 ms where rendering the 100-class confusion matrix costs ~1 s.
+    Figures go ahead of pictures in the worker's queue: galleries are many small jobs that fill its idle time.
+    Every file is still written atomically. If the worker cannot start, dies, or a job cannot be pickled, it is
+    done in this process instead. `flush()` does the jobs the worker has not reached yet itself (from the back
+    of its queue), waits for the rest, and raises the first error."""
+
+    FIGURE, PICTURE = 0, 1   # worker queue priorities
 
     def __init__(self, processes: bool = True):
         self._use_processes = processes
         self._images = None    # thread writing PIL images
-        self._figures = None   # thread feeding the worker process, one job at a time
+        self._feeder: Optional[_Feeder] = None   # thread feeding the worker process
         self._worker: Optional[_FigureWorker] = None
-        self._jobs: list = []  # (future, fallback or None)
+        self._jobs: list = []  # (future, fallback or None, priority, order)
         self.worker_peak_rss_kb = 0   # largest figure-worker peak memory seen (Linux), for the benchmark
+        self.done = {"worker": 0, "here": 0}   # worker jobs by where they ended up being done
 
     def warm_up(self) -> None:
         """Start the worker now, so it imports matplotlib in parallel with the caller's work."""
@@ -230,50 +276,70 @@ class BackgroundWriter:
         if self._images is None:
             from concurrent.futures import ThreadPoolExecutor
             self._images = ThreadPoolExecutor(max_workers=1, thread_name_prefix="png-writer")
-        self._jobs.append((self._images.submit(save_png, image, path), None))
+        self._jobs.append((self._images.submit(save_png, image, path), None, -1, len(self._jobs)))
 
     def figure(self, fig, path: str | os.PathLike, dpi: int = 100, **kwargs) -> None:
         import pickle
         self.warm_up()
-        job = None
+        args = None
         if self._worker is not None:
             try:
-                job = pickle.dumps((pickle.dumps(fig), str(path), dpi, kwargs))
+                args = (pickle.dumps(fig), str(path), dpi, kwargs)
             except Exception:   # e.g. a lambda formatter: render here
-                job = None
-        if job is None:
+                args = None
+        if args is None or not self._submit(save_pickled_figure, args, self.FIGURE,
+                                            lambda: save_pickled_figure(*args)):
             save_figure(fig, path, dpi=dpi, **kwargs)
-            return
-        self._submit(save_pickled_figure, job)
 
-    def _submit(self, fn, args_blob: bytes) -> None:
-        """Queue fn(*pickle.loads(args_blob)) for the worker, with the same call in this process as fallback."""
+    def rendered(self, render, args: tuple, path: str | os.PathLike) -> None:
+        """Save `render(*args)` (a module-level function returning a PIL image) as PNG at `path`, drawn by the
+        worker process (without one, it is drawn here and encoded on the writer thread)."""
+        self.warm_up()
+        here = lambda: self.image(render(*args), path)  # noqa: E731
+        if self._worker is None or not self._submit(render_png, (render, args, str(path)), self.PICTURE, here):
+            here()
+
+    def _submit(self, fn, args: tuple, priority: int, fallback: Callable[[], None]) -> bool:
+        """Queue fn(*args) for the worker, with `fallback` to do the same here. False if args cannot be pickled."""
         import pickle
-        if self._figures is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self._figures = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-feeder")
-        job = pickle.dumps((fn, pickle.loads(args_blob)))
-        future = self._figures.submit(self._worker.run, job)
-        self._jobs.append((future, lambda: fn(*pickle.loads(args_blob))))
+        try:
+            job = pickle.dumps((fn, args))
+        except Exception:
+            return False
+        if self._feeder is None:
+            self._feeder = _Feeder(self._worker.run)
+        self._jobs.append((self._feeder.submit(job, priority), fallback, priority, len(self._jobs)))
+        return True
 
     def flush(self) -> None:
-        jobs, self._jobs = self._jobs, []
         first = None
-        # Rather than wait idle, render the figures the worker has not started yet here, latest first,
-        # while the worker works through the queue from the front (a started job cannot be cancelled).
+        while self._jobs:   # a fallback may queue a PNG for the writer thread: wait for that too
+            jobs, self._jobs = self._jobs, []
+            first = self._finish(jobs) or first
+        if first is not None:
+            raise first
+
+    def _finish(self, jobs: list) -> Optional[BaseException]:
+        first = None
+        # Rather than wait idle, do the jobs the worker has not started yet here, from the back of its queue
+        # (last priority, latest first), while the worker goes on from the front (a started job cannot be
+        # cancelled).
         stolen = {}
-        for future, fallback in reversed(jobs):
+        for future, fallback, _, _ in sorted(jobs, key=lambda j: (j[2], j[3]), reverse=True):
             if fallback is not None and future.cancel():
                 try:
                     fallback()
                     stolen[id(future)] = None
                 except Exception as exc:
                     stolen[id(future)] = exc
-        for future, fallback in jobs:
+        for future, fallback, _, _ in jobs:
             if id(future) in stolen:
+                self.done["here"] += 1
                 first = first or stolen[id(future)]
                 continue
             error = future.exception()
+            if fallback is not None:
+                self.done["worker" if error is None else "here"] += 1
             if error is not None and fallback is not None:
                 if isinstance(error, BrokenPipeError) or (self._worker and self._worker.proc.poll() is not None):
                     self._drop_worker()
@@ -283,8 +349,7 @@ class BackgroundWriter:
                 except Exception as exc:
                     error = exc
             first = first or error
-        if first is not None:
-            raise first
+        return first
 
     def _drop_worker(self) -> None:
         if self._worker is not None:
@@ -299,10 +364,11 @@ class BackgroundWriter:
             if raise_errors:
                 raise
         finally:
-            for executor in (self._images, self._figures):
-                if executor is not None:
-                    executor.shutdown(wait=True)
-            self._images = self._figures = None
+            if self._images is not None:
+                self._images.shutdown(wait=True)
+            if self._feeder is not None:
+                self._feeder.shutdown()
+            self._images = self._feeder = None
             if self._worker is not None:
                 self.worker_peak_rss_kb = max(self.worker_peak_rss_kb, self._worker.peak_rss_kb() or 0)
                 self._worker.close()

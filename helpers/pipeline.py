@@ -182,6 +182,13 @@ class Analysis:
             self._writer.image(fig, path)
         return path
 
+    def _save_rendered(self, render, args: tuple, *parts: str) -> Path:
+        """Have the writer's worker process draw `render(*args)` (a PIL picture) and save it: for pictures
+        that are saved but not shown, so this process goes on computing meanwhile."""
+        path = self._path(*parts)
+        self._writer.rendered(render, args, path)
+        return path
+
     def _flush_writes(self) -> None:
         """Wait for the PNGs being written in the background (report() calls it before listing the files)."""
         try:
@@ -581,10 +588,11 @@ class Analysis:
             if cls not in shown and self._output_unchanged(rel, content):
                 self._path("worst_predictions", name)   # still this run's output (kept by the manifest)
                 continue
-            img = render_gallery(*content)
-            self._save_fig(img, "worst_predictions", name)
             if cls in shown:
-                sec.figures[name] = img
+                sec.figures[name] = render_gallery(*content)
+                self._save_fig(sec.figures[name], "worst_predictions", name)
+            else:   # drawn and encoded by the figure worker: ~1 s of ResNet-56's run off this process
+                self._save_rendered(render_gallery, content, "worst_predictions", name)
         engine, store = self.cams.engine(), self.cams
         how = (f"; {store.n_from_activations} of {store.n_computed} CAMs from activations kept in the inference pass"
                if store.n_from_activations else "")

@@ -297,12 +297,17 @@ def test_plot_embedding_marks_misclassified():
 
 
 def test_thumbnail_data_uri_decodes():
-    image = _img(28, 28, 1)
-    uri = plots.thumbnail_data_uri(image, size=64)
+    small = _img(28, 28, 1)   # fits: its own pixels, scaled up by the page
+    decoded = Image.open(io.BytesIO(base64.b64decode(plots.thumbnail_data_uri(small, size=64).split(",", 1)[1])))
+    assert decoded.size == (28, 28)
+    assert np.array_equal(np.asarray(decoded.convert("L")), small[..., 0])
+    big = _img(200, 100, 3)   # shrunk to fit 64×64, aspect kept
+    uri = plots.thumbnail_data_uri(big, size=64)
     assert uri.startswith("data:image/png;base64,")
     decoded = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
-    assert decoded.size == (64, 64)
-    assert np.asarray(decoded.convert("L"))[0, 0] == image[0, 0, 0]
+    assert decoded.size == (32, 64)
+    expected = np.asarray(Image.fromarray(big).resize((32, 64), Image.BILINEAR))
+    assert np.array_equal(np.asarray(decoded.convert("RGB")), expected)
 
 
 def test_embedding_html_hover_thumbnails_offline():
