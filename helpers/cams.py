@@ -393,6 +393,22 @@ def gradcam_from_activations(activations, weights, targets, out_size: tuple[int,
     return _scale_like_library(cam.cpu().numpy(), out_size)
 
 
+def gradcam_from_logit_gradients(activations, weights, logit_grads, out_size: tuple[int, int]) -> np.ndarray:
+    """Grad-CAM, for a GAP -> Linear head, of any target computed from the logits z alone (FinerCAM's weighted
+    logit differences, say): the gradient reaching activation channel k is sum_c dT/dz_c * W[c,k]/(h*w) at
+    every position, so the CAM is ReLU(sum_k (g @ W)_k/(h*w) * A_k), scaled as GradCAM scales it.
+    activations (N,K,h,w), weights (C,K), logit_grads g (N,C) -> (N,H,W)."""
+    a = torch.as_tensor(activations, dtype=torch.float32)
+    w = torch.as_tensor(weights, dtype=torch.float32, device=a.device)
+    g = torch.as_tensor(logit_grads, dtype=torch.float32, device=a.device)
+    if a.dim() != 4 or w.dim() != 2 or w.shape[1] != a.shape[1] or g.shape != (a.shape[0], w.shape[0]):
+        raise ConfigError(f"gradcam_from_logit_gradients: shapes do not fit: activations {tuple(a.shape)}, "
+                          f"weights {tuple(w.shape)}, logit gradients {tuple(g.shape)}.")
+    h, wd = a.shape[2], a.shape[3]
+    cam = torch.einsum("nk,nkhw->nhw", g @ w / (h * wd), a).clamp_min(0)
+    return _scale_like_library(cam.cpu().numpy(), out_size)
+
+
 def _scale_like_library(cam: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
     """BaseCAM: per-layer min-max + cv2 resize, clip at 0, average over (one) layer, min-max again."""
     height, width = out_size
@@ -497,6 +513,8 @@ class CamEngine:
         self.fast_max_diff: Optional[float] = None
         self._linear: Optional[nn.Linear] = None
         self._verified = False
+        self._finer_verified = self._finer_fast = False   # the same shortcut for FinerCAM (Grad-CAM base)
+        self.finer_fast_max_diff: Optional[float] = None
         reason = "fast_path=False"
         if self.method != "gradcam":
             reason = ""
@@ -563,7 +581,10 @@ class CamEngine:
         t = _as_targets(true_classes, x.shape[0], self.num_classes, "true_classes")
         p = _as_targets(pred_classes, x.shape[0], self.num_classes, "pred_classes")
         pairs = np.stack([t, p], axis=1)
-        return self._batched(x, lambda xb, pb: self._finer_batch(xb, pb[:, 0], pb[:, 1]), pairs, progress)
+        if self._linear is not None and not self._finer_verified and len(x):
+            self._verify_finer_fast(x[:4], t[:4], p[:4])
+        batch = self._finer_fast_batch if self._finer_fast else self._finer_batch
+        return self._batched(x, lambda xb, pb: batch(xb, pb[:, 0], pb[:, 1]), pairs, progress)
 
     # -- internals
     def _as_inputs(self, inputs) -> torch.Tensor:
@@ -599,11 +620,41 @@ class CamEngine:
             targets = [ClassifierOutputTarget(int(c)) for c in tb]
         return self._library(CAM_METHODS[self.method], xb, targets)
 
+    @staticmethod
+    def _finer_targets(tb: np.ndarray, pb: np.ndarray, logits: Optional[np.ndarray]) -> list:
+        return [FinerWeightedTarget(int(t), [int(p)] if t != p else _nearest_classes(logits[i], int(t)), 1.0)
+                for i, (t, p) in enumerate(zip(tb, pb))]
+
     def _finer_batch(self, xb: torch.Tensor, tb: np.ndarray, pb: np.ndarray) -> np.ndarray:
         logits = self._logits(xb) if np.any(tb == pb) else None
-        targets = [FinerWeightedTarget(int(t), [int(p)] if t != p else _nearest_classes(logits[i], int(t)), 1.0)
-                   for i, (t, p) in enumerate(zip(tb, pb))]
-        return self._library(FinerCAM, xb, targets)
+        return self._library(FinerCAM, xb, self._finer_targets(tb, pb, logits))
+
+    def _finer_fast_batch(self, xb: torch.Tensor, tb: np.ndarray, pb: np.ndarray) -> np.ndarray:
+        """FinerCAM (Grad-CAM base) for a GAP -> Linear head: one forward pass, then the targets' gradients
+        with respect to the logits only (gradcam_from_logit_gradients); no backward pass through the model."""
+        store = {}
+        handle = self.layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+        try:
+            with torch.no_grad():
+                logits = self.model(xb).float()
+        finally:
+            handle.remove()
+        z = logits.detach().clone().requires_grad_(True)
+        targets = self._finer_targets(tb, pb, logits.cpu().numpy())
+        with torch.enable_grad():   # as FinerCAM: the sum over images of each image's target
+            (grads,) = torch.autograd.grad(sum(target(zi) for target, zi in zip(targets, z)), z)
+        return gradcam_from_logit_gradients(store["a"].float(), self._linear.weight.detach().float(), grads,
+                                            tuple(xb.shape[-2:]))
+
+    def _verify_finer_fast(self, xb: torch.Tensor, tb: np.ndarray, pb: np.ndarray) -> None:
+        """Compare the fast FinerCAM with pytorch-grad-cam's FinerCAM on a few real images, for the requested
+        pairs and for true = pred (nearest-class comparison); use the library from then on if they differ."""
+        xb = xb.to(self.device)
+        diff = max(float(np.abs(self._finer_fast_batch(xb, tb, q) - self._finer_batch(xb, tb, q)).max())
+                   for q in (pb, tb))
+        self.finer_fast_max_diff = diff
+        self._finer_fast = diff <= FAST_PATH_TOLERANCE   # written so that NaN also falls back
+        self._finer_verified = True
 
     def _logits(self, xb: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -730,7 +781,7 @@ FAITHFULNESS_METRICS = ("road", "confidence_change")
 
 
 def faithfulness(model: nn.Module, inputs: torch.Tensor, targets, cams: np.ndarray, metric: str = "road",
-                 batch_size: int = 64, seed: int = 0) -> np.ndarray:
+                 batch_size: int = 64, seed: int = 0, scores_before: Optional[np.ndarray] = None) -> np.ndarray:
     """Per-image faithfulness score (N,) of `cams` for class `targets[i]`, from pytorch-grad-cam's metrics.
     Both are p_after - p_before, the change of the target's softmax probability, in [-1, 1]:
 
@@ -741,6 +792,9 @@ def faithfulness(model: nn.Module, inputs: torch.Tensor, targets, cams: np.ndarr
     - "confidence_change" (CamMultImageConfidenceChange): the normalised input is multiplied by the CAM
       (un-highlighted pixels go to the dataset mean). ~0 or positive = the highlighted pixels alone keep the
       prediction, so the CAM covers the evidence; strongly negative = evidence lies outside the CAM.
+   
+    scores_before: the targets' softmax probabilities on the unperturbed `inputs` when already known (the
+    analysis has them from its inference pass); the metric then runs the model on the perturbed images only.
     """
     key = str(metric).strip().lower()
     if key not in FAITHFULNESS_METRICS:
@@ -753,6 +807,7 @@ def faithfulness(model: nn.Module, inputs: torch.Tensor, targets, cams: np.ndarr
     classes = np.asarray(targets)
     if classes.shape != (n,):
         raise ConfigError(f"targets must hold exactly one class per image: got shape {classes.shape} for {n} images.")
+    before = _check_scores_before(scores_before, n)
     scorer = ROADMostRelevantFirst(percentile=80) if key == "road" else CamMultImageConfidenceChange()
     device = _model_device(model)
     out = np.zeros(n, np.float32)
@@ -763,5 +818,24 @@ def faithfulness(model: nn.Module, inputs: torch.Tensor, targets, cams: np.ndarr
         for s in range(0, n, int(batch_size)):
             e = min(s + int(batch_size), n)
             tg = [ClassifierOutputSoftmaxTarget(int(c)) for c in classes[s:e]]
-            out[s:e] = scorer(x[s:e].to(device), maps[s:e], tg, model)
+            out[s:e] = perturbation_score(scorer, x[s:e].to(device), maps[s:e], tg, model,
+                                          None if before is None else before[s:e])
     return out
+
+
+def _check_scores_before(scores_before, n: int) -> Optional[np.ndarray]:
+    if scores_before is None:
+        return None
+    before = np.asarray(scores_before, dtype=np.float32).reshape(-1)
+    if before.shape != (n,) or not np.isfinite(before).all():
+        raise ConfigError(f"scores_before must hold one finite score per image ({n}); got shape {before.shape}.")
+    return before
+
+
+def perturbation_score(scorer, x: torch.Tensor, maps: np.ndarray, targets: list, model: nn.Module,
+                       before: Optional[np.ndarray] = None) -> np.ndarray:
+    """A pytorch-grad-cam perturbation metric's score_after - score_before. With `before` known, the metric is
+    asked for the perturbed scores only (return_diff=False), which saves its forward pass on the originals."""
+    if before is None:
+        return scorer(x, maps, targets, model)
+    return scorer(x, maps, targets, model, return_diff=False) - before

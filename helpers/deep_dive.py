@@ -219,16 +219,20 @@ class SoftmaxContrastTarget:
 
 
 def contrast_faithfulness(model: nn.Module, inputs: torch.Tensor, true_classes, pred_classes, maps: np.ndarray,
-                          percentile: int = 80, batch_size: int = 64, seed: int = 0) -> np.ndarray:
+                          percentile: int = 80, batch_size: int = 64, seed: int = 0,
+                          scores_before: Optional[np.ndarray] = None) -> np.ndarray:
     """Per-image faithfulness (N,) of maps that explain "true class rather than predicted class" (FinerCAM).
 
     pytorch-grad-cam's ROADMostRelevantFirst(percentile): the (100 - percentile)% highest-map pixels are
     replaced by noisy linear interpolation of their neighbours, and the score is the change of
     p(true) - p(pred). NEGATIVE = removing the highlighted pixels moves the model away from the true class
     towards the predicted one, so the map marks what tells them apart; ~0 = those pixels do not matter.
-    The imputation noise is seeded by `seed`; the model is used as given (eval mode).
+    The imputation noise is seeded by `seed`; the model is used as given (eval mode). scores_before: p(true) -
+    p(pred) on the unperturbed inputs when already known (saves the metric's forward pass on them).
     """
     from pytorch_grad_cam.metrics.road import ROADMostRelevantFirst
+
+    from .cams import _check_scores_before, perturbation_score
 
     x = torch.as_tensor(inputs).float()
     n = x.shape[0]
@@ -243,6 +247,7 @@ def contrast_faithfulness(model: nn.Module, inputs: torch.Tensor, true_classes, 
         device = next(model.parameters()).device
     except StopIteration:
         device = x.device
+    before = _check_scores_before(scores_before, n)
     scorer = ROADMostRelevantFirst(percentile=percentile)
     out = np.zeros(n, np.float32)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
@@ -252,7 +257,8 @@ def contrast_faithfulness(model: nn.Module, inputs: torch.Tensor, true_classes, 
         for s in range(0, n, int(batch_size)):
             e = min(s + int(batch_size), n)
             targets = [SoftmaxContrastTarget(a, b) for a, b in zip(t[s:e], q[s:e])]
-            out[s:e] = scorer(x[s:e].to(device), m[s:e], targets, model)
+            out[s:e] = perturbation_score(scorer, x[s:e].to(device), m[s:e], targets, model,
+                                          None if before is None else before[s:e])
     return out
 
 

@@ -105,10 +105,13 @@ def group_pairs_step(an: "Analysis", sec: "Section") -> None:
     finer = np.concatenate(faith_finer)
     random_maps = np.random.default_rng(an.params.SEED).random(finer.shape, dtype=np.float32)
 
+    probs = an.preds.probs[faith_idx]   # from the inference pass: the metric runs only the perturbed images
+    before = probs[np.arange(len(faith_idx)), faith_cls] - probs[np.arange(len(faith_idx)), pred]
+
     def contrast(maps: np.ndarray) -> float:
         return an.cached("contrast_faithfulness", lambda: float(np.nanmean(deep_dive.contrast_faithfulness(
-            an.loaded.module, an.inputs[faith_idx], faith_cls, pred, maps, seed=an.params.SEED))),
-            faith_idx, faith_cls, pred, maps, an.params.SEED)
+            an.loaded.module, an.inputs[faith_idx], faith_cls, pred, maps, seed=an.params.SEED,
+            scores_before=before))), faith_idx, faith_cls, pred, maps, an.params.SEED)
 
     scores = {method: an._faithfulness(faith_idx, pred, np.concatenate(faith_pred)), FINER_KEY: contrast(finer)}
     baseline = {method: an._faithfulness(faith_idx, pred, random_maps), FINER_KEY: contrast(random_maps)}

@@ -660,7 +660,9 @@ class Analysis:
         from .cams import faithfulness
 
         def compute() -> float:
-            scores = faithfulness(self.loaded.module, self.inputs[idx], np.asarray(classes), cams)
+            # p(class) on the originals is known from the inference pass: only the perturbed images are run
+            before = self.preds.probs[np.asarray(idx, dtype=np.int64), np.asarray(classes, dtype=np.int64)]
+            scores = faithfulness(self.loaded.module, self.inputs[idx], np.asarray(classes), cams, scores_before=before)
             return float(np.nanmean(scores))
         return self.cached("faithfulness", compute, list(idx), list(classes), np.asarray(cams, np.float32))
 

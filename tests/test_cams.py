@@ -373,6 +373,39 @@ def test_compute_finer_true_vs_pred(images):
         cam.base_cam.activations_and_grads.release()
         np.testing.assert_allclose(got[i], ref[0], atol=1e-5)
     assert got[2].max() == pytest.approx(1.0, abs=1e-5)   # not the all-zero map of logit_t - logit_t
+    # GAP -> Linear head: computed from the logits' gradients (no backward pass), after a check against the
+    # library that covers both comparisons; the maps above equal pytorch-grad-cam's FinerCAM all the same.
+    assert engine._finer_fast and engine.finer_fast_max_diff <= cams.FAST_PATH_TOLERANCE
+    library = CamEngine(model, batch_size=2, fast_path=False).compute_finer(images, true, pred)
+    np.testing.assert_allclose(got, library, atol=1e-5)
+
+
+def test_compute_finer_on_a_non_gap_head_uses_the_library(images):
+    model = seeded(vgg_mlp)
+    engine = CamEngine(model, batch_size=2)
+    true, pred = np.array([1, 2, 3, 4, 5]), np.array([6, 7, 3, 8, 0])
+    got = engine.compute_finer(images, true, pred)
+    assert not engine._finer_fast and engine.finer_fast_max_diff is None
+    cam = FinerCAM(model, [engine.layer])
+    ref = cam(images[:1], targets=[FinerWeightedTarget(1, [6], 1)])
+    cam.base_cam.activations_and_grads.release()
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-5)
+
+
+def test_gradcam_from_logit_gradients_is_gradcam_for_one_hot_gradients(images, targets):
+    model = seeded(HeResNet)
+    engine = CamEngine(model)
+    store = {}
+    handle = engine.layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    onehot = np.eye(10, dtype=np.float32)[np.asarray(targets)]
+    weight = engine._linear.weight.detach()
+    np.testing.assert_allclose(cams.gradcam_from_logit_gradients(store["a"], weight, onehot, (32, 32)),
+                               cams.gradcam_from_activations(store["a"], weight, targets, (32, 32)), atol=1e-6)
+    with pytest.raises(ConfigError, match="shapes do not fit"):
+        cams.gradcam_from_logit_gradients(store["a"], weight, onehot[:, :5], (32, 32))
 
 
 # ----------------------------------------------------------------------------- overlay / colours
@@ -476,3 +509,12 @@ def test_faithfulness_equals_library_road(images, targets):
                                                model)
     assert got.shape == (5,) and np.isfinite(got).all()
     np.testing.assert_allclose(got, ref, atol=1e-6)
+    # With p(target) on the originals given (as the analysis passes them from its inference pass), the
+    # library only scores the perturbed images, and the result is the same.
+    with torch.no_grad():
+        before = torch.softmax(model(images), dim=1)[torch.arange(5), torch.as_tensor(targets)].numpy()
+    np.testing.assert_allclose(faithfulness(model, images, targets, maps, seed=3, scores_before=before), ref, atol=1e-6)
+    shifted = faithfulness(model, images, targets, maps, seed=3, scores_before=before + 0.25)
+    np.testing.assert_allclose(shifted, ref - 0.25, atol=1e-6)   # the given scores really are the ones used
+    with pytest.raises(ConfigError, match="one finite score per image"):
+        faithfulness(model, images, targets, maps, scores_before=before[:4])

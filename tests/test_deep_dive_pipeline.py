@@ -143,6 +143,9 @@ def test_contrast_faithfulness_rewards_maps_on_what_separates_the_classes():
     assert on_true[0] == pytest.approx(margin(np.array([0, 4.8, 0])) - margin(np.array([4, 4.8, 0])), abs=0.05)
     assert on_pred[0] > 0.3                       # removing the predicted class's evidence helps the true class
     assert abs(elsewhere[0]) < 0.02               # pixels neither class uses change nothing
+    before = margin(np.array([4, 4.8, 0]))        # p(true) - p(pred) on the original, known in advance
+    given = contrast_faithfulness(model, x, [0], [1], box(4, 4), percentile=95, scores_before=[before])
+    np.testing.assert_allclose(given, on_true, atol=1e-6)
     with pytest.raises(DataError):
         contrast_faithfulness(model, x, [0], [1], np.zeros((2, 32, 32), np.float32))
 
