@@ -1,8 +1,11 @@
 """atomic_io.BackgroundWriter: what the worker process writes equals what this process would write, figures
 jump ahead of pictures in its queue, flush() takes over the jobs the worker has not started, and a dead worker
 or an unpicklable job still ends in a written file."""
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -164,3 +167,26 @@ def test_a_real_error_is_raised_by_flush(tmp_path):
     with pytest.raises(OSError):
         writer.flush()
     writer.close(raise_errors=False)
+
+
+def test_jobs_still_queued_when_the_interpreter_exits_are_written(tmp_path):
+    """A script that never calls flush() or close() still gets its files, as with a plain executor."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+import numpy as np
+from matplotlib.figure import Figure
+from helpers import atomic_io, plots
+rows = [plots.GalleryRow(image=np.zeros((32, 32, 3), np.uint8), title="t", panels=[("CAM → pred: x",
+        np.full((32, 32, 3), 200, np.uint8))], ok=True)]
+writer = atomic_io.BackgroundWriter()
+fig = Figure(figsize=(2, 2)); fig.add_subplot().plot([0, 1])
+writer.figure(fig, {str(tmp_path / "fig.png")!r})
+for i in range(6):
+    writer.rendered(plots.render_gallery, ("title", [("section", rows)]), {str(tmp_path)!r} + f"/g{{i}}.png")
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["fig.png"] + [f"g{i}.png" for i in range(6)]
+    for name in names:
+        assert _pixels(tmp_path / name).shape[0] > 0
