@@ -59,7 +59,18 @@ def project_2d(features: np.ndarray, seed: int = 0, method: str = "auto") -> tup
         with warnings.catch_warnings():
             # A fixed random_state makes UMAP single-threaded and it warns about that.
             warnings.filterwarnings("ignore", message=".*n_jobs.*", category=UserWarning)
-            reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1)
+            warnings.filterwarnings("ignore", message=".*precomputed metric.*", category=UserWarning)
+            if n < 4096:
+                # UMAP's exact path for small data: all pairwise distances. UMAP gets them through sklearn with
+                # its numba metric as a Python callable, one call per pair (0.3 s for 500 points); the same
+                # euclidean matrix, vectorised, takes 5 ms. (Disconnected components are then placed by average
+                # linkage instead of centroid distance.)
+                from sklearn.metrics import pairwise_distances
+                x, metric = pairwise_distances(x.astype(np.float64), metric="euclidean"), "precomputed"
+            else:
+                metric = "euclidean"
+            reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1,
+                                metric=metric)
             coords = reducer.fit_transform(x)
         return np.asarray(coords, dtype=np.float32), "UMAP"
 

@@ -78,11 +78,30 @@ def test_project_2d_auto_uses_umap_with_capped_neighbours(monkeypatch):
             return x[:, :2] * 2
 
     monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
-    x = np.arange(30, dtype=np.float32).reshape(10, 3)
+    x = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
     coords, method = deep_dive.project_2d(x, seed=7)
     assert method == "UMAP" and coords.shape == (10, 2)
-    np.testing.assert_allclose(coords, x[:, :2] * 2)
+    # Small data: UMAP gets the exact euclidean distance matrix, precomputed.
+    from scipy.spatial.distance import cdist
+    np.testing.assert_allclose(coords, cdist(x.astype(np.float64), x.astype(np.float64))[:, :2] * 2, atol=1e-6)
     assert seen["n_neighbors"] == 9 and seen["random_state"] == 7 and seen["n_components"] == 2
+    assert seen["metric"] == "precomputed"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_umap_on_precomputed_distances_builds_umaps_own_graph():
+    """The premise of project_2d's small-data shortcut: the same fuzzy neighbour graph as UMAP's euclidean path."""
+    umap = pytest.importorskip("umap")
+    from sklearn.metrics import pairwise_distances
+
+    from helpers.jit_cache import enable_umap_jit_cache
+    enable_umap_jit_cache()
+    x, _ = _blobs(n_per_class=20)
+    own = umap.UMAP(n_neighbors=15, random_state=0, n_jobs=1).fit(x)
+    pre = umap.UMAP(n_neighbors=15, random_state=0, n_jobs=1, metric="precomputed").fit(
+        pairwise_distances(np.asarray(x, np.float64)))
+    assert own.graph_.nnz == pre.graph_.nnz
+    assert abs(own.graph_ - pre.graph_).max() < 1e-5
 
 
 @pytest.mark.skipif(not os.environ.get("GRADCAM_SLOW_TESTS"),
