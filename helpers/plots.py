@@ -413,21 +413,27 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], normalize:
     return fig
 
 
-def _large_matrix_axes(names: Sequence[str], tick_fs: float, size_in: tuple[float, float] = (28.0, 26.0)):
-    """(figure, axes, colour-bar axes) of a fixed 28x26 in layout for a matrix with more than 20 classes.
+def _large_matrix_axes(names: Sequence[str], tick_fs: float, size_in: tuple[float, float] = (28.0, 26.0),
+                       x_rotation: float = 90.0, title_h: float = 0.6):
+    """(figure, axes, colour-bar axes) of a fixed layout for a square matrix with every class named.
 
-    Margins come from the longest class name, measured with matplotlib's own font metrics; the matrix is the
-    largest square left. Constrained layout would find the same, but it measures the 200 tick labels in an
-    extra full draw: the 100-class matrix saved in 1.3 s instead of 2.7 s."""
+    Margins come from the longest class name, measured with matplotlib's own font metrics (x labels rotated by
+    x_rotation degrees); the matrix is the largest square left. Constrained layout would find the same, but it
+    measures the tick labels in an extra draw: the 100-class matrix saved in 1.3 s instead of 2.7 s."""
+    import math
+
     from matplotlib.font_manager import FontProperties
     from matplotlib.textpath import text_to_path
     prop = FontProperties(size=tick_fs)
-    longest = max((text_to_path.get_text_width_height_descent(str(n), prop, ismath=False)[0] for n in names),
-                  default=0.0) / 72.0
+    sizes = [text_to_path.get_text_width_height_descent(str(n), prop, ismath=False)[:2] for n in names] or [(0, 0)]
+    longest = max(w for w, _ in sizes) / 72.0
+    line = max(h for _, h in sizes) / 72.0
+    angle = math.radians(x_rotation)
     fig_w, fig_h = size_in
     pad, axis_label, tick_gap = 0.25, 0.35, 0.12            # inches: outer pad, axis-label band, tick + its pad
-    title_h, cbar_gap, cbar_w, cbar_text = 0.6, 0.15, 0.35, 0.95
-    left = bottom = pad + axis_label + longest + tick_gap
+    cbar_gap, cbar_w, cbar_text = 0.15, 0.35, 0.95
+    left = pad + axis_label + longest + tick_gap
+    bottom = pad + axis_label + longest * math.sin(angle) + line * abs(math.cos(angle)) + tick_gap
     side = max(1.0, min(fig_w - left - cbar_gap - cbar_w - cbar_text - pad, fig_h - bottom - title_h - pad))
     x0 = left + max(0.0, (fig_w - left - side - cbar_gap - cbar_w - cbar_text - pad) / 2)
     fig = Figure(figsize=size_in)
@@ -477,8 +483,12 @@ def plot_coarse_confusion(cm20: np.ndarray, coarse_names: Sequence[str]) -> Figu
         raise ValueError(f"coarse confusion matrix {cm.shape} does not match {k} superclass names")
     pct = 100.0 * cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     side = max(5.0, 0.55 * k + 2.5)
-    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
-    ax = fig.add_subplot()
+    if k > 12:   # fixed margins from the names' lengths: a layout engine walks the 400 cell labels in an extra draw
+        fig, ax, cax = _large_matrix_axes(list(coarse_names), 8, size_in=(side + 1.5, side), x_rotation=60,
+                                          title_h=0.45)
+    else:        # small matrices: constrained layout, which also fits a long title and the colour-bar label
+        fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+        ax, cax = fig.add_subplot(), None
     cmap, norm = _cmap("Blues"), mcolors.PowerNorm(gamma=0.5, vmin=0, vmax=100)
     im = ax.imshow(pct, cmap=cmap, norm=norm, interpolation="nearest")
     labels = np.array([[("0" if cm[i, j] == 0 else f"{pct[i, j]:.1f}") for j in range(k)] for i in range(k)])
@@ -491,7 +501,8 @@ def plot_coarse_confusion(cm20: np.ndarray, coarse_names: Sequence[str]) -> Figu
     total = cm.sum()
     acc = f" — superclass accuracy {np.trace(cm) / total:.1%}" if total else ""
     ax.set_title(f"Superclass confusion (row %){acc}")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label("% of the true superclass (square-root scale)")
+    bar = fig.colorbar(im, cax=cax) if cax is not None else fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    bar.set_label("% of the true superclass (square-root scale)")
     return fig
 
 
