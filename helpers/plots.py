@@ -413,6 +413,15 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], normalize:
     return fig
 
 
+def _label_extent_in(names: Sequence[str], fontsize: float) -> tuple[float, float]:
+    """(widest, tallest) of `names` as tick labels of this font size, in inches (matplotlib's font metrics)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import text_to_path
+    prop = FontProperties(size=fontsize)
+    sizes = [text_to_path.get_text_width_height_descent(str(n), prop, ismath=False)[:2] for n in names] or [(0, 0)]
+    return max(w for w, _ in sizes) / 72.0, max(h for _, h in sizes) / 72.0
+
+
 def _large_matrix_axes(names: Sequence[str], tick_fs: float, size_in: tuple[float, float] = (28.0, 26.0),
                        x_rotation: float = 90.0, title_h: float = 0.6):
     """(figure, axes, colour-bar axes) of a fixed layout for a square matrix with every class named.
@@ -421,13 +430,7 @@ def _large_matrix_axes(names: Sequence[str], tick_fs: float, size_in: tuple[floa
     x_rotation degrees); the matrix is the largest square left. Constrained layout would find the same, but it
     measures the tick labels in an extra draw: the 100-class matrix saved in 1.3 s instead of 2.7 s."""
     import math
-
-    from matplotlib.font_manager import FontProperties
-    from matplotlib.textpath import text_to_path
-    prop = FontProperties(size=tick_fs)
-    sizes = [text_to_path.get_text_width_height_descent(str(n), prop, ismath=False)[:2] for n in names] or [(0, 0)]
-    longest = max(w for w, _ in sizes) / 72.0
-    line = max(h for _, h in sizes) / 72.0
+    longest, line = _label_extent_in(names, tick_fs)
     angle = math.radians(x_rotation)
     fig_w, fig_h = size_in
     pad, axis_label, tick_gap = 0.25, 0.35, 0.12            # inches: outer pad, axis-label band, tick + its pad
@@ -486,8 +489,9 @@ def plot_coarse_confusion(cm20: np.ndarray, coarse_names: Sequence[str]) -> Figu
     if k > 12:   # fixed margins from the names' lengths: a layout engine walks the 400 cell labels in an extra draw
         fig, ax, cax = _large_matrix_axes(list(coarse_names), 8, size_in=(side + 1.5, side), x_rotation=60,
                                           title_h=0.45)
-    else:        # small matrices: constrained layout, which also fits a long title and the colour-bar label
-        fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    else:        # small matrices: constrained layout, in a figure grown by the longest name (rotated 60° below)
+        longest = _label_extent_in(list(coarse_names), 8)[0]
+        fig = Figure(figsize=(side + 1.5 + longest, side + 0.87 * longest), layout="constrained")
         ax, cax = fig.add_subplot(), None
     cmap, norm = _cmap("Blues"), mcolors.PowerNorm(gamma=0.5, vmin=0, vmax=100)
     im = ax.imshow(pct, cmap=cmap, norm=norm, interpolation="nearest")

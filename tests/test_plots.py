@@ -419,3 +419,23 @@ def test_tile_labels_keep_class_names_whole():
     assert plots._fit_label("input", 128)[0] == "input"
     long_text, font = plots._fit_label("CAM → true: an extremely long class name indeed", 128)
     assert long_text.endswith("…") and font.getlength(long_text) <= 128
+
+
+@pytest.mark.parametrize("names", [[f"superclass with a long name {i}" for i in range(20)],
+                                   ["a very long superclass name number one", "b", "c"]])
+def test_superclass_matrix_keeps_every_label_inside_the_figure(names):
+    """Fixed margins (> 12 groups) and the grown constrained figure (few groups) both fit the rotated names, the
+    title and the colour-bar label."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    k = len(names)
+    cm = np.full((k, k), 3) + np.diag(np.full(k, 90))
+    fig = plots.plot_coarse_confusion(cm, names)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer, box = canvas.get_renderer(), fig.bbox
+    texts = [t for ax in fig.axes for t in ax.get_xticklabels() + ax.get_yticklabels()
+             + [ax.title, ax.xaxis.label, ax.yaxis.label] if t.get_text()]
+    assert len(texts) >= 2 * k + 3
+    for t in texts:
+        e = t.get_window_extent(renderer)
+        assert e.x0 >= -1 and e.y0 >= -1 and e.x1 <= box.x1 + 1 and e.y1 <= box.y1 + 1, t.get_text()
