@@ -792,7 +792,7 @@ def faithfulness(model: nn.Module, inputs: torch.Tensor, targets, cams: np.ndarr
     - "confidence_change" (CamMultImageConfidenceChange): the normalised input is multiplied by the CAM
       (un-highlighted pixels go to the dataset mean). ~0 or positive = the highlighted pixels alone keep the
       prediction, so the CAM covers the evidence; strongly negative = evidence lies outside the CAM.
-   
+
     scores_before: the targets' softmax probabilities on the unperturbed `inputs` when already known (the
     analysis has them from its inference pass); the metric then runs the model on the perturbed images only.
     """

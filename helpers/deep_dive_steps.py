@@ -211,7 +211,7 @@ def superclass_step(an: "Analysis", sec: "Section") -> None:
     ccm = metrics.coarse_confusion_matrix(pr.labels, pr.preds, f2c, n_coarse)
     fig = plots.plot_coarse_confusion(ccm, [n.replace("_", " ") for n in data.coarse_names])
     sec.figures["coarse_confusion"] = fig
-    an._save_fig(fig, SUB, "superclass_confusion.png", tight=False)   # fixed margins
+    an._save_fig(fig, SUB, "superclass_confusion.png", tight=False)   # fixed margins or constrained: both fit
     share = metrics.superclass_error_share(pr.labels, pr.preds, f2c)
     cm = an.results["confusion"].values["cm"]
     within = metrics.top_within_superclass_pairs(cm, data.class_names, f2c, k=10)

@@ -15,6 +15,7 @@ import base64
 import functools
 import html
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -384,7 +385,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], normalize:
     if large:
         norm = mcolors.PowerNorm(gamma=0.5, vmin=0, vmax=vmax)
         tick_fs = 7
-        fig, ax, cax = _large_matrix_axes(names, tick_fs)
+        fig, ax, cax = _fixed_matrix_axes(names, tick_fs)
     else:
         norm = mcolors.Normalize(vmin=0, vmax=vmax)
         side = max(5.0, 0.55 * C + 2.5)
@@ -422,14 +423,13 @@ def _label_extent_in(names: Sequence[str], fontsize: float) -> tuple[float, floa
     return max(w for w, _ in sizes) / 72.0, max(h for _, h in sizes) / 72.0
 
 
-def _large_matrix_axes(names: Sequence[str], tick_fs: float, size_in: tuple[float, float] = (28.0, 26.0),
+def _fixed_matrix_axes(names: Sequence[str], tick_fs: float, size_in: tuple[float, float] = (28.0, 26.0),
                        x_rotation: float = 90.0, title_h: float = 0.6):
     """(figure, axes, colour-bar axes) of a fixed layout for a square matrix with every class named.
 
     Margins come from the longest class name, measured with matplotlib's own font metrics (x labels rotated by
     x_rotation degrees); the matrix is the largest square left. Constrained layout would find the same, but it
     measures the tick labels in an extra draw: the 100-class matrix saved in 1.3 s instead of 2.7 s."""
-    import math
     longest, line = _label_extent_in(names, tick_fs)
     angle = math.radians(x_rotation)
     fig_w, fig_h = size_in
@@ -486,18 +486,20 @@ def plot_coarse_confusion(cm20: np.ndarray, coarse_names: Sequence[str]) -> Figu
         raise ValueError(f"coarse confusion matrix {cm.shape} does not match {k} superclass names")
     pct = 100.0 * cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     side = max(5.0, 0.55 * k + 2.5)
+    rotation = 60   # of the x tick labels
     if k > 12:   # fixed margins from the names' lengths: a layout engine walks the 400 cell labels in an extra draw
-        fig, ax, cax = _large_matrix_axes(list(coarse_names), 8, size_in=(side + 1.5, side), x_rotation=60,
+        fig, ax, cax = _fixed_matrix_axes(list(coarse_names), 8, size_in=(side + 1.5, side), x_rotation=rotation,
                                           title_h=0.45)
-    else:        # small matrices: constrained layout, in a figure grown by the longest name (rotated 60° below)
+    else:        # small matrices: constrained layout, in a figure grown by the longest (rotated) name
         longest = _label_extent_in(list(coarse_names), 8)[0]
-        fig = Figure(figsize=(side + 1.5 + longest, side + 0.87 * longest), layout="constrained")
+        fig = Figure(figsize=(side + 1.5 + longest, side + math.sin(math.radians(rotation)) * longest),
+                     layout="constrained")
         ax, cax = fig.add_subplot(), None
     cmap, norm = _cmap("Blues"), mcolors.PowerNorm(gamma=0.5, vmin=0, vmax=100)
     im = ax.imshow(pct, cmap=cmap, norm=norm, interpolation="nearest")
     labels = np.array([[("0" if cm[i, j] == 0 else f"{pct[i, j]:.1f}") for j in range(k)] for i in range(k)])
     _annotated_heatmap(ax, pct, labels, cmap, norm, fontsize=7 if k > 12 else 9)
-    ax.set_xticks(np.arange(k), labels=list(coarse_names), rotation=60, ha="right", rotation_mode="anchor",
+    ax.set_xticks(np.arange(k), labels=list(coarse_names), rotation=rotation, ha="right", rotation_mode="anchor",
                   fontsize=8)
     ax.set_yticks(np.arange(k), labels=list(coarse_names), fontsize=8)
     ax.set_xlabel("Predicted superclass")
