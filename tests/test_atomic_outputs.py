@@ -5,6 +5,7 @@ removes them."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import signal
@@ -155,3 +156,43 @@ def test_png_bytes_decode_to_the_same_pixels_with_pillow_and_matplotlib(tmp_path
     for bad in (np.zeros((4, 4), np.float32), np.zeros((4, 4, 2), np.uint8), np.zeros(4, np.uint8)):
         with pytest.raises(ValueError, match="png_bytes needs uint8"):
             png_bytes(bad)
+
+
+@pytest.mark.parametrize("deflate", ["isal", "zlib"])
+def test_png_bytes_with_either_deflate_backend(tmp_path, monkeypatch, deflate):
+    """ISA-L (when installed) and the standard library's zlib both write PNGs that Pillow reads back to the
+    same pixels; the pHYs chunk carries the dpi."""
+    from helpers import atomic_io
+    if deflate == "isal":
+        pytest.importorskip("isal")
+    else:
+        monkeypatch.setitem(sys.modules, "isal", None)   # `from isal import ...` now raises ImportError
+    pixels = np.random.default_rng(1).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    pixels[10:30] = pixels[10]                              # compressible rows, as in real pictures
+    for level in (0, 1, 3, 6):
+        data = atomic_io.png_bytes(pixels, level=level, dpi=100)
+        with Image.open(io.BytesIO(data)) as im:
+            assert np.array_equal(np.asarray(im), pixels), (deflate, level)
+            assert im.info["dpi"] == pytest.approx((100, 100), abs=1e-3)
+
+
+def test_save_figure_writes_the_same_pixels_as_matplotlib(tmp_path):
+    """save_figure encodes through helpers.png_canvas; the pixels must be those of matplotlib's own savefig,
+    with bbox_inches="tight", a constrained layout and a transparent facecolor alike."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from helpers.atomic_io import save_figure
+    cases = {"tight": {"bbox_inches": "tight"}, "plain": {}, "transparent": {"transparent": True}}
+    for name, kwargs in cases.items():
+        fig, ax = plt.subplots(figsize=(3, 2), layout="constrained" if name == "plain" else None)
+        ax.imshow(np.arange(12).reshape(3, 4), cmap="viridis")
+        ax.set_title("a title with text", fontsize=9)
+        ours, reference = tmp_path / f"{name}_ours.png", tmp_path / f"{name}_mpl.png"
+        save_figure(fig, ours, dpi=72, **kwargs)
+        fig.savefig(reference, dpi=72, format="png", **kwargs)
+        plt.close(fig)
+        with Image.open(ours) as a, Image.open(reference) as b:
+            assert a.size == b.size and a.mode == b.mode == "RGBA", name
+            assert np.array_equal(np.asarray(a), np.asarray(b)), name
