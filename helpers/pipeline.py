@@ -339,6 +339,10 @@ class Analysis:
             # while the PNG writer thread and the figure worker need cores: half the threads (1 of 2 here)
             # took ResNet-56's post-inference steps from 10.1 s to 9.2 s (mean of 3 runs each).
             torch.set_num_threads(max(1, self.threads // 2))
+        # The figure worker starts now: its interpreter imports matplotlib (~1 s, partly reading files) while the
+        # confusion step runs, instead of when the first figure is sent. (A thread importing the deep dive's
+        # libraries here was no gain: it holds the GIL, and the galleries waited.)
+        self._writer.warm_up()
         self._timed("inference", start)
         return self.preds
 

@@ -603,8 +603,8 @@ def per_class_accuracy_figure(table_df: pd.DataFrame):
     superclass, accuracy, correct/support, mean confidence, top wrong prediction and its count.
     Columns: class, accuracy (0–1); optional support, correct, mean_confidence, top_wrong,
     top_wrong_count, superclass."""
-    import plotly.express as px
     import plotly.graph_objects as go
+    from plotly.colors import qualitative   # plotly.express would import only to hand over these palettes
 
     cols = _per_class_columns(table_df)
     df = table_df.sort_values([cols["acc"], cols["name"]], kind="stable").reset_index(drop=True)
@@ -630,7 +630,7 @@ def per_class_accuracy_figure(table_df: pd.DataFrame):
     order = df[cols["name"]].astype(str).tolist()
     if cols["super"]:
         groups = sorted(set(df[cols["super"]].astype(str)))
-        palette = px.colors.qualitative.Dark24 + px.colors.qualitative.Light24
+        palette = qualitative.Dark24 + qualitative.Light24
         for gi, g in enumerate(groups):
             sub = df[df[cols["super"]].astype(str) == g]
             fig.add_trace(go.Bar(x=sub[cols["name"]].astype(str), y=sub[cols["acc"]], name=g,
