@@ -632,18 +632,13 @@ class CamEngine:
     def _finer_fast_batch(self, xb: torch.Tensor, tb: np.ndarray, pb: np.ndarray) -> np.ndarray:
         """FinerCAM (Grad-CAM base) for a GAP -> Linear head: one forward pass, then the targets' gradients
         with respect to the logits only (gradcam_from_logit_gradients); no backward pass through the model."""
-        store = {}
-        handle = self.layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-        try:
-            with torch.no_grad():
-                logits = self.model(xb).float()
-        finally:
-            handle.remove()
-        z = logits.detach().clone().requires_grad_(True)
+        logits, activations = self._forward_with_activations(xb)
+        logits = logits.float()
+        z = logits.clone().requires_grad_(True)
         targets = self._finer_targets(tb, pb, logits.cpu().numpy())
         with torch.enable_grad():   # as FinerCAM: the sum over images of each image's target
             (grads,) = torch.autograd.grad(sum(target(zi) for target, zi in zip(targets, z)), z)
-        return gradcam_from_logit_gradients(store["a"].float(), self._linear.weight.detach().float(), grads,
+        return gradcam_from_logit_gradients(activations.float(), self._linear.weight.detach().float(), grads,
                                             tuple(xb.shape[-2:]))
 
     def _verify_finer_fast(self, xb: torch.Tensor, tb: np.ndarray, pb: np.ndarray) -> None:
@@ -682,16 +677,21 @@ class CamEngine:
             self.model.zero_grad(set_to_none=True)
         return np.asarray(result, dtype=np.float32)
 
-    def _fast_batch(self, xb: torch.Tensor, tb: np.ndarray) -> np.ndarray:
+    def _forward_with_activations(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, target-layer activations) of one forward pass without autograd (the fast paths' only pass)."""
         store = {}
         handle = self.layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
         try:
-            with torch.inference_mode():
-                self.model(xb)
-                return gradcam_from_activations(store["a"].float(), self._linear.weight.float(), tb,
-                                                tuple(xb.shape[-2:]))
+            with torch.no_grad():
+                logits = self.model(xb)
         finally:
             handle.remove()
+        return logits, store["a"]
+
+    def _fast_batch(self, xb: torch.Tensor, tb: np.ndarray) -> np.ndarray:
+        _, activations = self._forward_with_activations(xb)
+        return gradcam_from_activations(activations.float(), self._linear.weight.detach().float(), tb,
+                                        tuple(xb.shape[-2:]))
 
     def _verify_fast(self, xb: torch.Tensor, tb: np.ndarray) -> None:
         """Compare the fast path with pytorch-grad-cam GradCAM on a few real images, for the requested

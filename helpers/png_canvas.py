@@ -11,7 +11,9 @@ import numpy as np
 from matplotlib import cbook
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-PNG_BACKEND = "module://helpers.png_canvas"
+from .atomic_io import png_bytes
+
+PNG_BACKEND = f"module://{__name__}"   # how savefig(backend=...) names this module
 
 
 class FigureCanvas(FigureCanvasAgg):
@@ -19,7 +21,6 @@ class FigureCanvas(FigureCanvasAgg):
         """Agg's pixels as PNG via png_bytes. print_figure has already applied dpi, facecolor and the tight
         bbox to the figure and passes them again (as to any third-party canvas): they, metadata and
         pil_kwargs are ignored."""
-        from .atomic_io import png_bytes
         FigureCanvasAgg.draw(self)
         data = png_bytes(np.asarray(self.buffer_rgba()), dpi=self.figure.dpi)
         with cbook.open_file_cm(filename_or_obj, "wb") as fh:
