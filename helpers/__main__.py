@@ -8,8 +8,8 @@ import time
 import typing
 from dataclasses import fields
 
-from .config import ENV_PREFIX, Params
-from .errors import SuiteError
+from helpers.config import ENV_PREFIX, Params
+from helpers.errors import SuiteError
 
 HELP = {
     "MODEL_PATH": "checkpoint file (state_dict, TorchScript, ...); default: the public CIFAR-100 ResNet-56",
@@ -110,18 +110,18 @@ def main(argv: typing.Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "analyze":
-            from .pipeline import Analysis
+            from helpers.pipeline import Analysis
             start = time.perf_counter()
             an = Analysis(params_from_args(args), progress=not args.quiet)
             an.run_all()
             print(f"Accuracy {an.preds.accuracy:.2%}; outputs in {an.out.resolve()} "
                   f"({time.perf_counter() - start:.1f} s). Open {an.out / 'index.html'}.")
             if an.params.COMPARE_WITH:
-                from .compare import compare
+                from helpers.compare import compare
                 res = compare(an, an.params.COMPARE_WITH, progress=not args.quiet)
                 print(f"Comparison with {an.params.COMPARE_WITH}: open {res.out / 'index.html'}.")
         elif args.command == "compare":
-            from .compare import compare
+            from helpers.compare import compare
             start = time.perf_counter()
             params = params_from_args(args)
             a, b = _checkpoint(args.checkpoint_a), _checkpoint(args.checkpoint_b)

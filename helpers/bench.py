@@ -56,7 +56,7 @@ NUM_CLASSES = {"cifar100": 100, "cifar10": 10}
 
 def prepare_data(folder: Path, n: int, dataset: str = "cifar100") -> Path:
     """A CIFAR-format test set of n generated images under folder (reused when it already matches)."""
-    from .synthetic import write_cifar10, write_cifar100
+    from helpers.data.synthetic import write_cifar10, write_cifar100
     stamp = folder / "bench_n.txt"
     if not (stamp.exists() and stamp.read_text().strip() == f"{dataset} {n}"):
         (write_cifar100 if dataset == "cifar100" else write_cifar10)(folder, n_test=n, seed=0)
@@ -69,8 +69,8 @@ def prepare_checkpoint(arch: str, folder: Path, num_classes: int = 100) -> tuple
     else seeded random weights."""
     import torch
 
-    from .architectures import BUILTIN_ARCHS
-    from .models import DEFAULT_ARCH, default_model_cache_path
+    from helpers.model.architectures import BUILTIN_ARCHS
+    from helpers.model.load import DEFAULT_ARCH, default_model_cache_path
     if arch == DEFAULT_ARCH and num_classes == 100 and default_model_cache_path().exists():
         return default_model_cache_path(), "released CIFAR-100 weights"
     if arch not in BUILTIN_ARCHS:
@@ -86,7 +86,7 @@ def prepare_checkpoint(arch: str, folder: Path, num_classes: int = 100) -> tuple
 # ----------------------------------------------------------------------------- stages (child processes)
 
 def _params(args, out: Path):
-    from .config import Params
+    from helpers.config import Params
     return Params(MODEL_PATH=str(args.ckpt), ARCH=args.arch, DATASET=args.dataset, DATA_ROOT=str(args.data),
                   DOWNLOAD=False, OUTPUT_DIR=str(out), DEVICE="cpu", BATCH_SIZE=args.batch_size, N_WORST=N_WORST,
                   N_BEST=N_BEST, N_PAIR_GALLERIES=N_PAIRS, PAIR_EXAMPLES=PAIR_EXAMPLES, EMBEDDING=args.embedding)
@@ -94,9 +94,9 @@ def _params(args, out: Path):
 
 def _load(args):
     """Model and normalised inputs, loaded the way the analysis loads them."""
-    from .data import load_dataset
-    from .inference import to_tensor
-    from .models import load_model
+    from helpers.data.datasets import load_dataset
+    from helpers.model.inference import to_tensor
+    from helpers.model.load import load_model
     data = load_dataset(args.dataset, root=args.data, download=False)
     loaded = load_model(model_path=args.ckpt, arch=args.arch, num_classes=data.num_classes, device="cpu")
     return loaded.module, data, to_tensor(data.images, data.mean, data.std)
@@ -118,8 +118,8 @@ def stage_analysis(args, fresh: bool) -> dict:
     """(b) / (d): the full analysis, as the CLI runs it."""
     import torch
 
-    from . import cams  # noqa: F401  (module-level imports, incl. pytorch-grad-cam, as in (c): not timed)
-    from .pipeline import Analysis
+    from helpers.model import cams  # noqa: F401  (module-level imports, incl. pytorch-grad-cam, as in (c): not timed)
+    from helpers.pipeline import Analysis
     out = Path(args.out_dir)
     if fresh and out.exists():
         shutil.rmtree(out)
@@ -149,8 +149,8 @@ def stage_naive(args) -> dict:
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from . import metrics
-    from .cams import resolve_target_layer
+    from helpers.compute import metrics
+    from helpers.model.cams import resolve_target_layer
 
     model, data, x = _load(args)
     out = Path(args.out_dir)
@@ -211,7 +211,7 @@ def stage_naive(args) -> dict:
 def run_stage(args) -> None:
     import torch
 
-    from .inference import default_threads
+    from helpers.model.inference import default_threads
     torch.set_num_threads(args.threads or default_threads())   # the analysis chooses the same way
     result = {"a": stage_bare, "c": stage_naive}.get(args.stage)
     out = result(args) if result else stage_analysis(args, fresh=args.stage == "b")
@@ -347,17 +347,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     load_before = os.getloadavg()
     if not args.threads:
         # One thread count for every stage, so that the ratios compare like with like: the CPUs free now,
-        # chosen the way the analysis chooses (helpers.inference.default_threads).
-        from .inference import default_threads
+        # chosen the way the analysis chooses (helpers.model.inference.default_threads).
+        from helpers.model.inference import default_threads
         args.threads = default_threads()
     print(f"Generating {args.n} {args.dataset.upper()}-format test images ...", flush=True)
     data = prepare_data(work / "data", args.n, args.dataset)
     if args.embedding != "tsne" and "b" in stages:
-        # UMAP's numba kernels compile once per environment (helpers.jit_cache), not once per run: do it
+        # UMAP's numba kernels compile once per environment (helpers.compute.jit_cache), not once per run: do it
         # here, unmeasured, so that (b) sees what every run after a user's first one sees.
         import numpy as np
 
-        from .deep_dive import project_2d
+        from helpers.compute.deep_dive import project_2d
         print("Warming up UMAP's numba cache (first time in an environment: ~15 s) ...", flush=True)
         project_2d(np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32), method=args.embedding)
     results: dict[str, dict] = {}

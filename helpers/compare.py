@@ -2,7 +2,7 @@
 
 Each model goes through its own `Analysis`, so its predictions come from its cache in OUTPUT_DIR/.cache
 when an earlier run (or comparison) already computed them. The numbers are pure functions of the two
-prediction arrays; the figures are drawn by helpers.plots. Written to OUTPUT_DIR/compare/:
+prediction arrays; the figures are drawn by helpers.plots.figures. Written to OUTPUT_DIR/compare/:
 
     per_class_accuracy_delta.csv / .png   accuracy of every class under A and B, and B − A
     pair_changes.csv / .png               confused pairs that got better or worse (count under A and B)
@@ -22,11 +22,13 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from . import atomic_io, metrics
-from .config import Params
-from .data import readable
-from .errors import ConfigError
-from .pipeline import Analysis, check_writable
+from helpers.files import atomic
+from helpers.files import png
+from helpers.compute import metrics
+from helpers.config import Params
+from helpers.data.datasets import readable
+from helpers.errors import ConfigError
+from helpers.pipeline import Analysis, check_writable
 
 ModelSpec = Union[Analysis, Params, str, os.PathLike, None]
 N_EXAMPLES = 8            # images per fixed/broken gallery
@@ -324,7 +326,7 @@ class Comparison:
 
 def _gallery(a: Analysis, b: Analysis, idx: np.ndarray, kind: str, name_a: str, name_b: str, total: int):
     """Rows: the image, A's and B's CAM for the true class, and the wrong model's CAM for its prediction."""
-    from .plots import GalleryRow, render_gallery
+    from helpers.plots.figures import GalleryRow, render_gallery
     names, labels = a.names, a.preds.labels
     idx = [int(i) for i in idx]
     wrong_an, wrong_tag = (a, "A") if kind == "fixed" else (b, "B")
@@ -354,7 +356,7 @@ def compare(a: ModelSpec, b: ModelSpec, params: Optional[Params] = None, output_
     for the default model) whose other parameters come from `params` (default: `a`'s parameters when `a`
     is an Analysis or Params). Each model's predictions come from its own cache when present.
     `output_dir` defaults to A's OUTPUT_DIR/compare."""
-    from . import plots
+    from helpers.plots import figures as plots
     if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 0:
         raise ConfigError(f"n_examples must be a non-negative integer (got {n_examples!r}).")
     base = params or (a.params if isinstance(a, Analysis) else a if isinstance(a, Params) else None)
@@ -386,20 +388,20 @@ def compare(a: ModelSpec, b: ModelSpec, params: Optional[Params] = None, output_
 
     res = Comparison(out=out, name_a=name_a, name_b=name_b, summary=summary, per_class=per_class, pairs=pairs,
                      fixed=fixed, broken=broken, text=text)
-    atomic_io.write_text(out / "compare_summary.txt", text)
-    atomic_io.save_csv(per_class, out / "per_class_accuracy_delta.csv")
-    atomic_io.save_csv(pairs, out / "pair_changes.csv")
-    atomic_io.save_csv(images, out / "fixed_and_broken.csv")
+    atomic.write_text(out / "compare_summary.txt", text)
+    atomic.save_csv(per_class, out / "per_class_accuracy_delta.csv")
+    atomic.save_csv(pairs, out / "pair_changes.csv")
+    atomic.save_csv(images, out / "fixed_and_broken.csv")
     res.figures["per_class_accuracy_delta"] = plots.plot_accuracy_deltas(per_class, name_a, name_b)
     res.figures["pair_changes"] = plots.plot_pair_changes(pairs, k=N_PAIRS_CHART)
     for name, fig in list(res.figures.items()):
-        atomic_io.save_figure(fig, out / f"{name}.png", dpi=100, bbox_inches="tight")
+        png.save_figure(fig, out / f"{name}.png", dpi=100, bbox_inches="tight")
     for kind, idx in (("fixed", fixed), ("broken", broken)):
         res.samples[kind] = idx[:n_examples]
         img = _gallery(an_a, an_b, res.samples[kind], kind, name_a, name_b, len(idx))
-        atomic_io.save_png(img, out / f"{kind}_examples.png")
+        png.save_png(img, out / f"{kind}_examples.png")
         res.figures[f"{kind}_examples"] = img
-    atomic_io.write_text(out / "index.html", index_html(summary, name_a, name_b, per_class, pairs))
+    atomic.write_text(out / "index.html", index_html(summary, name_a, name_b, per_class, pairs))
     # Keep each side's CAMs (and A's memo) in its cache, so the next comparison or widget reuses them.
     for an in (an_a, an_b):
         an.save_cam_cache()

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
-from .errors import ConfigError
+from helpers.errors import ConfigError
 
 ENV_PREFIX = "GRADCAM_"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +17,15 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import atomic_io, metrics
-from .cam_store import CamStore, GalleryActivations
-from .config import Params
-from .data import Dataset, readable, safe_filename
-from .errors import ConfigError, OutputError
-from .inference import Predictions, default_threads, resolve_device, run_inference, to_tensor
+from helpers.files import atomic
+from helpers.files import png
+from helpers.files import background
+from helpers.compute import metrics
+from helpers.model.cam_store import CamStore, GalleryActivations
+from helpers.config import Params
+from helpers.data.datasets import Dataset, readable, safe_filename
+from helpers.errors import ConfigError, OutputError
+from helpers.model.inference import Predictions, default_threads, resolve_device, run_inference, to_tensor
 
 HIGH_CONFIDENCE = 0.9
 CACHE_VERSION = 3   # bump when a cached computation changes (3: occlusion on non-overlapping windows)
@@ -129,7 +131,7 @@ class Analysis:
             params = Params(**{**params.to_dict(), **overrides})
         self.params = params
         self.progress = progress
-        from .cams import CAM_METHODS
+        from helpers.model.cams import CAM_METHODS
         if params.CAM_METHOD not in CAM_METHODS:
             raise ConfigError(
                 f"Unknown CAM_METHOD {params.CAM_METHOD!r}. Valid choices: {', '.join(CAM_METHODS)}."
@@ -158,7 +160,7 @@ class Analysis:
         self._memo: dict[str, Any] = {}
         self._outputs: dict[str, str] = {}          # gallery file -> digest of what was drawn into it
         self._outputs_before: dict[str, list] = {}  # the same from the cache: [digest, size, mtime_ns]
-        self._writer = atomic_io.BackgroundWriter()   # PNGs are encoded while the next step computes
+        self._writer = background.BackgroundWriter()   # PNGs are encoded while the next step computes
         self.results: dict[str, Section] = {}
 
     # ------------------------------------------------------------------ bookkeeping
@@ -202,7 +204,7 @@ class Analysis:
 
     # ------------------------------------------------------------------ 1. model and data
     def load_model(self):
-        from .models import load_model
+        from helpers.model.load import load_model
         start = time.perf_counter()
         p = self.params
         self.loaded = load_model(
@@ -220,7 +222,7 @@ class Analysis:
         return {"cifar100": 100, "cifar10": 10, "fashion_mnist": 10, "mnist": 10}.get(self.params.DATASET, 100)
 
     def load_data(self) -> Dataset:
-        from .data import load_dataset, superclass_mapping
+        from helpers.data.datasets import load_dataset, superclass_mapping
         start = time.perf_counter()
         p = self.params
         data = load_dataset(
@@ -237,7 +239,7 @@ class Analysis:
         return data
 
     def _check_fit(self) -> None:
-        from .models import check_model_fits_data
+        from helpers.model.load import check_model_fits_data
         shape = tuple(self.inputs.shape[1:])
         check_model_fits_data(self.loaded, shape, self.data.num_classes)
 
@@ -284,7 +286,7 @@ class Analysis:
 
     def _write_cache(self, suffix: str, kind: str, arrays: dict) -> None:
         try:
-            with atomic_io.atomic_path(self._cache_file(suffix), fsync=True) as tmp:
+            with atomic.atomic_path(self._cache_file(suffix), fsync=True) as tmp:
                 with open(tmp, "wb") as fh:
                     np.savez(fh, meta=self._cache_meta(kind), **arrays)
             self._prune_cache()
@@ -383,7 +385,7 @@ class Analysis:
         self._write_cache(".npz", "predictions", arrays)
 
     def _make_cam_store(self) -> None:
-        from .cams import CamEngine
+        from helpers.model.cams import CamEngine
         shape = tuple(self.inputs.shape[1:])
 
         def factory(method: str, layer: Optional[str]):
@@ -433,10 +435,10 @@ class Analysis:
         """True when the file `rel` is what an earlier run drew from exactly this `content` with the same
         drawing code, and has not been touched since (size and mtime as that run recorded them): a cached
         re-run then keeps the file instead of drawing it again. Records the content's digest either way."""
-        from . import plots
+        from helpers.plots import figures as plots
         if _RENDER_CODE[0] is None:
             _RENDER_CODE[0] = hashlib.sha1(Path(plots.__file__).read_bytes()
-                                           + str(atomic_io.PNG_COMPRESS_LEVEL).encode()).hexdigest()
+                                           + str(png.PNG_COMPRESS_LEVEL).encode()).hexdigest()
         digest = _digest([_RENDER_CODE[0], content])
         self._outputs[rel] = digest
         before = self._outputs_before.get(rel)
@@ -473,12 +475,12 @@ class Analysis:
         return self._names
 
     def overlay(self, idx: int, cam: np.ndarray) -> np.ndarray:
-        from .cams import overlay
+        from helpers.model.cams import overlay
         return overlay(self.data.images[idx], cam)
 
     def overlays(self, indices: Sequence[int], cams: Sequence[np.ndarray]) -> list[np.ndarray]:
         """overlay() of many images at once (one vectorised pass, the same pixels)."""
-        from .cams import overlay_many
+        from helpers.model.cams import overlay_many
         return list(overlay_many([self.data.images[i] for i in indices], cams)) if len(indices) else []
 
     def _conf_title(self, idx: int) -> str:
@@ -490,7 +492,9 @@ class Analysis:
 
     # ------------------------------------------------------------------ 3. confusion
     def confusion(self) -> Section:
-        from . import ordering, plots, report
+        from helpers.compute import ordering
+        from helpers.plots import figures as plots
+        from helpers.steps import report
         start = time.perf_counter()
         p, data, pr = self.params, self.data, self.preds
         cm = metrics.confusion_matrix(pr.labels, pr.preds, data.num_classes)
@@ -506,13 +510,13 @@ class Analysis:
         order, order_how = ordering.confusion_order(cm, data.fine_to_coarse)
         sec.values.update(order=order, order_how=order_how, row_pct=ordering.row_percent(cm))
 
-        atomic_io.save_csv(table, self._path("per_class_accuracy.csv"))
-        atomic_io.save_csv(pairs, self._path("most_confused_pairs.csv"))
+        atomic.save_csv(table, self._path("per_class_accuracy.csv"))
+        atomic.save_csv(pairs, self._path("most_confused_pairs.csv"))
         js = report.ship_plotlyjs(self)  # one plotly.js next to the pages instead of 4.8 MB inside each
         sec.values["per_class_figure"] = plots.per_class_accuracy_figure(table)   # index.html embeds it too
-        atomic_io.write_text(self._path("per_class_accuracy_interactive.html"),
+        atomic.write_text(self._path("per_class_accuracy_interactive.html"),
                              plots.per_class_accuracy_html(table, js, fig=sec.values["per_class_figure"]))
-        atomic_io.write_text(self._path("confusion_matrix_interactive.html"),
+        atomic.write_text(self._path("confusion_matrix_interactive.html"),
                              plots.confusion_heatmap_html(report.confusion_figure(self, sec.values), js))
         fig = plots.plot_confusion_matrix(cm, self.names, title=f"Confusion matrix — accuracy {pr.accuracy:.1%}")
         sec.figures["confusion_matrix"] = fig
@@ -530,7 +534,7 @@ class Analysis:
     def class_rows(self, cls: int, n_worst: int, n_best: int, method: Optional[str] = None,
                    layer: Optional[str] = None):
         """Gallery rows (worst first, then best) for one class; CAMs come from the store."""
-        from .plots import GalleryRow
+        from helpers.plots.figures import GalleryRow
         pr = self.preds
         worst = list(metrics.rank_worst(pr.labels, pr.preds, pr.probs, cls, n_worst))
         best = [i for i in metrics.rank_best(pr.labels, pr.preds, pr.probs, cls, n_best + n_worst) if i not in worst][:n_best]
@@ -549,7 +553,7 @@ class Analysis:
         return [row(i) for i in worst], [row(i) for i in best]
 
     def class_gallery(self, cls: int, n_worst: Optional[int] = None, n_best: Optional[int] = None, **kw):
-        from .plots import render_gallery
+        from helpers.plots.figures import render_gallery
         return render_gallery(*self._class_gallery_content(cls, n_worst, n_best, **kw))
 
     def _class_gallery_content(self, cls: int, n_worst: Optional[int] = None, n_best: Optional[int] = None, **kw):
@@ -583,7 +587,7 @@ class Analysis:
         order = np.argsort(self.results["confusion"].values["table"]["accuracy"].to_numpy(), kind="stable") \
             if "confusion" in self.results else np.arange(self.data.num_classes)
         shown = set(int(c) for c in order[:show])
-        from .plots import render_gallery
+        from helpers.plots.figures import render_gallery
         for cls in tqdm(classes, desc="Class galleries", unit="class", disable=not self.progress):
             name = self.gallery_filename(cls)
             rel = f"worst_predictions/{name}"
@@ -609,7 +613,7 @@ class Analysis:
                   layer: Optional[str] = None, finer: bool = False):
         """Rows for a confused pair: original, CAM for the true class, CAM for the predicted class, and
         either their difference or (finer=True) FinerCAM's true-versus-predicted map."""
-        from .plots import GalleryRow, difference_panel
+        from helpers.plots.figures import GalleryRow, difference_panel
         pr = self.preds
         idx = [int(i) for i in metrics.pair_examples(pr.labels, pr.preds, pr.probs, true_cls, pred_cls, n)]
         cam_t = self.cams.get(idx, [true_cls] * len(idx), method=method, layer=layer)
@@ -635,7 +639,7 @@ class Analysis:
         return idx, rows, cam_t, cam_p, extra
 
     def pair_galleries(self) -> Section:
-        from .plots import render_gallery
+        from helpers.plots.figures import render_gallery
         start = time.perf_counter()
         p = self.params
         pairs = self.results["confusion"].values["pairs"]
@@ -661,7 +665,7 @@ class Analysis:
         return sec
 
     def _faithfulness(self, idx, classes, cams) -> float:
-        from .cams import faithfulness
+        from helpers.model.cams import faithfulness
 
         def compute() -> float:
             # p(class) on the originals is known from the inference pass: only the perturbed images are run
@@ -672,7 +676,7 @@ class Analysis:
 
     # ------------------------------------------------------------------ 5. deep dive
     def deep_dive(self) -> Section:
-        from .deep_dive_steps import run_deep_dive
+        from helpers.steps.deep_dive import run_deep_dive
         start = time.perf_counter()
         sec = run_deep_dive(self)
         self.results["deep_dive"] = sec
@@ -681,7 +685,7 @@ class Analysis:
 
     # ------------------------------------------------------------------ 6. summary, recommendations, index
     def report(self) -> Section:
-        from . import report
+        from helpers.steps import report
         start = time.perf_counter()
         self._flush_writes()   # PNGs are written in the background; the index and manifest need them on disk
         sec = report.write_reports(self)
@@ -693,7 +697,7 @@ class Analysis:
         return sec
 
     def explorer(self):
-        from .widget import ClassExplorer
+        from helpers.widget import ClassExplorer
         return ClassExplorer(self)
 
     def run_all(self) -> dict[str, Section]:

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from . import metrics
-from .errors import ConfigError, SuiteError
+from helpers.compute import metrics
+from helpers.errors import ConfigError, SuiteError
 
 if TYPE_CHECKING:
-    from .config import Params
-    from .pipeline import Analysis
+    from helpers.config import Params
+    from helpers.pipeline import Analysis
 
 MAX_EXAMPLES = 12
 MAX_PAGES = 32      # rendered pages kept (each holds its gallery PNG); CAMs themselves stay in the CamStore
@@ -61,7 +61,7 @@ def target_layer_choices(model: torch.nn.Module, input_shape: Sequence[int], k: 
     """A few sensible CAM layers, late to early: the automatic layer first, then the last layer of each
     earlier resolution stage (e.g. layer3.8, layer2.8, layer1.8 for a CIFAR ResNet-56); for a ViT, block
     norms spread over the depth. Later layers are more semantic and coarser; earlier ones sharper."""
-    from .cams import _STAGES, _is_feature_map, _probe, _vit_norm_layers, _zeros, find_target_layer
+    from helpers.model.cams import _STAGES, _is_feature_map, _probe, _vit_norm_layers, _zeros, find_target_layer
     vit = [name for name, _ in _vit_norm_layers(model)]
     if vit:
         picks = np.unique(np.linspace(len(vit) - 1, 0, num=min(k, len(vit))).round().astype(int))[::-1]
@@ -86,7 +86,7 @@ class ClassExplorer:
 
     def __init__(self, analysis: "Analysis", layers: Optional[list[str]] = None):
         import ipywidgets as w
-        from .cams import CAM_METHODS
+        from helpers.model.cams import CAM_METHODS
 
         if analysis.preds is None:
             raise ConfigError("The explorer needs predictions: call predict() (or run_all()) first, or rebuild "
@@ -141,8 +141,8 @@ class ClassExplorer:
         are loaded (cheap), the predictions and the CAMs come from OUTPUT_DIR/.cache. `params` are the run's
         parameters (a Params, or a mapping such as the notebook's globals); OutputError when that run's
         results are not there."""
-        from .config import Params
-        from .pipeline import Analysis
+        from helpers.config import Params
+        from helpers.pipeline import Analysis
         if params is not None and not isinstance(params, Params):
             params = Params.from_mapping(params)
         an = Analysis(params, progress=progress, **overrides)
@@ -209,7 +209,7 @@ class ClassExplorer:
         return self._rendered[s]
 
     def _render(self, s: ExplorerState) -> str:
-        from .plots import render_gallery
+        from helpers.plots.figures import render_gallery
         an, names = self.an, self.an.names
         support, correct = int(self.cm[s.cls].sum()), int(self.cm[s.cls, s.cls])
         wrong = confusions_of(self.cm, s.cls)

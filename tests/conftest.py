@@ -48,7 +48,7 @@ def real_model_available() -> bool:
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory) -> Path:
     """A CIFAR-100-format folder (official pickle layout): 400 test images over 100 classes, 3000 train images."""
-    from helpers.synthetic import write_cifar100
+    from helpers.data.synthetic import write_cifar100
     root = tmp_path_factory.mktemp("cifar")
     write_cifar100(root, n_test=400, n_train=3000, seed=0)
     return root
@@ -56,7 +56,7 @@ def cifar_root(tmp_path_factory) -> Path:
 
 def train_briefly(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, mean, std,
                   epochs: int = 2, batch_size: int = 128, lr: float = 0.05, seed: int = 0) -> torch.nn.Module:
-    from helpers.inference import to_tensor
+    from helpers.model.inference import to_tensor
     torch.manual_seed(seed)
     x = to_tensor(images, mean, std)
     y = torch.as_tensor(labels)
@@ -87,7 +87,7 @@ def run_params(data_root, model_path, out, arch: str = TINY_ARCH, **kw):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(cifar_root, tmp_path_factory) -> Path:
     """tests/tiny_model.py's TinyNet trained briefly on the generated train split, saved as a nested state_dict."""
-    from helpers.data import load_dataset
+    from helpers.data.datasets import load_dataset
     from tiny_model import TinyNet
     train = load_dataset("cifar100", root=cifar_root, split="train", download=False)
     model = train_briefly(TinyNet(num_classes=100), train.images, train.labels, train.mean, train.std, epochs=4)

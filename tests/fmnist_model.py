@@ -35,7 +35,7 @@ def train_fashion_cnn(images: np.ndarray, labels: np.ndarray, mean, std, epochs:
                       progress: bool = False) -> FashionCNN:
     """Train FashionCNN on uint8 (N, 28, 28, 1) images with AdamW and a one-cycle schedule; seeded, so two
     calls with the same arguments give the same weights on the same machine. Returns the model in eval mode."""
-    from helpers.inference import to_tensor
+    from helpers.model.inference import to_tensor
 
     torch.manual_seed(seed)
     model = FashionCNN(width=width, in_channels=images.shape[-1])

@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     from browser import screenshot_report
     from fmnist_model import train_fashion_cnn
     from helpers.config import Params
-    from helpers.data import SYSTEM_FASHION_MNIST, load_dataset
-    from helpers.inference import default_threads
+    from helpers.data.datasets import SYSTEM_FASHION_MNIST, load_dataset
+    from helpers.model.inference import default_threads
     from helpers.pipeline import Analysis
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -129,11 +129,11 @@ def test_sigkill_mid_run_loses_nothing(cifar_root, tiny_checkpoint, tmp_path):
 # ----------------------------------------------------------------------------- the PNG encoder
 
 def test_png_bytes_decode_to_the_same_pixels_with_pillow_and_matplotlib(tmp_path):
-    """atomic_io.png_bytes writes PNG itself (Up filter + zlib); two independent decoders must read back
+    """png.png_bytes writes PNG itself (Up filter + zlib); two independent decoders must read back
     exactly the pixels, for every mode it takes, odd sizes and a 1x1 image."""
     import matplotlib.image as mpimg
 
-    from helpers.atomic_io import png_bytes, save_png
+    from helpers.files.png import png_bytes, save_png
     rng = np.random.default_rng(0)
     for shape in [(5, 7), (5, 7, 3), (6, 4, 4), (1, 1, 3), (33, 17, 3), (2, 300, 3)]:
         pixels = rng.integers(0, 256, shape, dtype=np.uint8)
@@ -162,7 +162,7 @@ def test_png_bytes_decode_to_the_same_pixels_with_pillow_and_matplotlib(tmp_path
 def test_png_bytes_with_either_deflate_backend(tmp_path, monkeypatch, deflate):
     """ISA-L (when installed) and the standard library's zlib both write PNGs that Pillow reads back to the
     same pixels; the pHYs chunk carries the dpi."""
-    from helpers import atomic_io
+    from helpers.files import png
     if deflate == "isal":
         pytest.importorskip("isal")
     else:
@@ -170,7 +170,7 @@ def test_png_bytes_with_either_deflate_backend(tmp_path, monkeypatch, deflate):
     pixels = np.random.default_rng(1).integers(0, 256, (40, 30, 3), dtype=np.uint8)
     pixels[10:30] = pixels[10]                              # compressible rows, as in real pictures
     for level in (0, 1, 3, 6):
-        data = atomic_io.png_bytes(pixels, level=level, dpi=100)
+        data = png.png_bytes(pixels, level=level, dpi=100)
         with Image.open(io.BytesIO(data)) as im:
             assert np.array_equal(np.asarray(im), pixels), (deflate, level)
             assert im.info["dpi"] == pytest.approx((100, 100), abs=1e-3)
@@ -183,7 +183,7 @@ def test_save_figure_writes_the_same_pixels_as_matplotlib(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from helpers.atomic_io import save_figure
+    from helpers.files.png import save_figure
     cases = {"tight": {"bbox_inches": "tight"}, "plain": {}, "transparent": {"transparent": True}}
     for name, kwargs in cases.items():
         fig, ax = plt.subplots(figsize=(3, 2), layout="constrained" if name == "plain" else None)

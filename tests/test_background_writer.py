@@ -1,4 +1,4 @@
-"""atomic_io.BackgroundWriter: what the worker process writes equals what this process would write, figures
+"""background.BackgroundWriter: what the worker process writes equals what this process would write, figures
 jump ahead of pictures in its queue, flush() takes over the jobs the worker has not started, and a dead worker
 or an unpicklable job still ends in a written file."""
 import subprocess
@@ -13,8 +13,11 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from helpers import atomic_io, plots
-from helpers.atomic_io import BackgroundWriter, _Feeder
+
+from helpers.files import png
+from helpers.files import background
+from helpers.plots import figures as plots
+from helpers.files.background import BackgroundWriter, _Feeder
 
 matplotlib.use("Agg")
 RNG = np.random.default_rng(0)
@@ -53,7 +56,7 @@ def test_worker_output_equals_in_process_output(tmp_path):
     assert writer.done == {"worker": 2, "here": 0}
     assert np.array_equal(_pixels(tmp_path / "gallery.png"), np.asarray(plots.render_gallery(*content)))
     assert np.array_equal(_pixels(tmp_path / "gallery.png"), _pixels(tmp_path / "here.png"))
-    atomic_io.save_figure(_figure(), tmp_path / "figure_here.png")
+    png.save_figure(_figure(), tmp_path / "figure_here.png")
     assert np.array_equal(_pixels(tmp_path / "figure.png"), _pixels(tmp_path / "figure_here.png"))
     assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*"))   # no temporary files left
 
@@ -99,7 +102,7 @@ class _SlowWorker:
         if not self.ran:
             self.started.set()
             self.release.wait(10)
-        self.ran.append(str(args[-1] if fn is atomic_io.render_png else args[1]))
+        self.ran.append(str(args[-1] if fn is background.render_png else args[1]))
         fn(*args)
 
     def peak_rss_kb(self):
@@ -176,10 +179,14 @@ import sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 import numpy as np
 from matplotlib.figure import Figure
-from helpers import atomic_io, plots
+
+from helpers.files import atomic
+from helpers.files import png
+from helpers.files import background
+from helpers.plots import figures as plots
 rows = [plots.GalleryRow(image=np.zeros((32, 32, 3), np.uint8), title="t", panels=[("CAM → pred: x",
         np.full((32, 32, 3), 200, np.uint8))], ok=True)]
-writer = atomic_io.BackgroundWriter()
+writer = background.BackgroundWriter()
 fig = Figure(figsize=(2, 2)); fig.add_subplot().plot([0, 1])
 writer.figure(fig, {str(tmp_path / "fig.png")!r})
 for i in range(6):

@@ -14,11 +14,11 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import helpers.pipeline as pipeline
-from helpers import metrics
-from helpers.cam_store import CamStore, GalleryActivations, gallery_selection
-from helpers.cams import CamEngine
+from helpers.compute import metrics
+from helpers.model.cam_store import CamStore, GalleryActivations, gallery_selection
+from helpers.model.cams import CamEngine
 from helpers.config import Params
-from helpers.inference import run_inference
+from helpers.model.inference import run_inference
 from helpers.pipeline import Analysis
 
 from conftest import run_params
@@ -306,7 +306,7 @@ def test_cams_from_the_inference_pass_equal_pytorch_grad_cam_without_a_second_pa
 def test_gallery_content_digest_sees_every_pixel():
     """A kept gallery must be redrawn when any pixel of its content changes; numpy's repr of a large array
     elides the middle ("..."), so the digest must hash the arrays themselves."""
-    from helpers.plots import GalleryRow
+    from helpers.plots.figures import GalleryRow
     overlay = np.zeros((32, 32, 3), np.uint8)
     changed = overlay.copy()
     changed[16, 16, 1] = 255   # in the part of the array that repr() summarises away

@@ -1,4 +1,4 @@
-"""helpers.cams against pytorch-grad-cam's own output, on tiny random-weight models and 32x32 inputs."""
+"""helpers.model.cams against pytorch-grad-cam's own output, on tiny random-weight models and 32x32 inputs."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +12,8 @@ from pytorch_grad_cam.utils.model_targets import (ClassifierOutputSoftmaxTarget,
                                                   FinerWeightedTarget)
 from pytorch_grad_cam.utils.reshape_transforms import vit_reshape_transform as library_vit_reshape
 
-from helpers import cams
-from helpers.cams import (CAM_METHODS, CamEngine, cam_colormap_rgb, faithfulness, find_target_layer,
+from helpers.model import cams
+from helpers.model.cams import (CAM_METHODS, CamEngine, cam_colormap_rgb, faithfulness, find_target_layer,
                           gradcam_from_activations, overlay, resolve_target_layer, vit_reshape_transform)
 from helpers.errors import ConfigError, NumericalError
 
@@ -21,7 +21,7 @@ from helpers.errors import ConfigError, NumericalError
 # ----------------------------------------------------------------------------- tiny models
 
 class Block(nn.Module):
-    """He et al. CIFAR basic block (same layout as helpers.architectures, kept local on purpose)."""
+    """He et al. CIFAR basic block (same layout as helpers.model.architectures, kept local on purpose)."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
@@ -260,7 +260,7 @@ def test_find_target_layer_cnns():
 
 
 def test_find_target_layer_builtin_architectures():
-    arch = pytest.importorskip("helpers.architectures")
+    arch = pytest.importorskip("helpers.model.architectures")
     assert find_target_layer(arch.BUILTIN_ARCHS["resnet56"](num_classes=10))[0] == "layer3.8"
     assert find_target_layer(arch.BUILTIN_ARCHS["resnet18"](num_classes=10))[0] == "layer4.1"
 
@@ -431,7 +431,7 @@ def test_overlay_many_is_bit_identical_to_show_cam_on_image():
     import cv2
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    from helpers.cams import overlay_many
+    from helpers.model.cams import overlay_many
     rng = np.random.default_rng(3)
     colour = list(rng.integers(0, 256, (5, 16, 12, 3), dtype=np.uint8))
     grey = list(rng.integers(0, 256, (3, 16, 12, 1), dtype=np.uint8))

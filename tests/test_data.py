@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.data import (
+from helpers.data.datasets import (
     CIFAR100_MEAN, DATASETS, Dataset, load_dataset, resolve_class_names, safe_filename, superclass_mapping,
 )
 from helpers.errors import ConfigError, DataError
-from helpers.synthetic import (
+from helpers.data.synthetic import (
     CIFAR10_GROUPS, CIFAR100_COARSE_NAMES, CIFAR100_FINE_NAMES, CIFAR100_FINE_TO_COARSE, synthetic_images,
     write_cifar10, write_cifar100, write_fake_imagefolder,
 )

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import deep_dive
+from helpers.compute import deep_dive
 from helpers.errors import ConfigError, DataError
 
 
@@ -94,7 +94,7 @@ def test_umap_on_precomputed_distances_builds_umaps_own_graph():
     umap = pytest.importorskip("umap")
     from sklearn.metrics import pairwise_distances
 
-    from helpers.jit_cache import enable_umap_jit_cache
+    from helpers.compute.jit_cache import enable_umap_jit_cache
     enable_umap_jit_cache()
     x, _ = _blobs(n_per_class=20)
     own = umap.UMAP(n_neighbors=15, random_state=0, n_jobs=1).fit(x)

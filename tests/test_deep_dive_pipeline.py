@@ -12,7 +12,7 @@ from pytorch_grad_cam import FinerCAM
 from pytorch_grad_cam.utils.model_targets import FinerWeightedTarget
 
 from helpers.config import Params
-from helpers.data import load_dataset, readable
+from helpers.data.datasets import load_dataset, readable
 from helpers.errors import DataError
 from helpers.pipeline import Analysis
 
@@ -85,8 +85,8 @@ def test_group_pair_finercam_equals_pytorch_grad_cam(auto):
 
 
 def test_group_pair_faithfulness_printed_beside_the_galleries(auto):
-    from helpers.cams import faithfulness
-    from helpers.deep_dive_steps import FINER_KEY
+    from helpers.model.cams import faithfulness
+    from helpers.steps.deep_dive import FINER_KEY
     sec = auto.results["deep_dive"]
     scores = sec.values["faithfulness"]
     assert set(scores) == {"gradcam", FINER_KEY}
@@ -120,7 +120,7 @@ class TwoPatches(nn.Module):
 
 
 def test_contrast_faithfulness_rewards_maps_on_what_separates_the_classes():
-    from helpers.deep_dive import contrast_faithfulness
+    from helpers.compute.deep_dive import contrast_faithfulness
     x = torch.zeros(1, 1, 32, 32)
     x[:, :, 4:12, 4:12] = 1.0      # evidence for class 0 ("true")
     x[:, :, 20:28, 20:28] = 1.2    # slightly more evidence for class 1 ("predicted")
@@ -155,7 +155,7 @@ def test_contrast_faithfulness_rewards_maps_on_what_separates_the_classes():
 @pytest.fixture(scope="module")
 def cifar10(tmp_path_factory):
     """Generated CIFAR-10 (no coarse labels) and a TinyNet trained briefly on it."""
-    from helpers.synthetic import write_cifar10
+    from helpers.data.synthetic import write_cifar10
     root = tmp_path_factory.mktemp("cifar10")
     write_cifar10(root, n_test=300, n_train=1500, seed=0)
     train = load_dataset("cifar10", root=root, split="train", download=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 from conftest import REPO
+
 from helpers.__main__ import build_parser
 from helpers.config import Params
 

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.architectures import resnet20
+from helpers.model.architectures import resnet20
 from helpers.config import Params
-from helpers.data import CIFAR100_OFFICIAL, load_dataset
+from helpers.data.datasets import CIFAR100_OFFICIAL, load_dataset
 from helpers.errors import (CheckpointError, ConfigError, DataError, NumericalError, OutputError, SuiteError)
-from helpers.inference import to_tensor
+from helpers.model.inference import to_tensor
 from helpers.pipeline import Analysis
-from helpers.synthetic import synthetic_images
+from helpers.data.synthetic import synthetic_images
 
 from conftest import run_params
 from tiny_model import TinyNet

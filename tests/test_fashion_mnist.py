@@ -13,7 +13,7 @@ import sklearn.metrics
 import torch
 
 from helpers.config import Params
-from helpers.data import SYSTEM_FASHION_MNIST, load_dataset
+from helpers.data.datasets import SYSTEM_FASHION_MNIST, load_dataset
 from helpers.pipeline import Analysis
 
 from conftest import REPO
@@ -36,7 +36,7 @@ EMBED_POINTS = 600   # t-SNE subsample of the group's ~1500 images (the full 300
 def fmnist_checkpoint(tmp_path_factory) -> Path:
     """FashionCNN trained for 3 epochs on 16k train images (~12 s on one CPU core), saved as a state_dict."""
     from fmnist_model import train_fashion_cnn
-    from helpers.inference import default_threads
+    from helpers.model.inference import default_threads
     torch.set_num_threads(default_threads())   # as Analysis does: busy shared cores make extra threads stall
     train = load_dataset("fashion_mnist", root=SYSTEM_FASHION_MNIST, split="train", download=False)
     idx = np.sort(np.random.default_rng(0).choice(len(train.labels), N_TRAIN, replace=False))
@@ -54,7 +54,7 @@ def fmnist_run(fmnist_checkpoint, tmp_path_factory) -> Analysis:
                     DEVICE="cpu", EMBEDDING="tsne", SEED=0)
     an = Analysis(params, progress=False)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("helpers.deep_dive_steps.MAX_EMBED_POINTS", EMBED_POINTS)
+        mp.setattr("helpers.steps.deep_dive.MAX_EMBED_POINTS", EMBED_POINTS)
         an.run_all()
     return an
 
@@ -126,7 +126,7 @@ def test_deep_dive_numbers_are_plausible(fmnist_run):
     assert sep["chance"] < 0.4 and sep["chance"] + 0.3 < sep["accuracy"] < 1.0
     assert dd["embedding_method"] == "t-SNE"
     assert 0.0 <= dd["ece"] < 0.15
-    from helpers.deep_dive_steps import FINER_KEY
+    from helpers.steps.deep_dive import FINER_KEY
     faith = dd["faithfulness"]
     assert set(faith) == {"gradcam", FINER_KEY}
     random = dd["faithfulness_random"]

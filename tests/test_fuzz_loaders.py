@@ -22,11 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from helpers.architectures import resnet20
-from helpers.data import load_dataset
+from helpers.model.architectures import resnet20
+from helpers.data.datasets import load_dataset
 from helpers.errors import SuiteError
-from helpers.models import load_model
-from helpers.synthetic import synthetic_images, write_cifar100
+from helpers.model.load import load_model
+from helpers.data.synthetic import synthetic_images, write_cifar100
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REAL_CKPT = SHARED / "models" / "cifar100_resnet56-f2eff4c8.pt"

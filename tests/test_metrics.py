@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from helpers import metrics
+from helpers.compute import metrics
 from helpers.errors import ConfigError, DataError
 
 

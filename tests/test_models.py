@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import models
-from helpers.architectures import BUILTIN_ARCHS, CifarResNet, resnet18, resnet20, resnet56
+from helpers.model import load as models
+from helpers.model.architectures import BUILTIN_ARCHS, CifarResNet, resnet18, resnet20, resnet56
 from helpers.errors import CheckpointError, ConfigError, DataError, ModelLoadError, SuiteError
-from helpers.models import (
+from helpers.model.load import (
     DEFAULT_MODEL_FILENAME,
     DEFAULT_MODEL_SHA256,
     LoadedModel,

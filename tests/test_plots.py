@@ -18,9 +18,9 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from helpers import plots
+from helpers.plots import figures as plots
 from helpers.errors import ConfigError, NumericalError
-from helpers.plots import LAYOUT, GalleryRow
+from helpers.plots.figures import LAYOUT, GalleryRow
 
 RNG = np.random.default_rng(0)
 

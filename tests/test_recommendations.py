@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from helpers.recommendations import (THRESHOLDS, Evidence, Recommendation,
+from helpers.compute.recommendations import (THRESHOLDS, Evidence, Recommendation,
                                      count_label_suspects, format_recommendations, label_suspect_mask,
                                      recommend)
 
@@ -170,11 +170,11 @@ F2C = np.arange(N_CLASSES) // 4          # 5 superclasses of 4 classes
 def crafted_analysis(tmp_path, error_rate: float, within_rate: float, confidence: float, separable: bool):
     """Crafted predictions run through the pipeline's own steps (confusion, then the deep-dive steps that need
     no model) and the report's evidence builder: every image gets `confidence` on its predicted class."""
-    from helpers import report
-    from helpers import deep_dive_steps as steps
+    from helpers.steps import report
+    from helpers.steps import deep_dive as steps
     from helpers.config import Params
-    from helpers.data import Dataset
-    from helpers.inference import Predictions
+    from helpers.data.datasets import Dataset
+    from helpers.model.inference import Predictions
     from helpers.pipeline import Analysis, Section
 
     rng = np.random.default_rng(0)

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import sklearn.metrics
 
-from helpers import metrics, ordering, plots
+from helpers.compute import metrics
+from helpers.compute import ordering
+from helpers.plots import figures as plots
 
 RNG = np.random.default_rng(0)
 

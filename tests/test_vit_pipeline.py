@@ -10,7 +10,7 @@ import torch
 
 from helpers.config import Params
 from helpers.pipeline import Analysis
-from helpers.synthetic import write_cifar10
+from helpers.data.synthetic import write_cifar10
 
 from conftest import run_params
 
@@ -107,7 +107,7 @@ class SmallViT(VisionTransformer):
 def test_torchvision_vit_galleries(cifar_root, tmp_path):
     (tmp_path / "tv_vit.py").write_text(TORCHVISION_VIT)
     arch = f"{tmp_path / 'tv_vit.py'}:SmallViT"
-    from helpers.models import build_model
+    from helpers.model.load import build_model
     torch.manual_seed(0)
     vit = build_model(arch, num_classes=100)
     torch.nn.init.normal_(vit.heads.head.weight, std=0.1)  # torchvision initialises the head to zeros: flat CAMs
@@ -184,7 +184,7 @@ def cifar10_root(tmp_path_factory):
 def test_models_returning_model_output_tuple_or_dict(cifar10_root, tmp_path, cls, layer):
     file = tmp_path / "model.py"
     file.write_text(WRAPPED_MODELS)
-    from helpers.models import build_model
+    from helpers.model.load import build_model
     torch.manual_seed(0)
     net = build_model(f"{file}:{cls}", num_classes=10).eval()
     torch.save(net.state_dict(), tmp_path / "net.pt")

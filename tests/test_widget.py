@@ -13,7 +13,7 @@ import helpers.pipeline
 from helpers.config import Params
 from helpers.errors import OutputError
 from helpers.pipeline import Analysis
-from helpers.plots import LAYOUT
+from helpers.plots.figures import LAYOUT
 from helpers.widget import ClassExplorer, class_label, target_layer_choices
 
 from conftest import run_params
@@ -171,7 +171,7 @@ def test_method_and_layer_changes_compute_new_cams(explorer):
 
 
 def test_method_choices_match_cam_method_and_layers_go_late_to_early(explorer, saved):
-    from helpers.cams import CAM_METHODS, resolve_target_layer
+    from helpers.model.cams import CAM_METHODS, resolve_target_layer
     assert list(explorer.method_dropdown.options) == list(CAM_METHODS)
     assert [v for _, v in explorer.layer_dropdown.options] == [None, "features.5", "features.2"]
     assert explorer.layer_dropdown.options[0][0] == "features.8 (automatic)"
@@ -188,7 +188,7 @@ def test_method_choices_match_cam_method_and_layers_go_late_to_early(explorer, s
 
 
 def test_resnet56_layer_choices():
-    from helpers.architectures import resnet56
+    from helpers.model.architectures import resnet56
     names = target_layer_choices(resnet56(num_classes=100), (3, 32, 32))
     assert names == ["layer3.8", "layer2.8", "layer1.8"]
 

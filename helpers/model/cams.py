@@ -31,7 +31,7 @@ from pytorch_grad_cam.utils.image import scale_cam_image, show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import (ClassifierOutputSoftmaxTarget, ClassifierOutputTarget,
                                                   FinerWeightedTarget)
 
-from .errors import ConfigError, NumericalError
+from helpers.errors import ConfigError, NumericalError
 
 CAM_METHODS: dict[str, type] = {
     "gradcam": GradCAM,

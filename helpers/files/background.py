@@ -1,152 +1,12 @@
-"""Atomic file writes: write to a temporary file in the same folder, then rename.
-An interrupted run leaves either the previous complete file or the new one, never half."""
+"""The background writer: PNGs encoded on a thread, matplotlib figures and galleries drawn by a worker process."""
 from __future__ import annotations
 
-import contextlib
 import os
-import re
 import sys
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
-
-# PNG zlib level for every PNG written: level 1 encodes ~3.5x faster than Pillow's default 6 for
-# ~15% larger files (measured on the 460x1006 class galleries: 23 ms vs 79 ms each).
-PNG_COMPRESS_LEVEL = 1
-# Deflate levels 0-3 go through ISA-L (the `isal` package) when it is installed: on the class galleries
-# level 1 takes 2.6 ms instead of zlib's 12.5 ms, for a slightly smaller file. Its output is a standard
-# zlib stream; without it the standard library's zlib is used.
-ISAL_MAX_LEVEL = 3
-_FAST_PNG_MODES = ("L", "RGB", "RGBA")   # the modes png_bytes encodes; Pillow does any other
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path` atomically.
-    fsync=True also flushes the data to disk before the rename (for caches that a later run trusts)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        if fsync:
-            with open(tmp_path, "rb+") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-# ".<final name>.<random>.tmp<final suffix>", as mkstemp names them in atomic_path.
-TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp(\.[A-Za-z0-9]+)?$")
-
-
-def remove_orphan_temps(folder: str | os.PathLike) -> list[Path]:
-    """Delete temporary files a killed run left under `folder` (they are never complete outputs)."""
-    removed = []
-    for path in Path(folder).rglob(".*.tmp*"):
-        if path.is_file() and TEMP_NAME.match(path.name):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
-def save_figure(fig, path: str | os.PathLike, dpi: int = 100, **kwargs) -> Path:
-    """Save a matplotlib figure atomically (format taken from the final suffix); PNGs are drawn by Agg and
-    encoded by png_bytes (helpers.png_canvas)."""
-    path = Path(path)
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    if fmt == "png":
-        from .png_canvas import PNG_BACKEND
-        kwargs.setdefault("backend", PNG_BACKEND)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format=fmt, **kwargs)
-    return path
-
-
-def _deflate(data, level: int) -> bytes:
-    """A zlib stream of `data`: ISA-L for levels 0-3 when `isal` is installed, else the standard library."""
-    if level <= ISAL_MAX_LEVEL:
-        try:
-            from isal import isal_zlib
-        except ImportError:
-            pass
-        else:
-            return isal_zlib.compress(data, level)
-    import zlib
-    return zlib.compress(data, level)
-
-
-def png_bytes(pixels, level: int = PNG_COMPRESS_LEVEL, dpi: Optional[float] = None) -> bytes:
-    """A PNG file of 8-bit pixels: (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA; `dpi` is recorded in a
-    pHYs chunk, as matplotlib records it.
-
-    Every scanline gets PNG's "Up" filter (the difference to the row above, one numpy subtraction for the
-    whole image), then one deflate call (_deflate). Pillow chooses a filter per row instead: on the 460x1006
-    class galleries this encodes in less than half its time (20 vs 45 ms at zlib level 1) for files ~10%
-    smaller. numpy, zlib and ISA-L release the GIL, so the writer thread leaves the main thread free meanwhile."""
-    import struct
-    import zlib
-
-    import numpy as np
-    a = np.ascontiguousarray(pixels)
-    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
-        raise ValueError(f"png_bytes needs uint8 (H, W), (H, W, 3) or (H, W, 4) pixels, got {a.dtype} {a.shape}")
-    h, w = a.shape[:2]
-    channels = 1 if a.ndim == 2 else a.shape[2]
-    rows = a.reshape(h, w * channels)
-    filtered = np.empty((h, w * channels + 1), np.uint8)
-    filtered[:, 0] = 2                                     # filter type "Up"; the row above the first is zeros
-    filtered[0, 1:] = rows[0]
-    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG wants
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    colour = {1: 0, 3: 2, 4: 6}[channels]
-    header = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))
-    if dpi:
-        per_metre = int(round(dpi / 0.0254))
-        header += chunk(b"pHYs", struct.pack(">IIB", per_metre, per_metre, 1))   # unit 1: metre
-    return (b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", _deflate(filtered, level)) + chunk(b"IEND", b""))
-
-
-def save_png(image, path: str | os.PathLike) -> Path:
-    """Save a PIL image (or uint8 pixel array) as PNG atomically: png_bytes for 8-bit grey, RGB and RGBA,
-    Pillow for any other mode. Fast zlib level, see PNG_COMPRESS_LEVEL."""
-    path = Path(path)
-    mode = getattr(image, "mode", None)
-    with atomic_path(path) as tmp:
-        if mode is None or mode in _FAST_PNG_MODES:
-            import numpy as np
-            tmp.write_bytes(png_bytes(np.asarray(image)))
-        else:
-            image.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return path
-
-
-def save_csv(df, path: str | os.PathLike) -> Path:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
-    return Path(path)
-
-
-# ----------------------------------------------------------------------------- background writing
+from helpers.files.png import save_figure, save_png
 
 def save_pickled_figure(data: bytes, path: str, dpi: int, kwargs: dict) -> str:
     """Unpickle a matplotlib figure and save it atomically (the figure worker's job)."""
@@ -164,7 +24,7 @@ def render_png(render, args: tuple, path: str) -> str:
 
 
 def _serve_jobs() -> None:
-    """`python -m helpers.atomic_io`: the writer's worker. Reads length-prefixed pickled jobs (a module-level
+    """`python -m helpers.files.background`: the writer's worker. Reads length-prefixed pickled jobs (a module-level
     function and its arguments, e.g. save_pickled_figure) on stdin and answers b"ok" or the error on the
     original stdout."""
     import pickle
@@ -192,7 +52,7 @@ def _serve_jobs() -> None:
 
 
 class _FigureWorker:
-    """One `python -m helpers.atomic_io` subprocess (a plain subprocess rather than multiprocessing, whose
+    """One `python -m helpers.files.background` subprocess (a plain subprocess rather than multiprocessing, whose
     spawn would re-run an unguarded user script in the child)."""
 
     def __init__(self):
@@ -200,7 +60,7 @@ class _FigureWorker:
         package_parent = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ, MPLBACKEND="Agg",
                    PYTHONPATH=os.pathsep.join([package_parent] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-        self.proc = subprocess.Popen([sys.executable, "-m", "helpers.atomic_io"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "helpers.files.background"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env)
 
     def run(self, job: bytes) -> None:

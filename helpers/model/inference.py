@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .cam_store import GalleryActivations
+    from helpers.model.cam_store import GalleryActivations
 
 
 @dataclass
@@ -110,13 +110,13 @@ def run_inference(
     """Run `model` once over `inputs` (normalised N,C,H,W) and keep logits, probabilities and the
     penultimate features (the head's input, captured by a forward hook in the same pass).
 
-    `gallery` (a helpers.cam_store.GalleryActivations) also keeps, in the same pass, the target layer's
+    `gallery` (a helpers.model.cam_store.GalleryActivations) also keeps, in the same pass, the target layer's
     activations of the images the class galleries will show, so their CAMs need no second pass.
     channels_last is used on CPU and CUDA (about 1.6x faster on CPU for ResNets); probabilities are
     computed per batch, the same values the gallery selection sees."""
     from tqdm.auto import tqdm
 
-    from .errors import NumericalError
+    from helpers.errors import NumericalError
 
     device = torch.device(device)
     channels_last = device.type != "mps" and inputs.dim() == 4

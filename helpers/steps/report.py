@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import html
 import json
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from . import atomic_io
-from .data import readable
-from .recommendations import Evidence, format_recommendations, recommend
+from helpers.files import atomic
+from helpers.data.datasets import readable
+from helpers.compute.recommendations import Evidence, format_recommendations, recommend
 
 if TYPE_CHECKING:
-    from .pipeline import Analysis, Section
+    from helpers.pipeline import Analysis, Section
 
 MANIFEST = ".manifest.json"
 
@@ -230,7 +228,7 @@ def ship_plotlyjs(an: "Analysis", *subdir: str) -> str:
     if path.resolve() not in an.written:
         data = get_plotlyjs().encode("utf-8")
         if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
-            atomic_io.write_bytes(path, data)
+            atomic.write_bytes(path, data)
         an._path(PLOTLY_JS)
     return "../" * len(subdir) + PLOTLY_JS
 
@@ -238,7 +236,8 @@ def ship_plotlyjs(an: "Analysis", *subdir: str) -> str:
 def confusion_figure(an: "Analysis", values: Optional[dict] = None):
     """The interactive confusion matrix from what the confusion step measured (cm, row_pct, order).
     Built once per run and kept in those values (its own page and index.html both embed it)."""
-    from . import ordering, plots
+    from helpers.compute import ordering
+    from helpers.plots import figures as plots
     conf = values if values is not None else an.results["confusion"].values
     if "heatmap" in conf:
         return conf["heatmap"]
@@ -279,7 +278,7 @@ def _link(rel: str, text: Optional[str] = None) -> str:
 
 
 def _cards(an: "Analysis") -> str:
-    from .pipeline import HIGH_CONFIDENCE
+    from helpers.pipeline import HIGH_CONFIDENCE
     pr, conf = an.preds, an.results["confusion"].values
     dd = an.results["deep_dive"].values if "deep_dive" in an.results else {}
     n, n_err = len(pr.labels), int((~pr.correct).sum())
@@ -337,7 +336,7 @@ def index_html(an: "Analysis", files: list[str], recs=None) -> str:
     """The report page: headline numbers, the interactive confusion matrix and per-class chart,
     the confused pairs with their galleries, the deep dive, and every output with a description.
     Loads the plotly.min.js shipped beside it (ship_plotlyjs); no network."""
-    from . import plots
+    from helpers.plots import figures as plots
     conf = an.results["confusion"].values
     present = set(files)
     pair_pngs = [f for f in files if f.startswith("confused_pair_")]
@@ -398,15 +397,15 @@ def index_html(an: "Analysis", files: list[str], recs=None) -> str:
 
 
 def write_reports(an: "Analysis") -> "Section":
-    from .pipeline import Section
+    from helpers.pipeline import Section
     sec = Section("Summary and recommendations")
     recs = recommend(build_evidence(an))
-    atomic_io.write_text(an._path("recommendations.txt"), format_recommendations(recs))
-    atomic_io.write_text(an._path("analysis_summary.txt"), summary_text(an, recs))
+    atomic.write_text(an._path("recommendations.txt"), format_recommendations(recs))
+    atomic.write_text(an._path("analysis_summary.txt"), summary_text(an, recs))
     removed = remove_stale_outputs(an)
     files = sorted(str(p.relative_to(an.out.resolve())) for p in an.written) + ["index.html"]
-    atomic_io.write_text(an._path("index.html"), index_html(an, [f for f in files if f != "index.html"], recs))
-    atomic_io.write_text(an.out / MANIFEST, json.dumps(sorted(files), indent=1))
+    atomic.write_text(an._path("index.html"), index_html(an, [f for f in files if f != "index.html"], recs))
+    atomic.write_text(an.out / MANIFEST, json.dumps(sorted(files), indent=1))
     sec.values.update(recommendations=recs, removed_stale=removed)
     sec.files = ["analysis_summary.txt", "recommendations.txt", "index.html"]
     sec.notes.append(format_recommendations(recs))
@@ -418,7 +417,7 @@ def write_reports(an: "Analysis") -> "Section":
 
 def remove_stale_outputs(an: "Analysis") -> list[str]:
     """Delete files an earlier run listed in its manifest that this run did not write."""
-    atomic_io.remove_orphan_temps(an.out)
+    atomic.remove_orphan_temps(an.out)
     manifest = an.out / MANIFEST
     try:
         previous = json.loads(manifest.read_text(encoding="utf-8"))

@@ -10,13 +10,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from . import atomic_io, deep_dive, metrics, plots, report
-from .cams import CLASS_AGNOSTIC_METHODS
-from .data import resolve_class_names, safe_filename
-from .recommendations import count_label_suspects
+from helpers.files import atomic
+from helpers.compute import deep_dive
+from helpers.compute import metrics
+from helpers.plots import figures as plots
+from helpers.steps import report
+from helpers.model.cams import CLASS_AGNOSTIC_METHODS
+from helpers.data.datasets import resolve_class_names, safe_filename
+from helpers.compute.recommendations import count_label_suspects
 
 if TYPE_CHECKING:
-    from .pipeline import Analysis, Section
+    from helpers.pipeline import Analysis, Section
 
 SUB = "deep_dive"
 N_OCCLUSION = 3
@@ -27,7 +31,7 @@ FINER_KEY = "finercam (true vs predicted)"   # faithfulness key of the group gal
 
 def run_deep_dive(an: "Analysis") -> "Section":
     """Every step, run in RUN_ORDER, with notes, figures and files gathered in READING_ORDER."""
-    from .pipeline import Section
+    from helpers.pipeline import Section
     sec = Section("Deep dive")
     parts = {}
     for step in RUN_ORDER:
@@ -58,7 +62,7 @@ def group_step(an: "Analysis", sec: "Section") -> None:
     table = pd.DataFrame(counts, index=names, columns=names)
     table_pct = pd.DataFrame(np.round(row_pct, 2), index=names, columns=[f"{n} (row %)" for n in names])
     out = pd.concat([table, table_pct], axis=1).reset_index(names="true class")
-    atomic_io.save_csv(out, an._path(SUB, "group_confusion.csv"))
+    atomic.save_csv(out, an._path(SUB, "group_confusion.csv"))
     fig = plots.plot_group_confusion(counts, row_pct, names)
     sec.figures["group_confusion"] = fig
     an._save_fig(fig, SUB, "group_confusion.png")
@@ -155,7 +159,7 @@ def feature_space_step(an: "Analysis", sec: "Section") -> None:
     thumbs = [plots.thumbnail_data_uri(an.data.images[i]) for i in idx]
     html = plots.embedding_html(coords, labels, preds, group, an.names, thumbs, method, sep_text,
                                 plotlyjs=report.ship_plotlyjs(an, SUB))
-    atomic_io.write_text(an._path(SUB, "group_embedding.html"), html)
+    atomic.write_text(an._path(SUB, "group_embedding.html"), html)
     sec.values.update(embedding_method=method, separability=sep)
     sec.files += [f"{SUB}/group_embedding.png", f"{SUB}/group_embedding.html"]
     sec.notes.append(f"Feature space projected with {method}. {sep_text}.")
@@ -215,7 +219,7 @@ def superclass_step(an: "Analysis", sec: "Section") -> None:
     share = metrics.superclass_error_share(pr.labels, pr.preds, f2c)
     cm = an.results["confusion"].values["cm"]
     within = metrics.top_within_superclass_pairs(cm, data.class_names, f2c, k=10)
-    atomic_io.save_csv(within, an._path(SUB, "within_superclass_pairs.csv"))
+    atomic.save_csv(within, an._path(SUB, "within_superclass_pairs.csv"))
     sec.values.update(superclass_share=share, within_pairs=within, coarse_cm=ccm)
     sec.files += [f"{SUB}/superclass_confusion.png", f"{SUB}/within_superclass_pairs.csv"]
     sec.notes.append(f"{share['share']:.1%} of errors stay inside the true superclass "
@@ -228,10 +232,10 @@ def calibration_step(an: "Analysis", sec: "Section") -> None:
     fig = plots.plot_reliability_diagram(bins, ece)
     sec.figures["reliability"] = fig
     an._save_fig(fig, SUB, "reliability_diagram.png")
-    atomic_io.save_csv(bins, an._path(SUB, "reliability_bins.csv"))
+    atomic.save_csv(bins, an._path(SUB, "reliability_bins.csv"))
     high = metrics.high_confidence_errors(pr.labels, pr.preds, pr.probs, 0.9)
     over = metrics.overconfident_errors_by_class(pr.labels, pr.preds, pr.probs, an.data.class_names, 0.9)
-    atomic_io.save_csv(over, an._path(SUB, "overconfident_classes.csv"))
+    atomic.save_csv(over, an._path(SUB, "overconfident_classes.csv"))
     sec.values.update(ece=float(ece), high_conf=high, overconfident=over)
     sec.files += [f"{SUB}/reliability_diagram.png", f"{SUB}/reliability_bins.csv", f"{SUB}/overconfident_classes.csv"]
     sec.notes.append(f"Expected calibration error (15 bins): {ece:.3f}; {high['count']} errors "
@@ -251,7 +255,7 @@ def label_suspects_step(an: "Analysis", sec: "Section") -> None:
         "image_index": idx, "given_label": [an.names[pr.labels[i]] for i in idx],
         "predicted": [an.names[pr.preds[i]] for i in idx], "p_given": np.round(given, 4), "p_predicted": np.round(pred, 4),
     })
-    atomic_io.save_csv(table, an._path(SUB, "label_suspects.csv"))
+    atomic.save_csv(table, an._path(SUB, "label_suspects.csv"))
     n_strong = count_label_suspects(pr.labels, pr.probs)
     sec.values.update(label_suspects=table, n_label_suspects=n_strong)
     sec.files += [f"{SUB}/label_suspects.png", f"{SUB}/label_suspects.csv"]

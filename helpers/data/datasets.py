@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, DataError
+from helpers.errors import ConfigError, DataError
 
 
 def readable(name: str) -> str:

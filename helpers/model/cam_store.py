@@ -119,7 +119,7 @@ class GalleryActivations:
 class CamStore:
     def __init__(self, engine_factory: Callable[[str, Optional[str]], "object"], inputs: torch.Tensor,
                  method: str = "gradcam", layer: Optional[str] = None):
-        """`engine_factory(method, layer)` builds a helpers.cams.CamEngine; engines are reused."""
+        """`engine_factory(method, layer)` builds a helpers.model.cams.CamEngine; engines are reused."""
         self._factory = engine_factory
         self._engines: dict[tuple[str, Optional[str]], object] = {}
         self.inputs = inputs

@@ -1,6 +1,6 @@
 """Figures. Every function here only DRAWS already-computed values and returns a matplotlib Figure,
 a PIL.Image (RGB) or an HTML string; nothing here runs a model or writes a file (the caller saves
-through helpers/atomic_io.py).
+through helpers/atomic.py).
 
 Matplotlib figures are built with `matplotlib.figure.Figure` directly, not through pyplot: the
 pipeline draws hundreds of figures, and pyplot would keep every one alive until closed. In a notebook
@@ -28,7 +28,8 @@ from matplotlib import font_manager
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from helpers import atomic_io
+
+from helpers.files import png
 from helpers.errors import ConfigError, NumericalError
 
 __all__ = [
@@ -791,7 +792,7 @@ def thumbnail_data_uri(image: np.ndarray, size: int = 64) -> str:
     if max(h, w) > size:
         s = size / max(h, w)
         img = np.asarray(Image.fromarray(img).resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR))
-    return "data:image/png;base64," + base64.b64encode(atomic_io.png_bytes(img, level=6)).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(png.png_bytes(img, level=6)).decode("ascii")
 
 
 # Shows the hovered point's thumbnail in the fixed side panel (Plotly hover labels cannot show
@@ -926,7 +927,7 @@ def confusion_heatmap_figure(cm: np.ndarray, row_pct: np.ndarray, names: Sequenc
                              superclasses: Optional[Sequence[str]] = None,
                              spans: Optional[Sequence[tuple[int, int, int]]] = None, title: str = ""):
     """Interactive confusion matrix (Plotly heatmap), rows = true class, columns = prediction, both
-    permuted by `order` (helpers.ordering). Hover gives true, predicted, count and row %. Buttons
+    permuted by `order` (helpers.compute.ordering). Hover gives true, predicted, count and row %. Buttons
     switch the colour between CONFUSION_VIEWS: counts, row %, and row % with the diagonal blanked
     (so the errors use the whole colour range). superclasses: each class's superclass name, shown on
     hover; spans: (start, stop, id) runs along `order`, outlined as diagonal blocks.

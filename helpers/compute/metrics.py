@@ -13,8 +13,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from .data import readable
-from .errors import ConfigError, DataError
+from helpers.data.datasets import readable
+from helpers.errors import ConfigError, DataError
 
 # Above this many k-subsets of the candidate classes, find_confused_group switches from
 # exhaustive search to greedy growth (exhaustive stays well under a second below it).

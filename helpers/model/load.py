@@ -30,8 +30,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .architectures import BUILTIN_ARCHS
-from .errors import CheckpointError, ConfigError, DataError, ModelLoadError, SuiteError
+from helpers.model.architectures import BUILTIN_ARCHS
+from helpers.errors import CheckpointError, ConfigError, DataError, ModelLoadError, SuiteError
 
 DEFAULT_MODEL_URL = (
     "https://github.com/chenyaofo/pytorch-cifar-models/releases/download/resnet/cifar100_resnet56-f2eff4c8.pt"
@@ -732,7 +732,7 @@ def _pickled_module(obj: Any) -> Optional[nn.Module]:
 
 
 def _to_device(module: nn.Module, device: str | torch.device) -> nn.Module:
-    from .inference import resolve_device
+    from helpers.model.inference import resolve_device
 
     try:
         target = resolve_device(str(device)) if not isinstance(device, torch.device) else device
@@ -790,7 +790,7 @@ def check_model_fits_data(loaded: LoadedModel, input_shape: Sequence[int], num_c
     TorchScript model is refused here, before any compute, with the fix (cams.check_hookable).
     Returns `loaded` (updated in place)."""
     if needs_cams:
-        from .cams import check_hookable
+        from helpers.model.cams import check_hookable
         check_hookable(loaded.module, f"The model ({loaded.source})")
     channels, height, width = (int(v) for v in input_shape)
     probe = torch.zeros(1, channels, height, width, device=_module_device(loaded.module))

@@ -1,6 +1,6 @@
-"""A matplotlib backend that only saves PNGs: Agg draws the figure, atomic_io.png_bytes encodes it.
+"""A matplotlib backend that only saves PNGs: Agg draws the figure, helpers.files.png.png_bytes encodes it.
 
-atomic_io.save_figure passes savefig(..., backend=PNG_BACKEND). matplotlib's own PNG path hands the pixels to
+helpers.files.png.save_figure passes savefig(..., backend=PNG_BACKEND). matplotlib's own PNG path hands the pixels to
 Pillow's zlib, which was a third of the time to save the 100-class confusion matrix (2800x2600 RGBA: 0.37 of
 1.1 s); png_bytes uses ISA-L when it is installed. Layout, bbox_inches="tight", dpi and facecolor are
 matplotlib's, unchanged: only the encoder differs, so the pixels are the same as Agg's.
@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib import cbook
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from .atomic_io import png_bytes
+from helpers.files.png import png_bytes
 
 PNG_BACKEND = f"module://{__name__}"   # how savefig(backend=...) names this module
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, DataError
+from helpers.errors import ConfigError, DataError
 
 
 # ----------------------------------------------------------------------------- 2-D projection
@@ -54,7 +54,7 @@ def project_2d(features: np.ndarray, seed: int = 0, method: str = "auto") -> tup
     if method in ("auto", "umap") and _umap_available():
         import umap
 
-        from .jit_cache import enable_umap_jit_cache
+        from helpers.compute.jit_cache import enable_umap_jit_cache
         enable_umap_jit_cache()   # compiled once per environment instead of ~13 s in every process
         with warnings.catch_warnings():
             # A fixed random_state makes UMAP single-threaded and it warns about that.
@@ -243,7 +243,7 @@ def contrast_faithfulness(model: nn.Module, inputs: torch.Tensor, true_classes, 
     """
     from pytorch_grad_cam.metrics.road import ROADMostRelevantFirst
 
-    from .cams import _check_scores_before, perturbation_score
+    from helpers.model.cams import _check_scores_before, perturbation_score
 
     x = torch.as_tensor(inputs).float()
     n = x.shape[0]
