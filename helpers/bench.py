@@ -23,6 +23,7 @@ other architecture uses random weights (timing does not depend on them).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -118,7 +119,7 @@ def stage_analysis(args, fresh: bool) -> dict:
     """(b) / (d): the full analysis, as the CLI runs it."""
     import torch
 
-    from helpers.model import cams  # noqa: F401  (module-level imports, incl. pytorch-grad-cam, as in (c): not timed)
+    importlib.import_module("helpers.model.cams")   # module-level imports, incl. pytorch-grad-cam, as in (c): not timed
     from helpers.pipeline import Analysis
     out = Path(args.out_dir)
     if fresh and out.exists():
@@ -132,7 +133,7 @@ def stage_analysis(args, fresh: bool) -> dict:
     seconds = time.perf_counter() - start
     n_files = sum(1 for p in out.rglob("*") if p.is_file() and ".cache" not in p.parts)
     return {"seconds": seconds, "cache_hit": an.cache_hit, "files": n_files, "threads": an.threads,
-            "worker_rss_kb": an._writer.worker_peak_rss_kb,
+            "worker_rss_kb": an.outputs.writer.worker_peak_rss_kb,
             "cams_computed": an.cams.n_computed, "cams_from_inference_pass": an.cams.n_from_activations,
             "cam_path": an.cams.engine().path, "steps": {k: round(v, 2) for k, v in an.timings.items()}}
 
@@ -150,7 +151,7 @@ def stage_naive(args) -> dict:
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from helpers.compute import metrics
-    from helpers.model.cams import resolve_target_layer
+    from helpers.model.layers import resolve_target_layer
 
     model, data, x = _load(args)
     out = Path(args.out_dir)

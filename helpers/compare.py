@@ -2,7 +2,8 @@
 
 Each model goes through its own `Analysis`, so its predictions come from its cache in OUTPUT_DIR/.cache
 when an earlier run (or comparison) already computed them. The numbers are pure functions of the two
-prediction arrays; the figures are drawn by helpers.plots.figures. Written to OUTPUT_DIR/compare/:
+prediction arrays (helpers.compute.changes); the figures are drawn by helpers.plots. This module
+runs both models, words the summary and writes OUTPUT_DIR/compare/:
 
     per_class_accuracy_delta.csv / .png   accuracy of every class under A and B, and B − A
     pair_changes.csv / .png               confused pairs that got better or worse (count under A and B)
@@ -17,18 +18,20 @@ import html
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import pandas as pd
 
+from helpers.compute.changes import (change_summary, changed_images, fixed_and_broken, pair_changes,
+                                     per_class_deltas)
+from helpers.compute.metrics import HIGH_CONFIDENCE
+from helpers.config import Params
+from helpers.errors import ConfigError
 from helpers.files import atomic
 from helpers.files import png
-from helpers.compute import metrics
-from helpers.config import Params
-from helpers.data.datasets import readable
-from helpers.errors import ConfigError
-from helpers.pipeline import Analysis, check_writable
+from helpers.files.outputs import check_writable
+from helpers.pipeline import Analysis
 
 ModelSpec = Union[Analysis, Params, str, os.PathLike, None]
 N_EXAMPLES = 8            # images per fixed/broken gallery
@@ -36,12 +39,6 @@ N_PAIRS_CHART = 10        # most improved and most worsened pairs drawn
 # Which Params decide the test set: both models must agree on these to be compared.
 DATA_FIELDS = ("DATASET", "DATA_ROOT", "LIMIT", "MEAN", "STD", "CONVERT_CHANNELS", "SUPERCLASS_MAP")
 
-PER_CLASS_COLUMNS = ["class_id", "class_name", "superclass", "support", "correct_a", "correct_b",
-                     "accuracy_a", "accuracy_b", "delta", "fixed", "broken"]
-PAIR_COLUMNS = ["true_id", "true_name", "pred_id", "pred_name", "count_a", "count_b", "delta", "change",
-                "share_a", "share_b", "same_superclass"]
-IMAGE_COLUMNS = ["index", "status", "true_id", "true_name", "pred_a_id", "pred_a_name", "conf_a",
-                 "pred_b_id", "pred_b_name", "conf_b", "p_true_a", "p_true_b"]
 FILES = ["compare_summary.txt", "per_class_accuracy_delta.csv", "per_class_accuracy_delta.png",
          "pair_changes.csv", "pair_changes.png", "fixed_and_broken.csv", "fixed_examples.png",
          "broken_examples.png", "index.html"]
@@ -55,118 +52,6 @@ DESCRIPTIONS = {
     "fixed_examples.png": "Fixed images: CAMs of A and B for the true class, and A's CAM for its wrong prediction.",
     "broken_examples.png": "Broken images: CAMs of A and B for the true class, and B's CAM for its wrong prediction.",
 }
-
-
-# ---------------------------------------------------------------------------------------------- pure compute
-def _check(labels, preds_a, preds_b, num_classes: Optional[int] = None):
-    labels, preds_a = metrics._check_pair(labels, preds_a, num_classes)
-    _, preds_b = metrics._check_pair(labels, preds_b, num_classes)
-    return labels, preds_a, preds_b
-
-
-def per_class_deltas(labels, preds_a, preds_b, class_names: Sequence[str],
-                     fine_to_coarse: Optional[np.ndarray] = None,
-                     coarse_names: Optional[Sequence[str]] = None) -> pd.DataFrame:
-    """One row per class: correct and accuracy under A and B, delta = accuracy_b − accuracy_a, and the
-    class's images fixed (A wrong, B right) and broken (A right, B wrong). fixed − broken = correct_b − correct_a."""
-    c = len(class_names)
-    labels, preds_a, preds_b = _check(labels, preds_a, preds_b, c)
-    ok_a, ok_b = preds_a == labels, preds_b == labels
-    support = np.bincount(labels, minlength=c)
-    correct_a = np.bincount(labels[ok_a], minlength=c)
-    correct_b = np.bincount(labels[ok_b], minlength=c)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        acc_a = np.where(support > 0, correct_a / np.maximum(support, 1), np.nan)
-        acc_b = np.where(support > 0, correct_b / np.maximum(support, 1), np.nan)
-    coarse = [metrics._superclass_of(fine_to_coarse, k) for k in range(c)]
-    return pd.DataFrame({
-        "class_id": np.arange(c),
-        "class_name": [readable(n) for n in class_names],
-        "superclass": [readable(coarse_names[g]) if g >= 0 and coarse_names is not None else "" for g in coarse],
-        "support": support, "correct_a": correct_a, "correct_b": correct_b,
-        "accuracy_a": acc_a, "accuracy_b": acc_b, "delta": acc_b - acc_a,
-        "fixed": np.bincount(labels[~ok_a & ok_b], minlength=c),
-        "broken": np.bincount(labels[ok_a & ~ok_b], minlength=c),
-    }, columns=PER_CLASS_COLUMNS)
-
-
-def pair_changes(labels, preds_a, preds_b, class_names: Sequence[str],
-                 fine_to_coarse: Optional[np.ndarray] = None) -> pd.DataFrame:
-    """Every off-diagonal (true → predicted) pair whose count differs between A and B: count_a, count_b,
-    delta = count_b − count_a (negative = fewer such errors under B: 'better'), and the share of the true
-    class's images. Sorted by |delta| (largest change first), then better before worse, then ids."""
-    c = len(class_names)
-    labels, preds_a, preds_b = _check(labels, preds_a, preds_b, c)
-    cm_a = metrics.confusion_matrix(labels, preds_a, c)
-    cm_b = metrics.confusion_matrix(labels, preds_b, c)
-    diff = cm_b - cm_a
-    np.fill_diagonal(diff, 0)
-    t, p = np.nonzero(diff)
-    order = np.lexsort((p, t, diff[t, p], -np.abs(diff[t, p])))
-    t, p = t[order], p[order]
-    support = np.maximum(cm_a.sum(axis=1), 1)
-    same = []
-    for ti, pi in zip(t, p):
-        ct, cp = metrics._superclass_of(fine_to_coarse, ti), metrics._superclass_of(fine_to_coarse, pi)
-        same.append("" if ct < 0 or cp < 0 else ("yes" if ct == cp else "no"))
-    return pd.DataFrame({
-        "true_id": t.astype(np.int64), "true_name": [readable(class_names[i]) for i in t],
-        "pred_id": p.astype(np.int64), "pred_name": [readable(class_names[i]) for i in p],
-        "count_a": cm_a[t, p], "count_b": cm_b[t, p], "delta": diff[t, p],
-        "change": np.where(diff[t, p] < 0, "better", "worse"),
-        "share_a": cm_a[t, p] / support[t], "share_b": cm_b[t, p] / support[t], "same_superclass": same,
-    }, columns=PAIR_COLUMNS)
-
-
-def fixed_and_broken(labels, preds_a, preds_b, probs_a, probs_b) -> tuple[np.ndarray, np.ndarray]:
-    """(fixed, broken) image indices. Fixed: A wrong, B right, A's most confident mistakes first.
-    Broken: A right, B wrong, B's most confident mistakes first. Ties by index."""
-    labels, preds_a, preds_b = _check(labels, preds_a, preds_b)
-    probs_a = metrics._check_probs(probs_a, len(labels))
-    probs_b = metrics._check_probs(probs_b, len(labels))
-    ok_a, ok_b = preds_a == labels, preds_b == labels
-    fixed = np.nonzero(~ok_a & ok_b)[0]
-    broken = np.nonzero(ok_a & ~ok_b)[0]
-    fixed = fixed[np.argsort(-probs_a[fixed, preds_a[fixed]], kind="stable")]
-    broken = broken[np.argsort(-probs_b[broken, preds_b[broken]], kind="stable")]
-    return fixed.astype(np.int64), broken.astype(np.int64)
-
-
-def mcnemar_p(n_fixed: int, n_broken: int) -> float:
-    """Exact two-sided McNemar test: p-value of seeing a split at least this uneven between fixed and broken
-    images if both models were equally good (each changed image a fair coin). 1.0 when nothing changed."""
-    from scipy.stats import binomtest
-    n = n_fixed + n_broken
-    return 1.0 if n == 0 else float(binomtest(min(n_fixed, n_broken), n, 0.5).pvalue)
-
-
-def change_summary(labels, preds_a, preds_b, probs_a, probs_b,
-                   fine_to_coarse: Optional[np.ndarray] = None, n_bins: int = 15) -> dict:
-    """The headline numbers of A, B and B − A: accuracy, fixed/broken images (with McNemar's p),
-    expected calibration error, high-confidence errors and, with superclasses, the within-superclass
-    share of the errors."""
-    labels, preds_a, preds_b = _check(labels, preds_a, preds_b)
-    out: dict = {"n_images": int(len(labels))}
-    ok_a, ok_b = preds_a == labels, preds_b == labels
-    out["accuracy_a"], out["accuracy_b"] = float(ok_a.mean()), float(ok_b.mean())
-    out["n_fixed"], out["n_broken"] = int((~ok_a & ok_b).sum()), int((ok_a & ~ok_b).sum())
-    out["n_both_wrong"] = int((~ok_a & ~ok_b).sum())
-    out["n_both_wrong_changed"] = int((~ok_a & ~ok_b & (preds_a != preds_b)).sum())
-    out["mcnemar_p"] = mcnemar_p(out["n_fixed"], out["n_broken"])
-    out["ece_a"] = metrics.expected_calibration_error(probs_a, labels, n_bins)[0]
-    out["ece_b"] = metrics.expected_calibration_error(probs_b, labels, n_bins)[0]
-    out["high_conf_errors_a"] = metrics.high_confidence_errors(labels, preds_a, probs_a)["count"]
-    out["high_conf_errors_b"] = metrics.high_confidence_errors(labels, preds_b, probs_b)["count"]
-    if fine_to_coarse is not None:
-        sa = metrics.superclass_error_share(labels, preds_a, fine_to_coarse)
-        sb = metrics.superclass_error_share(labels, preds_b, fine_to_coarse)
-        out.update(superclass_share_a=sa["share"], superclass_share_b=sb["share"], superclass_chance=sa["chance"],
-                   n_within_a=sa["n_within"], n_errors_a=sa["n_errors"],
-                   n_within_b=sb["n_within"], n_errors_b=sb["n_errors"])
-    for key in ("accuracy", "ece", "superclass_share", "high_conf_errors"):
-        if f"{key}_a" in out:
-            out[f"{key}_delta"] = out[f"{key}_b"] - out[f"{key}_a"]
-    return out
 
 
 def _pct(x: float) -> str:
@@ -192,7 +77,7 @@ def summary_text(s: dict, name_a: str, name_b: str, per_class: pd.DataFrame, pai
         f"Wrong under both: {s['n_both_wrong']} ({s['n_both_wrong_changed']} with a different wrong prediction)",
         f"Expected calibration error (15 bins): A {s['ece_a']:.4f}, B {s['ece_b']:.4f} "
         f"(B − A {s['ece_delta']:+.4f}; lower is better calibrated)",
-        f"High-confidence errors (confidence ≥ 0.9): A {s['high_conf_errors_a']}, B {s['high_conf_errors_b']} "
+        f"High-confidence errors (confidence ≥ {HIGH_CONFIDENCE}): A {s['high_conf_errors_a']}, B {s['high_conf_errors_b']} "
         f"(B − A {s['high_conf_errors_delta']:+d})",
     ]
     if "superclass_share_a" in s:
@@ -326,7 +211,7 @@ class Comparison:
 
 def _gallery(a: Analysis, b: Analysis, idx: np.ndarray, kind: str, name_a: str, name_b: str, total: int):
     """Rows: the image, A's and B's CAM for the true class, and the wrong model's CAM for its prediction."""
-    from helpers.plots.figures import GalleryRow, render_gallery
+    from helpers.plots.gallery import GalleryRow, render_gallery
     names, labels = a.names, a.preds.labels
     idx = [int(i) for i in idx]
     wrong_an, wrong_tag = (a, "A") if kind == "fixed" else (b, "B")
@@ -334,14 +219,14 @@ def _gallery(a: Analysis, b: Analysis, idx: np.ndarray, kind: str, name_a: str, 
     cam_a = a.cams.get(idx, [int(labels[i]) for i in idx])        # one batch per model and class set
     cam_b = b.cams.get(idx, [int(labels[i]) for i in idx])
     cam_w = wrong_an.cams.get(idx, wrong_pred)
+    over_a, over_b, over_w = a.run.overlays(idx, cam_a), b.run.overlays(idx, cam_b), wrong_an.run.overlays(idx, cam_w)
     rows = []
     for k, i in enumerate(idx):
         t, pa, pb = int(labels[i]), int(a.preds.preds[i]), int(b.preds.preds[i])
         title = (f"#{i} · true: {names[t]} · A: {names[pa]} ({a.preds.probs[i, pa]:.2f}) → "
                  f"B: {names[pb]} ({b.preds.probs[i, pb]:.2f})")
-        panels = [(f"A: CAM → true: {names[t]}", a.overlay(i, cam_a[k])),
-                  (f"B: CAM → true: {names[t]}", b.overlay(i, cam_b[k])),
-                  (f"{wrong_tag}: CAM → pred: {names[wrong_pred[k]]}", wrong_an.overlay(i, cam_w[k]))]
+        panels = [(f"A: CAM → true: {names[t]}", over_a[k]), (f"B: CAM → true: {names[t]}", over_b[k]),
+                  (f"{wrong_tag}: CAM → pred: {names[wrong_pred[k]]}", over_w[k])]
         rows.append(GalleryRow(image=a.data.images[i], title=title, panels=panels, ok=kind == "fixed"))
     what = "fixed: A wrong → B right" if kind == "fixed" else "broken: A right → B wrong"
     return render_gallery(f"{total} images {what}", [(f"{len(rows)} of {total}, most confident mistakes first", rows)],
@@ -375,16 +260,7 @@ def compare(a: ModelSpec, b: ModelSpec, params: Optional[Params] = None, output_
     summary = change_summary(labels, pa.preds, pb.preds, pa.probs, pb.probs, data.fine_to_coarse)
     text = summary_text(summary, name_a, name_b, per_class, pairs)
 
-    names = data.display_names
-    changed = np.concatenate([fixed, broken])
-    images = pd.DataFrame({
-        "index": changed, "status": ["fixed"] * len(fixed) + ["broken"] * len(broken),
-        "true_id": labels[changed], "true_name": [names[i] for i in labels[changed]],
-        "pred_a_id": pa.preds[changed], "pred_a_name": [names[i] for i in pa.preds[changed]],
-        "conf_a": pa.probs[changed, pa.preds[changed]], "pred_b_id": pb.preds[changed],
-        "pred_b_name": [names[i] for i in pb.preds[changed]], "conf_b": pb.probs[changed, pb.preds[changed]],
-        "p_true_a": pa.probs[changed, labels[changed]], "p_true_b": pb.probs[changed, labels[changed]],
-    }, columns=IMAGE_COLUMNS)
+    images = changed_images(labels, pa.preds, pb.preds, pa.probs, pb.probs, fixed, broken, data.display_names)
 
     res = Comparison(out=out, name_a=name_a, name_b=name_b, summary=summary, per_class=per_class, pairs=pairs,
                      fixed=fixed, broken=broken, text=text)

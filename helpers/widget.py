@@ -8,18 +8,18 @@ a finished run without running inference again.
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 import numpy as np
-import torch
 
 from helpers.compute import metrics
 from helpers.errors import ConfigError, SuiteError
+from helpers.files.png import png_data_uri
+from helpers.model.layers import target_layer_choices
+from helpers.steps.galleries import class_rows, pair_rows
 
 if TYPE_CHECKING:
     from helpers.config import Params
@@ -39,12 +39,6 @@ class ExplorerState:
     n_examples: int = 5
 
 
-def png_data_uri(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def class_label(cls: int, name: str, accuracy: float) -> str:
     """Dropdown text, e.g. '042: leopard (67.0%)'."""
     return f"{cls:03d}: {name} ({accuracy:.1%})" if np.isfinite(accuracy) else f"{cls:03d}: {name} (no test images)"
@@ -55,27 +49,6 @@ def confusions_of(cm: np.ndarray, cls: int) -> list[tuple[int, int]]:
     row = np.asarray(cm[cls]).copy()
     row[cls] = 0
     return [(int(j), int(row[j])) for j in np.argsort(-row, kind="stable") if row[j] > 0]
-
-
-def target_layer_choices(model: torch.nn.Module, input_shape: Sequence[int], k: int = 4) -> list[str]:
-    """A few sensible CAM layers, late to early: the automatic layer first, then the last layer of each
-    earlier resolution stage (e.g. layer3.8, layer2.8, layer1.8 for a CIFAR ResNet-56); for a ViT, block
-    norms spread over the depth. Later layers are more semantic and coarser; earlier ones sharper."""
-    from helpers.model.cams import _STAGES, _is_feature_map, _probe, _vit_norm_layers, _zeros, find_target_layer
-    vit = [name for name, _ in _vit_norm_layers(model)]
-    if vit:
-        picks = np.unique(np.linspace(len(vit) - 1, 0, num=min(k, len(vit))).round().astype(int))[::-1]
-        return [vit[i] for i in picks]
-    default = find_target_layer(model, input_shape)[0]
-    depth = max(default.count("."), 1)
-    calls, _ = _probe(model, _zeros(input_shape))
-    last_of_size: dict[tuple[int, int], str] = {}
-    for c in calls:   # completion order: the last writer per resolution ends that stage
-        if _is_feature_map(c) and c.name.count(".") <= depth and not isinstance(c.module, _STAGES):
-            last_of_size.pop(tuple(c.output.shape[2:]), None)
-            last_of_size[tuple(c.output.shape[2:])] = c.name
-    ordered = [default] + [n for n in reversed(list(last_of_size.values())) if n != default]
-    return ordered[:k]
 
 
 class ClassExplorer:
@@ -209,7 +182,7 @@ class ClassExplorer:
         return self._rendered[s]
 
     def _render(self, s: ExplorerState) -> str:
-        from helpers.plots.figures import render_gallery
+        from helpers.plots.gallery import render_gallery
         an, names = self.an, self.an.names
         support, correct = int(self.cm[s.cls].sum()), int(self.cm[s.cls, s.cls])
         wrong = confusions_of(self.cm, s.cls)
@@ -226,7 +199,7 @@ class ClassExplorer:
         if s.other is None:
             n_worst = s.n_examples
             n_best = max(1, round(n_worst * an.params.N_BEST / max(1, an.params.N_WORST)))
-            worst, best = an.class_rows(s.cls, n_worst, n_best, **kw)
+            worst, best = class_rows(an.run, s.cls, n_worst, n_best, **kw)
             sections = [(f"{len(worst)} worst predictions", worst), (f"{len(best)} best predictions", best)]
             sections = [sec for sec in sections if sec[1]]
             title = f"Class {s.cls:03d}: {names[s.cls]} — accuracy {self.accuracy[s.cls]:.1%} ({s.method})"
@@ -235,7 +208,7 @@ class ClassExplorer:
             idx = metrics.pair_examples(pr.labels, pr.preds, pr.probs, s.cls, s.other, s.n_examples)
             # both CAMs of every example in one batch; pair_rows then reads them from the store
             an.cams.prefetch([(int(i), s.cls) for i in idx] + [(int(i), s.other) for i in idx], **kw)
-            _, rows, *_ = an.pair_rows(s.cls, s.other, s.n_examples, **kw)
+            _, rows, *_ = pair_rows(an.run, s.cls, s.other, s.n_examples, **kw)
             n = int(self.cm[s.cls, s.other])
             parts.append(f"<p><b>{html.escape(names[s.cls])} → {html.escape(names[s.other])}:</b> {n} of "
                          f"{support} images ({n / max(support, 1):.1%}); the {len(rows)} most confident shown: "

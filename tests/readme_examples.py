@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     from browser import screenshot_report
     from fmnist_model import train_fashion_cnn
     from helpers.config import Params
-    from helpers.data.datasets import SYSTEM_FASHION_MNIST, load_dataset
+    from helpers.data.datasets import load_dataset
+    from helpers.data.readers import SYSTEM_FASHION_MNIST
     from helpers.model.inference import default_threads
     from helpers.pipeline import Analysis
 

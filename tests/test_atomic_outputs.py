@@ -176,14 +176,21 @@ def test_png_bytes_with_either_deflate_backend(tmp_path, monkeypatch, deflate):
             assert im.info["dpi"] == pytest.approx((100, 100), abs=1e-3)
 
 
+def _savefig_bytes(fig, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **kwargs)
+    return buf.getvalue()
+
+
 def test_save_figure_writes_the_same_pixels_as_matplotlib(tmp_path):
-    """save_figure encodes through helpers.png_canvas; the pixels must be those of matplotlib's own savefig,
-    with bbox_inches="tight", a constrained layout and a transparent facecolor alike."""
+    """save_figure saves through matplotlib's own savefig at the fast zlib level: the pixels must be those of a
+    plain savefig, with bbox_inches="tight", a constrained layout and a transparent facecolor alike, and the
+    file is the one savefig writes at PNG_COMPRESS_LEVEL."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from helpers.files.png import save_figure
+    from helpers.files.png import PNG_COMPRESS_LEVEL, save_figure
     cases = {"tight": {"bbox_inches": "tight"}, "plain": {}, "transparent": {"transparent": True}}
     for name, kwargs in cases.items():
         fig, ax = plt.subplots(figsize=(3, 2), layout="constrained" if name == "plain" else None)
@@ -192,7 +199,9 @@ def test_save_figure_writes_the_same_pixels_as_matplotlib(tmp_path):
         ours, reference = tmp_path / f"{name}_ours.png", tmp_path / f"{name}_mpl.png"
         save_figure(fig, ours, dpi=72, **kwargs)
         fig.savefig(reference, dpi=72, format="png", **kwargs)
-        plt.close(fig)
         with Image.open(ours) as a, Image.open(reference) as b:
             assert a.size == b.size and a.mode == b.mode == "RGBA", name
             assert np.array_equal(np.asarray(a), np.asarray(b)), name
+        assert ours.read_bytes() == _savefig_bytes(fig, dpi=72, pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL},
+                                                   **kwargs), name
+        plt.close(fig)

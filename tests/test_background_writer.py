@@ -16,7 +16,7 @@ from PIL import Image
 
 from helpers.files import png
 from helpers.files import background
-from helpers.plots import figures as plots
+from helpers.plots import gallery
 from helpers.files.background import BackgroundWriter, _Feeder
 
 matplotlib.use("Agg")
@@ -24,7 +24,7 @@ RNG = np.random.default_rng(0)
 
 
 def _gallery_content():
-    rows = [plots.GalleryRow(image=RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8), title=f"row {i}",
+    rows = [gallery.GalleryRow(image=RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8), title=f"row {i}",
                              panels=[("CAM → pred: tiger", RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8))],
                              ok=bool(i % 2)) for i in range(3)]
     return "Class 007: tiger — accuracy 42.0%", [("3 worst predictions", rows)]
@@ -46,15 +46,15 @@ def _pixels(path):
 def test_worker_output_equals_in_process_output(tmp_path):
     content = _gallery_content()
     writer = BackgroundWriter()
-    writer.rendered(plots.render_gallery, content, tmp_path / "gallery.png")
+    writer.rendered(gallery.render_gallery, content, tmp_path / "gallery.png")
     writer.figure(_figure(), tmp_path / "figure.png")
-    writer.image(plots.render_gallery(*content), tmp_path / "here.png")
+    writer.image(gallery.render_gallery(*content), tmp_path / "here.png")
     assert writer._worker is not None and writer._worker.proc.poll() is None   # a live worker took the jobs
     for future, *_ in writer._jobs:   # let the worker finish them (close() would take over unstarted ones)
         future.result(timeout=60)
     writer.close()
     assert writer.done == {"worker": 2, "here": 0}
-    assert np.array_equal(_pixels(tmp_path / "gallery.png"), np.asarray(plots.render_gallery(*content)))
+    assert np.array_equal(_pixels(tmp_path / "gallery.png"), np.asarray(gallery.render_gallery(*content)))
     assert np.array_equal(_pixels(tmp_path / "gallery.png"), _pixels(tmp_path / "here.png"))
     png.save_figure(_figure(), tmp_path / "figure_here.png")
     assert np.array_equal(_pixels(tmp_path / "figure.png"), _pixels(tmp_path / "figure_here.png"))
@@ -118,7 +118,7 @@ def test_flush_takes_over_the_jobs_the_worker_has_not_started(tmp_path):
     content = _gallery_content()
     paths = [tmp_path / f"g{i}.png" for i in range(4)]
     for p in paths:
-        writer.rendered(plots.render_gallery, content, p)
+        writer.rendered(gallery.render_gallery, content, p)
     writer.figure(_figure(), tmp_path / "fig.png")
     assert worker.started.wait(10)
     threading.Timer(0.5, worker.release.set).start()   # the running job finishes while flush() works
@@ -127,7 +127,7 @@ def test_flush_takes_over_the_jobs_the_worker_has_not_started(tmp_path):
     # next in the worker, so it was taken last).
     assert worker.ran == [str(paths[0])]
     assert writer.done == {"worker": 1, "here": 4}
-    expected = np.asarray(plots.render_gallery(*content))
+    expected = np.asarray(gallery.render_gallery(*content))
     for p in paths:
         assert np.array_equal(_pixels(p), expected)
     assert (tmp_path / "fig.png").stat().st_size > 0
@@ -140,15 +140,15 @@ def test_a_dead_worker_still_ends_in_written_files(tmp_path):
     writer._worker.proc.kill()
     writer._worker.proc.wait()
     content = _gallery_content()
-    writer.rendered(plots.render_gallery, content, tmp_path / "g.png")
+    writer.rendered(gallery.render_gallery, content, tmp_path / "g.png")
     writer.figure(_figure(), tmp_path / "fig.png")
     writer.close()   # no error: the jobs were redone in this process
     assert writer.done == {"worker": 0, "here": 2}
-    assert np.array_equal(_pixels(tmp_path / "g.png"), np.asarray(plots.render_gallery(*content)))
+    assert np.array_equal(_pixels(tmp_path / "g.png"), np.asarray(gallery.render_gallery(*content)))
     assert _pixels(tmp_path / "fig.png").shape[0] > 0
     # Later jobs do not wait on the dead worker any more.
     start = time.perf_counter()
-    writer.rendered(plots.render_gallery, content, tmp_path / "g2.png")
+    writer.rendered(gallery.render_gallery, content, tmp_path / "g2.png")
     writer.close()
     assert (tmp_path / "g2.png").exists() and time.perf_counter() - start < 30
 
@@ -166,7 +166,7 @@ def test_unpicklable_figure_is_saved_in_process(tmp_path):
 def test_a_real_error_is_raised_by_flush(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     writer = BackgroundWriter()
-    writer.rendered(plots.render_gallery, _gallery_content(), tmp_path / "a_file" / "g.png")
+    writer.rendered(gallery.render_gallery, _gallery_content(), tmp_path / "a_file" / "g.png")
     with pytest.raises(OSError):
         writer.flush()
     writer.close(raise_errors=False)
@@ -183,14 +183,14 @@ from matplotlib.figure import Figure
 from helpers.files import atomic
 from helpers.files import png
 from helpers.files import background
-from helpers.plots import figures as plots
-rows = [plots.GalleryRow(image=np.zeros((32, 32, 3), np.uint8), title="t", panels=[("CAM → pred: x",
+from helpers.plots import gallery
+rows = [gallery.GalleryRow(image=np.zeros((32, 32, 3), np.uint8), title="t", panels=[("CAM → pred: x",
         np.full((32, 32, 3), 200, np.uint8))], ok=True)]
 writer = background.BackgroundWriter()
 fig = Figure(figsize=(2, 2)); fig.add_subplot().plot([0, 1])
 writer.figure(fig, {str(tmp_path / "fig.png")!r})
 for i in range(6):
-    writer.rendered(plots.render_gallery, ("title", [("section", rows)]), {str(tmp_path)!r} + f"/g{{i}}.png")
+    writer.rendered(gallery.render_gallery, ("title", [("section", rows)]), {str(tmp_path)!r} + f"/g{{i}}.png")
 """
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
     names = sorted(p.name for p in tmp_path.iterdir())

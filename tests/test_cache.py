@@ -19,7 +19,9 @@ from helpers.model.cam_store import CamStore, GalleryActivations, gallery_select
 from helpers.model.cams import CamEngine
 from helpers.config import Params
 from helpers.model.inference import run_inference
+from helpers.files.cache import digest
 from helpers.pipeline import Analysis
+from helpers.steps.predictions import cache_key_for
 
 from conftest import run_params
 
@@ -39,6 +41,10 @@ class InferenceCounter:
             self.calls += 1
             return original(*args, **kwargs)
         monkeypatch.setattr(pipeline, "run_inference", counted)
+
+
+def cache_key_of(an: Analysis) -> str:
+    return cache_key_for(an.params, an.loaded, an.data, an.inputs)
 
 
 def prepared(params: Params) -> Analysis:
@@ -114,7 +120,7 @@ def test_force_recompute_bypasses_the_cache(first_run, cifar_root, tiny_checkpoi
     an = prepared(make_params(cifar_root, tiny_checkpoint, out, FORCE_RECOMPUTE=True))
     an.predict()
     assert not an.cache_hit and counter.calls == 1
-    assert an.cache_stats["cams_loaded"] == 0 and not an._memo
+    assert an.cache_stats["cams_loaded"] == 0 and not an.cache.memo
     an.cams.get([0], [int(an.preds.preds[0])])
     assert an.cams.n_computed == 1
 
@@ -136,7 +142,7 @@ def test_changed_weights_invalidate(first_run, cifar_root, tiny_checkpoint, tmp_
     # The same weights under another file name are the same cache entry (the key hashes the bytes).
     same = tmp_path / "renamed.pt"
     shutil.copy(tiny_checkpoint, same)
-    assert prepared(make_params(cifar_root, same, out))._compute_cache_key() == first_run.cache_key
+    assert cache_key_of(prepared(make_params(cifar_root, same, out))) == first_run.cache_key
 
 
 @pytest.mark.parametrize("change", [dict(MEAN=[0.5, 0.5, 0.5], STD=[0.25, 0.25, 0.25]), dict(LIMIT=300)])
@@ -211,7 +217,7 @@ def test_damaged_derived_cache_is_detected_and_recomputed(first_run, cifar_root,
     an = prepared(make_params(cifar_root, tiny_checkpoint, out))
     an.predict()
     assert an.cache_hit                                    # the predictions file is intact
-    assert an.cache_stats["cams_loaded"] == 0 and not an._memo
+    assert an.cache_stats["cams_loaded"] == 0 and not an.cache.memo
     assert any(r.startswith(path.name) for r in an.cache_stats["rejected"])
     an.cams.get([0], [int(an.preds.preds[0])])
     assert an.cams.n_computed == 1                         # recomputed, not read from the damaged file
@@ -221,7 +227,7 @@ def test_cache_from_another_key_is_not_trusted(first_run, cifar_root, tiny_check
     """A complete cache file renamed to this run's key (e.g. copied by hand) is refused: its header names its key."""
     out = copy_outputs(first_run, tmp_path)
     an = prepared(make_params(cifar_root, tiny_checkpoint, out, LIMIT=300))
-    key = an._compute_cache_key()
+    key = cache_key_of(an)
     shutil.copy(out / ".cache" / f"{first_run.cache_key}.npz", out / ".cache" / f"{key}.npz")
     an.predict()
     assert not an.cache_hit and len(an.preds.labels) == 300
@@ -275,11 +281,11 @@ def test_cams_from_the_inference_pass_equal_pytorch_grad_cam_without_a_second_pa
     labels = np.arange(90) % 6
     engine = CamEngine(model, input_shape=(3, 16, 16), batch_size=32)
     assert engine.fast
-    keep = GalleryActivations(engine.layer, n_worst=4, n_best=2)
-    preds = run_inference(model, x, labels, batch_size=16, progress=False, gallery=keep)
-    assert 0 < len(keep) <= keep.max_held <= 6 * (2 * 4 + 2)
     store = CamStore(lambda method, layer: engine, x)
-    store.activations = keep
+    with store.capture(n_worst=4, n_best=2) as keep:
+        preds = run_inference(model, x, labels, batch_size=16, progress=False, gallery=keep)
+    assert 0 < len(keep) <= keep.max_held <= 6 * (2 * 4 + 2)
+    assert isinstance(keep, GalleryActivations) and store.activations is keep   # the store keeps what it captured
     wanted = sorted(i for i in range(90) if i in keep)
     classes = [int(preds.preds[i]) for i in wanted]
     forwarded = []   # images through the model while the CAMs are computed
@@ -306,12 +312,12 @@ def test_cams_from_the_inference_pass_equal_pytorch_grad_cam_without_a_second_pa
 def test_gallery_content_digest_sees_every_pixel():
     """A kept gallery must be redrawn when any pixel of its content changes; numpy's repr of a large array
     elides the middle ("..."), so the digest must hash the arrays themselves."""
-    from helpers.plots.figures import GalleryRow
+    from helpers.plots.gallery import GalleryRow
     overlay = np.zeros((32, 32, 3), np.uint8)
     changed = overlay.copy()
     changed[16, 16, 1] = 255   # in the part of the array that repr() summarises away
     assert repr(overlay) == repr(changed)
     row = lambda o: GalleryRow(image=np.zeros((32, 32, 3), np.uint8), title="t", panels=[("CAM", o)], ok=False)
-    assert pipeline._digest([row(overlay)]) != pipeline._digest([row(changed)])
-    assert pipeline._digest([row(overlay)]) == pipeline._digest([row(overlay.copy())])
-    assert pipeline._digest([row(overlay)]) != pipeline._digest([GalleryRow(overlay, "t", [("CAM", overlay)], True)])
+    assert digest([row(overlay)]) != digest([row(changed)])
+    assert digest([row(overlay)]) == digest([row(overlay.copy())])
+    assert digest([row(overlay)]) != digest([GalleryRow(overlay, "t", [("CAM", overlay)], True)])

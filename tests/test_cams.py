@@ -1,4 +1,5 @@
-"""helpers.model.cams against pytorch-grad-cam's own output, on tiny random-weight models and 32x32 inputs."""
+"""helpers.model.cams, helpers.model.layers and helpers.plots.overlay against pytorch-grad-cam's own output,
+on tiny random-weight models and 32x32 inputs."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,9 +13,10 @@ from pytorch_grad_cam.utils.model_targets import (ClassifierOutputSoftmaxTarget,
                                                   FinerWeightedTarget)
 from pytorch_grad_cam.utils.reshape_transforms import vit_reshape_transform as library_vit_reshape
 
-from helpers.model import cams
-from helpers.model.cams import (CAM_METHODS, CamEngine, cam_colormap_rgb, faithfulness, find_target_layer,
-                          gradcam_from_activations, overlay, resolve_target_layer, vit_reshape_transform)
+from helpers.model import cams, layers
+from helpers.model.cams import CAM_METHODS, CamEngine, faithfulness, gradcam_from_activations
+from helpers.model.layers import find_target_layer, resolve_target_layer, vit_reshape_transform
+from helpers.plots.overlay import cam_colormap_rgb, overlay
 from helpers.errors import ConfigError, NumericalError
 
 
@@ -347,9 +349,9 @@ def test_torchvision_vit_layer_and_grid():
     assert name == "encoder.layers.encoder_layer_1.ln_1" and layer is vit.encoder.layers[-1].ln_1
     assert vit_reshape_transform(vit, (3, 32, 32)).grid == 8
     cnn = seeded(HeResNet)
-    assert cams.reshape_transform_for(cnn, cnn.layer3[0], (3, 32, 32)) is None
+    assert layers.reshape_transform_for(cnn, cnn.layer3[0], (3, 32, 32)) is None
     with pytest.raises(ConfigError, match="not used"):
-        cams.reshape_transform_for(cnn, nn.Conv2d(3, 3, 1), (3, 32, 32))
+        layers.reshape_transform_for(cnn, nn.Conv2d(3, 3, 1), (3, 32, 32))
 
 
 # ----------------------------------------------------------------------------- FinerCAM
@@ -431,7 +433,7 @@ def test_overlay_many_is_bit_identical_to_show_cam_on_image():
     import cv2
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    from helpers.model.cams import overlay_many
+    from helpers.plots.overlay import overlay_many
     rng = np.random.default_rng(3)
     colour = list(rng.integers(0, 256, (5, 16, 12, 3), dtype=np.uint8))
     grey = list(rng.integers(0, 256, (3, 16, 12, 1), dtype=np.uint8))
@@ -509,6 +511,9 @@ def test_faithfulness_equals_library_road(images, targets):
                                                model)
     assert got.shape == (5,) and np.isfinite(got).all()
     np.testing.assert_allclose(got, ref, atol=1e-6)
+    # Target objects, as pytorch-grad-cam takes them, give the same scores as the class ids.
+    as_targets = faithfulness(model, images, [ClassifierOutputSoftmaxTarget(int(t)) for t in targets], maps, seed=3)
+    np.testing.assert_array_equal(as_targets, got)
     # With p(target) on the originals given (as the analysis passes them from its inference pass), the
     # library only scores the perturbed images, and the result is the same.
     with torch.no_grad():

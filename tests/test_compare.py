@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 
 import helpers.pipeline
-from helpers.compare import FILES, Comparison, compare, fixed_and_broken, mcnemar_p, pair_changes
+from helpers.compare import FILES, Comparison, compare
+from helpers.compute.changes import fixed_and_broken, mcnemar_p, pair_changes
 from helpers.config import Params
 from helpers.data.datasets import load_dataset
 from helpers.errors import ConfigError
 from helpers.model.inference import to_tensor
-from helpers.plots.figures import LAYOUT
+from helpers.plots.gallery import LAYOUT
 
 from conftest import REPO, TINY_ARCH, run_params, train_briefly
 from tiny_model import TinyNet

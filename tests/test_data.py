@@ -1,4 +1,5 @@
-"""Tests for helpers/data.py (loaders, class-name helpers) and helpers/synthetic.py (format writers)."""
+"""Tests for helpers/data/datasets.py and readers.py (loaders, class-name helpers) and helpers/data/synthetic.py
+(format writers)."""
 from __future__ import annotations
 
 import gzip

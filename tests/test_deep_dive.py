@@ -188,7 +188,6 @@ def test_occlusion_window_scales_with_image_size():
 # ----------------------------------------------------------------------------- cleanlab
 
 def test_cleanlab_finds_flipped_labels():
-    rng = np.random.default_rng(0)
     n, c = 300, 3
     true = np.repeat(np.arange(c), n // c)
     probs = np.full((n, c), 0.02)

@@ -27,7 +27,7 @@ def run(params: Params) -> Analysis:
     an = Analysis(params, progress=False)
     for step in STEPS:
         getattr(an, step)()
-    an._flush_writes()   # figures are written in the background until report(); these tests skip report()
+    an.outputs.flush()   # figures are written in the background until report(); these tests skip report()
     return an
 
 
@@ -120,7 +120,7 @@ class TwoPatches(nn.Module):
 
 
 def test_contrast_faithfulness_rewards_maps_on_what_separates_the_classes():
-    from helpers.compute.deep_dive import contrast_faithfulness
+    from helpers.model.cams import SoftmaxContrastTarget, faithfulness
     x = torch.zeros(1, 1, 32, 32)
     x[:, :, 4:12, 4:12] = 1.0      # evidence for class 0 ("true")
     x[:, :, 20:28, 20:28] = 1.2    # slightly more evidence for class 1 ("predicted")
@@ -131,10 +131,11 @@ def test_contrast_faithfulness_rewards_maps_on_what_separates_the_classes():
         m[0, r:r + 8, c:c + 8] = 1.0
         return m
 
+    true_vs_pred = [SoftmaxContrastTarget(0, 1)]   # p(true) - p(pred)
     # Each box is 64 of 1024 pixels (6.25%): percentile 95 removes exactly the box.
-    on_true = contrast_faithfulness(model, x, [0], [1], box(4, 4), percentile=95)
-    on_pred = contrast_faithfulness(model, x, [0], [1], box(20, 20), percentile=95)
-    elsewhere = contrast_faithfulness(model, x, [0], [1], box(4, 20), percentile=95)
+    on_true = faithfulness(model, x, true_vs_pred, box(4, 4), percentile=95)
+    on_pred = faithfulness(model, x, true_vs_pred, box(20, 20), percentile=95)
+    elsewhere = faithfulness(model, x, true_vs_pred, box(4, 20), percentile=95)
     # By hand: logits (4, 4.8, 0) before; with patch A imputed from its all-zero surroundings, (~0, 4.8, 0).
     def margin(logits):
         p = np.exp(logits) / np.exp(logits).sum()
@@ -144,10 +145,10 @@ def test_contrast_faithfulness_rewards_maps_on_what_separates_the_classes():
     assert on_pred[0] > 0.3                       # removing the predicted class's evidence helps the true class
     assert abs(elsewhere[0]) < 0.02               # pixels neither class uses change nothing
     before = margin(np.array([4, 4.8, 0]))        # p(true) - p(pred) on the original, known in advance
-    given = contrast_faithfulness(model, x, [0], [1], box(4, 4), percentile=95, scores_before=[before])
+    given = faithfulness(model, x, true_vs_pred, box(4, 4), percentile=95, scores_before=[before])
     np.testing.assert_allclose(given, on_true, atol=1e-6)
     with pytest.raises(DataError):
-        contrast_faithfulness(model, x, [0], [1], np.zeros((2, 32, 32), np.float32))
+        faithfulness(model, x, true_vs_pred, np.zeros((2, 32, 32), np.float32))
 
 
 # ----------------------------------------------------------------------------- superclasses

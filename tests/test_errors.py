@@ -19,7 +19,8 @@ import torch
 
 from helpers.model.architectures import resnet20
 from helpers.config import Params
-from helpers.data.datasets import CIFAR100_OFFICIAL, load_dataset
+from helpers.data.datasets import load_dataset
+from helpers.data.readers import CIFAR100_OFFICIAL
 from helpers.errors import (CheckpointError, ConfigError, DataError, NumericalError, OutputError, SuiteError)
 from helpers.model.inference import to_tensor
 from helpers.pipeline import Analysis

@@ -13,7 +13,8 @@ import sklearn.metrics
 import torch
 
 from helpers.config import Params
-from helpers.data.datasets import SYSTEM_FASHION_MNIST, load_dataset
+from helpers.data.datasets import load_dataset
+from helpers.data.readers import SYSTEM_FASHION_MNIST
 from helpers.pipeline import Analysis
 
 from conftest import REPO

@@ -76,12 +76,14 @@ def test_most_confused_hand_case():
     assert list(table["rank"]) == [1, 2, 3, 4, 5, 6]
     assert list(table["count"]) == [3, 3, 3, 2, 1, 1]
     np.testing.assert_allclose(table["share_of_true"], [3 / 6, 3 / 9, 3 / 9, 2 / 9, 1 / 6, 1 / 9])
-    assert list(table["same_superclass"]) == ["yes", "yes", "yes", "no", "no", "no"]
+    assert list(table["same_superclass"]) == [True, True, True, False, False, False]
+    assert list(metrics.pairs_for_csv(table)["same_superclass"]) == ["yes", "yes", "yes", "no", "no", "no"]
     assert table.loc[1, "true_name"] == "a x" and table.loc[1, "pred_name"] == "b"
 
     top = metrics.most_confused(CM, names, k=2, min_count=2)
     assert list(zip(top.true_id, top.pred_id)) == [(3, 2), (0, 1)]
-    assert (top["same_superclass"] == "").all()
+    assert top["same_superclass"].dtype == "boolean" and top["same_superclass"].isna().all()
+    assert (metrics.pairs_for_csv(top)["same_superclass"] == "").all()
     assert len(metrics.most_confused(CM, names, k=None, min_count=2)) == 4
 
 

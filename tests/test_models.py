@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers.model import load as models
+from helpers.model import checkpoint, load as models
 from helpers.model.architectures import BUILTIN_ARCHS, CifarResNet, resnet18, resnet20, resnet56
 from helpers.errors import CheckpointError, ConfigError, DataError, ModelLoadError, SuiteError
 from helpers.model.load import (
@@ -539,7 +539,7 @@ def test_torchscript_round_trip(tmp_path):
     model = PickledNet().eval()
     path = tmp_path / "scripted.pt"
     torch.jit.script(model).save(str(path))
-    assert models.is_torchscript_file(path) and not models.is_torchscript_file(save(model.state_dict(), tmp_path / "sd.pt"))
+    assert checkpoint.is_torchscript_file(path) and not checkpoint.is_torchscript_file(save(model.state_dict(), tmp_path / "sd.pt"))
     loaded = load_model(path, num_classes=5)  # no ARCH needed: the archive holds the code
     assert loaded.arch == "torchscript" and loaded.num_classes == 5 and str(path) in loaded.source
     assert outputs_match(loaded, model)

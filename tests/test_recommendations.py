@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 
-from helpers.compute.recommendations import (THRESHOLDS, Evidence, Recommendation,
-                                     count_label_suspects, format_recommendations, label_suspect_mask,
-                                     recommend)
+from helpers.compute.metrics import count_label_suspects, label_suspect_mask
+from helpers.compute.recommendations import THRESHOLDS, Evidence, Recommendation, format_recommendations, recommend
 
 
 def rules(ev, **kw):
@@ -15,8 +14,8 @@ def by_rule(ev):
 
 
 def _fine_grained_pairs():
-    within = [("apple", "pear", 30, "yes", 0.15), ("maple tree", "oak tree", 28, "yes", 0.14),
-              ("boy", "girl", 25, "yes", 0.125)] + [(f"w{i}", f"v{i}", 20 - i, "yes", 0.1) for i in range(9)]
+    within = [("apple", "pear", 30, True, 0.15), ("maple tree", "oak tree", 28, True, 0.14),
+              ("boy", "girl", 25, True, 0.125)] + [(f"w{i}", f"v{i}", 20 - i, True, 0.1) for i in range(9)]
     across = [(f"a{i}", f"b{i}", 8, "no", 0.04) for i in range(3)]
     return within + across
 
@@ -44,7 +43,7 @@ def test_fine_grained_scenario():
 
 def test_overconfident_label_noise_dominant_pair_scenario():
     ev = Evidence(accuracy=0.93, n_images=10000, n_errors=700,
-                  top_pairs=[("cat", "dog", 105, "", 0.35), ("truck", "automobile", 40, "", 0.04)],
+                  top_pairs=[("cat", "dog", 105, None, 0.35), ("truck", "automobile", 40, None, 0.04)],
                   ece=0.12, mean_confidence=0.97, n_high_conf_errors=280, high_conf_error_share=0.4,
                   overconfident_classes=[("cat", 90), ("dog", 60)],
                   n_label_suspects=40, label_suspect_examples=[("deer", "horse")], n_cleanlab_issues=55,
@@ -101,7 +100,7 @@ def test_thresholds_are_strict_and_nothing_fires_below_them():
     ev = Evidence(
         accuracy=0.9, ece=THRESHOLDS["ece_max"], high_conf_error_share=THRESHOLDS["high_conf_error_share_max"],
         # share 30% is high but only 1.5x the 20% chance; 2 of 3 pairs within is below the 3-pair minimum
-        top_pairs=[("a", "b", 5, "yes", 0.19), ("b", "a", 4, "yes", 0.1), ("c", "d", 3, "no", 0.1)],
+        top_pairs=[("a", "b", 5, True, 0.19), ("b", "a", 4, True, 0.1), ("c", "d", 3, False, 0.1)],
         within_superclass_share=0.30, within_superclass_chance=0.20,
         n_label_suspects=THRESHOLDS["label_suspects_min"] - 1,
         group_separability=THRESHOLDS["separability_min"], head_cosine_max=THRESHOLDS["head_cosine_max"],
@@ -175,7 +174,7 @@ def crafted_analysis(tmp_path, error_rate: float, within_rate: float, confidence
     from helpers.config import Params
     from helpers.data.datasets import Dataset
     from helpers.model.inference import Predictions
-    from helpers.pipeline import Analysis, Section
+    from helpers.pipeline import Analysis
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(N_CLASSES), PER_CLASS)
@@ -197,14 +196,11 @@ def crafted_analysis(tmp_path, error_rate: float, within_rate: float, confidence
                       coarse_names=[f"super_{g}" for g in range(5)])
     an.preds = Predictions(logits=np.log(probs).astype(np.float32), probs=probs.astype(np.float32),
                            preds=preds.astype(np.int64), labels=labels, features=features)
-    an.confusion()
-    sec = Section("Deep dive")
-    for step in (steps.group_step, steps.feature_space_step, steps.superclass_step, steps.calibration_step,
-                 steps.label_suspects_step):
-        step(an, sec)
-    an.results["deep_dive"] = sec
-    an._flush_writes()
-    return an, report.build_evidence(an)
+    conf = an.confusion()
+    an.results["deep_dive"] = dd = steps.run_deep_dive(an.run, conf, parts=(
+        steps.feature_space_step, steps.superclass_step, steps.calibration_step, steps.label_suspects_step))
+    an.outputs.flush()
+    return an, report.build_evidence(an.run, conf, dd, {})
 
 
 def test_crafted_fine_grained_overconfident_noisy_predictions(tmp_path):

@@ -7,7 +7,7 @@ import sklearn.metrics
 
 from helpers.compute import metrics
 from helpers.compute import ordering
-from helpers.plots import figures as plots
+from helpers.plots import interactive
 
 RNG = np.random.default_rng(0)
 
@@ -105,7 +105,7 @@ def test_heatmap_figure_views_hover_and_blocks():
     cm = np.array([[5, 2, 0], [1, 6, 0], [0, 0, 0]])
     row = ordering.row_percent(cm)
     order = np.array([2, 0, 1])
-    fig = plots.confusion_heatmap_figure(cm, row, ["a", "b", "c"], order, superclasses=["x", "x", "y"],
+    fig = interactive.confusion_heatmap_figure(cm, row, ["a", "b", "c"], order, superclasses=["x", "x", "y"],
                                          spans=[(0, 1, 1), (1, 3, 0)], title="t")
     trace = fig.data[0]
     assert trace.type == "heatmap"
@@ -118,7 +118,7 @@ def test_heatmap_figure_views_hover_and_blocks():
     assert trace.texttemplate == "%{z}"                       # few classes: values written in the cells
     assert "true: %{y}" in trace.hovertemplate and "row %: %{customdata[1]}" in trace.hovertemplate
     buttons = fig.layout.updatemenus[0].buttons
-    assert [b.label for b in buttons] == list(plots.CONFUSION_VIEWS)
+    assert [b.label for b in buttons] == list(interactive.CONFUSION_VIEWS)
     z_counts, z_pct, z_err = (b.args[0]["z"][0] for b in buttons)
     assert z_counts == cm[np.ix_(order, order)].tolist()
     assert z_pct[1] == [0.0, round(500 / 7, 1), round(200 / 7, 1)] and z_pct[0] == [None, None, None]
@@ -126,16 +126,16 @@ def test_heatmap_figure_views_hover_and_blocks():
     assert [b.args[0]["zmax"][0] for b in buttons] == [6, round(600 / 7, 1), round(200 / 7, 1)]
     assert [(s.x0, s.x1) for s in fig.layout.shapes] == [(-0.5, 0.5), (0.5, 2.5)]
     with pytest.raises(ValueError):
-        plots.confusion_heatmap_figure(cm, row, ["a", "b", "c"], [0, 0, 1])
+        interactive.confusion_heatmap_figure(cm, row, ["a", "b", "c"], [0, 0, 1])
 
 
 def test_pages_never_load_plotly_from_a_cdn():
-    assert plots._include_plotlyjs("inline") is True
-    assert plots._include_plotlyjs("../plotly.min.js") == "../plotly.min.js"
+    assert interactive.include_plotlyjs("inline") is True
+    assert interactive.include_plotlyjs("../plotly.min.js") == "../plotly.min.js"
     for bad in ("https://cdn.plot.ly/plotly-2.35.2.min.js", "//cdn.plot.ly/plotly.js", "cdn"):
         with pytest.raises(ValueError):
-            plots._include_plotlyjs(bad)
-    fig = plots.confusion_heatmap_figure(np.eye(2, dtype=int), np.eye(2) * 100, ["a", "b"], [0, 1])
-    page = plots.confusion_heatmap_html(fig, "plotly.min.js")
+            interactive.include_plotlyjs(bad)
+    fig = interactive.confusion_heatmap_figure(np.eye(2, dtype=int), np.eye(2) * 100, ["a", "b"], [0, 1])
+    page = interactive.confusion_heatmap_html(fig, "plotly.min.js")
     assert '<script charset="utf-8" src="plotly.min.js"></script>' in page
     assert "cdn.plot.ly" not in page and len(page) < 100_000

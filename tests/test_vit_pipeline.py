@@ -29,7 +29,7 @@ def non_constant_share(cams: np.ndarray) -> float:
 
 
 def token_gradcam(model, layer, x, classes, grid: int) -> np.ndarray:
-    """Grad-CAM written out for a ViT, independently of helpers/cams.py and pytorch-grad-cam: patch tokens of
+    """Grad-CAM written out for a ViT, independently of helpers/model/cams.py and pytorch-grad-cam: patch tokens of
     `layer`'s output (the CLS token dropped) as a grid x grid map, channel weights = the mean gradient,
     ReLU, bilinear upsampling to the input size and per-image min-max."""
     store = {}

@@ -13,8 +13,9 @@ import helpers.pipeline
 from helpers.config import Params
 from helpers.errors import OutputError
 from helpers.pipeline import Analysis
-from helpers.plots.figures import LAYOUT
-from helpers.widget import ClassExplorer, class_label, target_layer_choices
+from helpers.plots.gallery import LAYOUT
+from helpers.model.layers import target_layer_choices
+from helpers.widget import ClassExplorer, class_label
 
 from conftest import run_params
 
@@ -171,7 +172,8 @@ def test_method_and_layer_changes_compute_new_cams(explorer):
 
 
 def test_method_choices_match_cam_method_and_layers_go_late_to_early(explorer, saved):
-    from helpers.model.cams import CAM_METHODS, resolve_target_layer
+    from helpers.model.cams import CAM_METHODS
+    from helpers.model.layers import resolve_target_layer
     assert list(explorer.method_dropdown.options) == list(CAM_METHODS)
     assert [v for _, v in explorer.layer_dropdown.options] == [None, "features.5", "features.2"]
     assert explorer.layer_dropdown.options[0][0] == "features.8 (automatic)"
@@ -239,7 +241,7 @@ def test_a_class_without_test_images_says_so(saved, tmp_path):
                   progress=False)
     an.load_model(); an.load_data(); an.predict()
     empty = int(np.setdiff1d(np.arange(100), an.preds.labels)[0])
-    ex = an.explorer()
+    ex = ClassExplorer(an)
     assert ex.class_dropdown.options[empty][0].endswith("(no test images)")
     ex.class_dropdown.value = empty
     assert "No test images of this class." in ex.output.value and "<img" not in ex.output.value

@@ -6,6 +6,7 @@ Nothing here draws or writes files.
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import Optional, Sequence
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from helpers.errors import ConfigError, DataError
+from helpers.model.layers import final_linear, model_device
 
 
 # ----------------------------------------------------------------------------- 2-D projection
@@ -22,7 +24,7 @@ def _umap_available() -> bool:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Tensorflow not installed; ParametricUMAP ..." on import
-            import umap  # noqa: F401
+            importlib.import_module("umap")
     except Exception:  # a broken numba install raises more than ImportError
         return False
     return True
@@ -128,21 +130,11 @@ def separability(features: np.ndarray, labels: np.ndarray, cv: int = 5, seed: in
 
 # ----------------------------------------------------------------------------- classifier head
 
-def find_linear_head(model: nn.Module, num_classes: Optional[int] = None) -> Optional[nn.Linear]:
-    """The last nn.Linear registered in model.modules() (with out_features == num_classes when
-    given), or None. Registration order matches execution order for ordinary classifiers."""
-    head = None
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and (num_classes is None or module.out_features == num_classes):
-            head = module
-    return head
-
-
 def head_cosine_similarity(model: nn.Module, class_ids: Sequence[int],
                            num_classes: Optional[int] = None) -> Optional[np.ndarray]:
     """(k, k) cosine similarity between the final Linear's weight rows of class_ids, or None
     when the model has no such Linear. Similar rows mean the head scores those classes alike."""
-    head = find_linear_head(model, num_classes)
+    head = final_linear(model, num_classes)
     if head is None:
         return None
     ids = [int(c) for c in class_ids]
@@ -191,10 +183,7 @@ def occlusion_attribution(model: nn.Module, inputs: torch.Tensor, targets, windo
     if window > min(height, width):
         raise ConfigError(f"occlusion window {window} is larger than the {height}x{width} image.")
     stride = stride or window
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = inputs.device
+    device = model_device(model)
     target = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=device).reshape(-1)
     if len(target) != n:
         raise DataError(f"targets has {len(target)} entries for {n} inputs.")
@@ -213,64 +202,6 @@ def normalise01(maps: np.ndarray) -> np.ndarray:
     span = flat.max(axis=1, keepdims=True) - lo
     out = np.where(span > 0, (flat - lo) / np.where(span > 0, span, 1.0), 0.0)
     return out.reshape(m.shape).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------- contrastive faithfulness
-
-class SoftmaxContrastTarget:
-    """pytorch-grad-cam target: softmax(output)[true] - softmax(output)[pred], the margin FinerCAM explains
-    (in probabilities, so it reads on the same scale as the single-class ROAD scores)."""
-
-    def __init__(self, true_class: int, pred_class: int):
-        self.true_class, self.pred_class = int(true_class), int(pred_class)
-
-    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(model_output, dim=-1)
-        return p[..., self.true_class] - p[..., self.pred_class]
-
-
-def contrast_faithfulness(model: nn.Module, inputs: torch.Tensor, true_classes, pred_classes, maps: np.ndarray,
-                          percentile: int = 80, batch_size: int = 64, seed: int = 0,
-                          scores_before: Optional[np.ndarray] = None) -> np.ndarray:
-    """Per-image faithfulness (N,) of maps that explain "true class rather than predicted class" (FinerCAM).
-
-    pytorch-grad-cam's ROADMostRelevantFirst(percentile): the (100 - percentile)% highest-map pixels are
-    replaced by noisy linear interpolation of their neighbours, and the score is the change of
-    p(true) - p(pred). NEGATIVE = removing the highlighted pixels moves the model away from the true class
-    towards the predicted one, so the map marks what tells them apart; ~0 = those pixels do not matter.
-    The imputation noise is seeded by `seed`; the model is used as given (eval mode). scores_before: p(true) -
-    p(pred) on the unperturbed inputs when already known (saves the metric's forward pass on them).
-    """
-    from pytorch_grad_cam.metrics.road import ROADMostRelevantFirst
-
-    from helpers.model.cams import _check_scores_before, perturbation_score
-
-    x = torch.as_tensor(inputs).float()
-    n = x.shape[0]
-    m = np.ascontiguousarray(np.asarray(maps, dtype=np.float32))
-    if m.shape != (n,) + tuple(x.shape[-2:]):
-        raise DataError(f"maps must be (N, H, W) = {(n,) + tuple(x.shape[-2:])}; got {m.shape}.")
-    t = np.asarray(true_classes).reshape(-1)
-    q = np.asarray(pred_classes).reshape(-1)
-    if len(t) != n or len(q) != n:
-        raise DataError(f"true_classes and pred_classes need one class per image ({n}); got {len(t)} and {len(q)}.")
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = x.device
-    before = _check_scores_before(scores_before, n)
-    scorer = ROADMostRelevantFirst(percentile=percentile)
-    out = np.zeros(n, np.float32)
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        # ROAD's imputer calls numpy functions on torch tensors (library-internal NumPy 2 deprecation).
-        warnings.filterwarnings("ignore", message="__array_wrap__ must accept context", category=DeprecationWarning)
-        torch.manual_seed(seed)
-        for s in range(0, n, int(batch_size)):
-            e = min(s + int(batch_size), n)
-            targets = [SoftmaxContrastTarget(a, b) for a, b in zip(t[s:e], q[s:e])]
-            out[s:e] = perturbation_score(scorer, x[s:e].to(device), m[s:e], targets, model,
-                                          None if before is None else before[s:e])
-    return out
 
 
 # ----------------------------------------------------------------------------- label issues

@@ -20,6 +20,11 @@ from helpers.errors import ConfigError, DataError
 # exhaustive search to greedy growth (exhaustive stays well under a second below it).
 MAX_EXHAUSTIVE_SUBSETS = 20_000
 
+# A prediction this sure (max-probability) makes an error "high-confidence"; also the label-suspect bar.
+HIGH_CONFIDENCE = 0.9
+# A label suspect: the given label gets less than this probability while the model is >= HIGH_CONFIDENCE sure.
+LABEL_SUSPECT_MAX_P_GIVEN = 0.05
+
 GROUP_SEARCH_EXPLANATION = (
     "The group is the set of classes with the most test images misclassified among its members "
     "(both directions summed); candidates are the classes in the most-confused class pairs, searched "
@@ -39,7 +44,8 @@ def _as_index_array(values, name: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _check_pair(labels, preds, num_classes: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+def check_pair(labels, preds, num_classes: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """labels and preds as int64 arrays of one length; with num_classes, every id must lie in [0, num_classes)."""
     labels = _as_index_array(labels, "labels")
     preds = _as_index_array(preds, "preds")
     if labels.shape != preds.shape:
@@ -55,7 +61,7 @@ def _check_pair(labels, preds, num_classes: Optional[int] = None) -> tuple[np.nd
     return labels, preds
 
 
-def _check_probs(probs, n: int, for_ranking: bool = False) -> np.ndarray:
+def check_probs(probs, n: int, for_ranking: bool = False) -> np.ndarray:
     """probs as a float64 (N, C) array; `for_ranking=True` keeps float32 as is: converting is exact, so every
     order is the same, and the galleries rank 10k x C probabilities a few hundred times (copies add up)."""
     probs = np.asarray(probs)
@@ -66,18 +72,24 @@ def _check_probs(probs, n: int, for_ranking: bool = False) -> np.ndarray:
     return probs
 
 
-def _superclass_of(fine_to_coarse: Optional[np.ndarray], cls: int) -> int:
+def superclass_of(fine_to_coarse: Optional[np.ndarray], cls: int) -> int:
     """Coarse id of a fine class, -1 when unknown."""
     if fine_to_coarse is None or cls >= len(fine_to_coarse):
         return -1
     return int(fine_to_coarse[cls])
 
 
+def superclass_name(fine_to_coarse: Optional[np.ndarray], coarse_names: Optional[Sequence[str]], cls: int) -> str:
+    """Readable superclass name of a fine class, "" when unknown."""
+    coarse = superclass_of(fine_to_coarse, cls)
+    return readable(coarse_names[coarse]) if coarse >= 0 and coarse_names is not None else ""
+
+
 # ----------------------------------------------------------------------------- confusion
 
 def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
     """(C, C) int64 counts: rows are true classes, columns predicted classes."""
-    labels, preds = _check_pair(labels, preds, num_classes)
+    labels, preds = check_pair(labels, preds, num_classes)
     flat = np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes)
     return flat.reshape(num_classes, num_classes).astype(np.int64)
 
@@ -91,8 +103,8 @@ def per_class_table(labels, preds, probs, class_names: Sequence[str],
     right or wrong). Classes without test images get NaN accuracy/confidence.
     """
     num_classes = len(class_names)
-    labels, preds = _check_pair(labels, preds, num_classes)
-    probs = _check_probs(probs, len(labels))
+    labels, preds = check_pair(labels, preds, num_classes)
+    probs = check_probs(probs, len(labels))
     cm = confusion_matrix(labels, preds, num_classes)
     support = cm.sum(axis=1)
     correct = np.diag(cm)
@@ -108,13 +120,11 @@ def per_class_table(labels, preds, probs, class_names: Sequence[str],
 
     rows = []
     for c in range(num_classes):
-        coarse = _superclass_of(fine_to_coarse, c)
-        superclass = readable(coarse_names[coarse]) if coarse >= 0 and coarse_names is not None else ""
         has_wrong = top_wrong_count[c] > 0
         rows.append({
             "class_id": c,
             "class_name": readable(class_names[c]),
-            "superclass": superclass,
+            "superclass": superclass_name(fine_to_coarse, coarse_names, c),
             "support": int(support[c]),
             "correct": int(correct[c]),
             "accuracy": float(accuracy[c]),
@@ -137,7 +147,8 @@ def most_confused(cm: np.ndarray, class_names: Sequence[str], k: Optional[int] =
 
     Sorted by count desc, then share_of_true desc, then (true_id, pred_id) asc so ties are
     deterministic. share_of_true = count / all test images of the true class.
-    same_superclass is "yes"/"no", or "" when either class has no known superclass.
+    same_superclass is a nullable boolean: <NA> when either class has no known superclass (pairs_for_csv
+    writes it as yes/no/empty).
     k=None returns every pair with count >= min_count.
     """
     cm = np.asarray(cm)
@@ -153,12 +164,26 @@ def most_confused(cm: np.ndarray, class_names: Sequence[str], k: Optional[int] =
     rows = []
     for rank, i in enumerate(order, start=1):
         t, p = int(true_ids[i]), int(pred_ids[i])
-        ct, cp = _superclass_of(fine_to_coarse, t), _superclass_of(fine_to_coarse, p)
-        same = "" if ct < 0 or cp < 0 else ("yes" if ct == cp else "no")
+        ct, cp = superclass_of(fine_to_coarse, t), superclass_of(fine_to_coarse, p)
+        same = pd.NA if ct < 0 or cp < 0 else ct == cp
         rows.append({"rank": rank, "true_id": t, "true_name": readable(class_names[t]),
                      "pred_id": p, "pred_name": readable(class_names[p]), "count": int(counts[i]),
                      "share_of_true": float(shares[i]), "same_superclass": same})
-    return pd.DataFrame(rows, columns=MOST_CONFUSED_COLUMNS)
+    table = pd.DataFrame(rows, columns=MOST_CONFUSED_COLUMNS)
+    table["same_superclass"] = table["same_superclass"].astype("boolean")
+    return table
+
+
+def yes_no(value) -> str:
+    """A nullable boolean as text: "yes", "no", or "" when unknown (<NA> or None)."""
+    return "" if value is None or value is pd.NA else ("yes" if value else "no")
+
+
+def pairs_for_csv(pairs: pd.DataFrame) -> pd.DataFrame:
+    """A most_confused() table as the CSV shows it: same_superclass as yes/no, empty when unknown."""
+    out = pairs.copy()
+    out["same_superclass"] = [yes_no(v) for v in out["same_superclass"]]
+    return out
 
 
 def superclass_error_share(labels, preds, fine_to_coarse: np.ndarray) -> dict:
@@ -171,7 +196,7 @@ def superclass_error_share(labels, preds, fine_to_coarse: np.ndarray) -> dict:
     """
     fine_to_coarse = np.asarray(fine_to_coarse, dtype=np.int64)
     num_classes = len(fine_to_coarse)
-    labels, preds = _check_pair(labels, preds, num_classes)
+    labels, preds = check_pair(labels, preds, num_classes)
     wrong = labels != preds
     known = (fine_to_coarse[labels] >= 0) & (fine_to_coarse[preds] >= 0)
     err = wrong & known
@@ -188,7 +213,7 @@ def superclass_error_share(labels, preds, fine_to_coarse: np.ndarray) -> dict:
 def coarse_confusion_matrix(labels, preds, fine_to_coarse: np.ndarray, n_coarse: int) -> np.ndarray:
     """(n_coarse, n_coarse) confusion between superclasses (every image counted once)."""
     fine_to_coarse = np.asarray(fine_to_coarse, dtype=np.int64)
-    labels, preds = _check_pair(labels, preds, len(fine_to_coarse))
+    labels, preds = check_pair(labels, preds, len(fine_to_coarse))
     if np.any(fine_to_coarse[np.union1d(labels, preds)] < 0):
         raise DataError("Some classes have no superclass; pass a complete fine_to_coarse mapping.")
     return confusion_matrix(fine_to_coarse[labels], fine_to_coarse[preds], n_coarse)
@@ -209,7 +234,7 @@ def top_within_superclass_pairs(pairs: Union[pd.DataFrame, np.ndarray],
         if class_names is None or fine_to_coarse is None:
             raise ConfigError("With a confusion matrix, pass class_names and fine_to_coarse too.")
         table = most_confused(pairs, class_names, k=None, fine_to_coarse=fine_to_coarse)
-    within = table[table["same_superclass"] == "yes"]
+    within = table[table["same_superclass"].fillna(False).astype(bool)]
     if k is not None:
         within = within.head(k)
     within = within.reset_index(drop=True).copy()
@@ -219,13 +244,13 @@ def top_within_superclass_pairs(pairs: Union[pd.DataFrame, np.ndarray],
 
 # ----------------------------------------------------------------------------- confidence
 
-def high_confidence_errors(labels, preds, probs, threshold: float = 0.9) -> dict:
+def high_confidence_errors(labels, preds, probs, threshold: float = HIGH_CONFIDENCE) -> dict:
     """Wrong predictions made with max-probability >= threshold.
 
     indices are sorted by confidence desc (ties by index). share_of_errors is NaN without errors.
     """
-    labels, preds = _check_pair(labels, preds)
-    probs = _check_probs(probs, len(labels))
+    labels, preds = check_pair(labels, preds)
+    probs = check_probs(probs, len(labels))
     conf = probs.max(axis=1)
     wrong = labels != preds
     hits = np.nonzero(wrong & (conf >= threshold))[0]
@@ -246,7 +271,7 @@ def expected_calibration_error(probs, labels, n_bins: int = 15) -> tuple[float, 
     count/N * |accuracy - mean confidence|. Empty bins have NaN accuracy/confidence.
     """
     labels = _as_index_array(labels, "labels")
-    probs = _check_probs(probs, len(labels))
+    probs = check_probs(probs, len(labels))
     if n_bins < 1:
         raise ConfigError(f"n_bins must be >= 1, got {n_bins}.")
     conf = probs.max(axis=1)
@@ -267,14 +292,14 @@ def expected_calibration_error(probs, labels, n_bins: int = 15) -> tuple[float, 
 
 
 def overconfident_errors_by_class(labels, preds, probs, class_names: Sequence[str],
-                                  threshold: float = 0.9) -> pd.DataFrame:
+                                  threshold: float = HIGH_CONFIDENCE) -> pd.DataFrame:
     """Per true class: errors made with confidence >= threshold.
 
     Columns class_id, class_name, count, errors (all errors of the class). Only classes with
     count > 0, sorted by count desc then class_id.
     """
-    labels, preds = _check_pair(labels, preds, len(class_names))
-    probs = _check_probs(probs, len(labels))
+    labels, preds = check_pair(labels, preds, len(class_names))
+    probs = check_probs(probs, len(labels))
     wrong = labels != preds
     confident = wrong & (probs.max(axis=1) >= threshold)
     count = np.bincount(labels[confident], minlength=len(class_names))
@@ -296,8 +321,8 @@ def rank_worst(labels, preds, probs, cls: int, n: int) -> np.ndarray:
     First the misclassified images, most confident in the wrong (predicted) class first; then,
     if fewer than n, the correct ones the model was least sure about. Ties by index.
     """
-    labels, preds = _check_pair(labels, preds)
-    probs = _check_probs(probs, len(labels), for_ranking=True)
+    labels, preds = check_pair(labels, preds)
+    probs = check_probs(probs, len(labels), for_ranking=True)
     idx = np.nonzero(labels == cls)[0]
     wrong = idx[preds[idx] != cls]
     right = idx[preds[idx] == cls]
@@ -308,28 +333,57 @@ def rank_worst(labels, preds, probs, cls: int, n: int) -> np.ndarray:
 
 def rank_best(labels, preds, probs, cls: int, n: int) -> np.ndarray:
     """Up to n correctly classified images of `cls`, most confident first (ties by index)."""
-    labels, preds = _check_pair(labels, preds)
-    probs = _check_probs(probs, len(labels), for_ranking=True)
+    labels, preds = check_pair(labels, preds)
+    probs = check_probs(probs, len(labels), for_ranking=True)
     idx = np.nonzero((labels == cls) & (preds == cls))[0]
     return idx[np.argsort(-probs[idx, cls], kind="stable")][:max(n, 0)].astype(np.int64)
 
 
+def gallery_examples(labels, preds, probs, cls: int, n_worst: int, n_best: int) -> tuple[list[int], list[int]]:
+    """What a class gallery shows: its `n_worst` worst images (rank_worst) and its `n_best` best ones
+    (rank_best) that are not already among the worst (a class with few errors lists its least sure correct
+    images as worst)."""
+    worst = [int(i) for i in rank_worst(labels, preds, probs, cls, n_worst)]
+    taken = set(worst)
+    best = [int(i) for i in rank_best(labels, preds, probs, cls, n_best + n_worst) if int(i) not in taken]
+    return worst, best[:max(n_best, 0)]
+
+
 def pair_examples(labels, preds, probs, true_cls: int, pred_cls: int, n: int) -> np.ndarray:
     """Up to n images of true_cls predicted as pred_cls, most confident in pred_cls first."""
-    labels, preds = _check_pair(labels, preds)
-    probs = _check_probs(probs, len(labels), for_ranking=True)
+    labels, preds = check_pair(labels, preds)
+    probs = check_probs(probs, len(labels), for_ranking=True)
     idx = np.nonzero((labels == true_cls) & (preds == pred_cls))[0]
     return idx[np.argsort(-probs[idx, pred_cls], kind="stable")][:max(n, 0)].astype(np.int64)
+
+
+def _p_given_label(labels, probs, for_ranking: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(probs, p[i, labels[i]]): how much the model believes each image's given label."""
+    labels = _as_index_array(labels, "labels")
+    probs = check_probs(probs, len(labels), for_ranking=for_ranking)
+    return probs, probs[np.arange(len(labels)), labels]
 
 
 def label_suspects(labels, probs, n: int = 24) -> np.ndarray:
     """Up to n indices whose given label the model believes least: lowest p[i, label[i]] first,
     ties broken by higher max-probability (the model is sure of something else), then index."""
-    labels = _as_index_array(labels, "labels")
-    probs = _check_probs(probs, len(labels), for_ranking=True)
-    self_conf = probs[np.arange(len(labels)), labels]
-    order = np.lexsort((np.arange(len(labels)), -probs.max(axis=1), self_conf))
+    probs, p_given = _p_given_label(labels, probs, for_ranking=True)
+    order = np.lexsort((np.arange(len(p_given)), -probs.max(axis=1), p_given))
     return order[:max(n, 0)].astype(np.int64)
+
+
+def label_suspect_mask(labels, probs, max_p_given: float = LABEL_SUSPECT_MAX_P_GIVEN,
+                       min_confidence: float = HIGH_CONFIDENCE) -> np.ndarray:
+    """Images whose given label gets < max_p_given probability while the max-probability is >= min_confidence
+    (LABEL_SUSPECT_MAX_P_GIVEN and HIGH_CONFIDENCE by default): the model confidently says something else."""
+    # float64: the thresholds compare as in float64 whatever the dtype of probs
+    probs, p_given = _p_given_label(labels, probs)
+    return (p_given < max_p_given) & (probs.max(axis=1) >= min_confidence)
+
+
+def count_label_suspects(labels, probs) -> int:
+    """How many images label_suspect_mask flags (with its default thresholds)."""
+    return int(label_suspect_mask(labels, probs).sum())
 
 
 # ----------------------------------------------------------------------------- confused group

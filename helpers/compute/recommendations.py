@@ -1,8 +1,9 @@
 """Evidence-driven recommendations: each rule fires only when a measured value crosses a named
 threshold, and its text cites the numbers and classes that tripped it.
 
-Build an Evidence (by hand, or from a finished analysis with report.build_evidence), call recommend(),
-print format_recommendations().
+Build an Evidence (by hand, or from a finished analysis with helpers.steps.report.build_evidence), call
+recommend(), print format_recommendations(). The label-suspect rule itself (which images count) is
+helpers.compute.metrics.label_suspect_mask; the thresholds here only phrase and gate the recommendation.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
-import numpy as np
+from helpers.compute.metrics import HIGH_CONFIDENCE, LABEL_SUSPECT_MAX_P_GIVEN
 
 THRESHOLDS: dict[str, float] = {
     # fine_grained: within-superclass error share >= both of these ...
@@ -21,11 +22,12 @@ THRESHOLDS: dict[str, float] = {
     "top_pairs_within_min_count": 3,
     # overconfident / underconfident
     "ece_max": 0.05,
-    "high_conf": 0.9,                          # confidence that makes an error "high-confidence"
+    "high_conf": HIGH_CONFIDENCE,              # confidence that makes an error "high-confidence"
     "high_conf_error_share_max": 0.2,          # of all errors
     # label_noise: a suspect has self-confidence < label_self_conf_max AND max prob >= label_conf_min
-    "label_self_conf_max": 0.05,
-    "label_conf_min": 0.9,
+    # (metrics.label_suspect_mask counts them; these two only word the text)
+    "label_self_conf_max": LABEL_SUSPECT_MAX_P_GIVEN,
+    "label_conf_min": HIGH_CONFIDENCE,
     "label_suspects_min": 10,
     # low_separability: cross-validated linear accuracy of the group's features
     "separability_min": 0.8,
@@ -49,7 +51,7 @@ class Pair(NamedTuple):
     true_name: str
     pred_name: str
     count: int
-    same_superclass: str = ""                 # "yes" / "no" / "" (unknown)
+    same_superclass: Optional[bool] = None    # None: unknown (a class without superclass)
     share_of_true: Optional[float] = None     # count / test images of the true class
 
     def label(self) -> str:
@@ -73,7 +75,7 @@ class Evidence:
     n_high_conf_errors: Optional[int] = None
     high_conf_error_share: Optional[float] = None          # of all errors
     overconfident_classes: Optional[list] = None           # [(class name, n high-conf errors)], most first
-    n_label_suspects: Optional[int] = None                 # see count_label_suspects
+    n_label_suspects: Optional[int] = None                 # see metrics.count_label_suspects
     label_suspect_examples: Optional[list] = None          # [(given label name, predicted name)]
     n_cleanlab_issues: Optional[int] = None
     group_names: Optional[list] = None
@@ -93,8 +95,8 @@ class Evidence:
             self.top_pairs = [p if isinstance(p, Pair) else Pair(*p) for p in self.top_pairs]
             if self.n_top_pairs is None:
                 self.n_top_pairs = len(self.top_pairs)
-            if self.n_top_pairs_within_superclass is None and any(p.same_superclass for p in self.top_pairs):
-                self.n_top_pairs_within_superclass = sum(p.same_superclass == "yes" for p in self.top_pairs)
+            if self.n_top_pairs_within_superclass is None and any(p.same_superclass is not None for p in self.top_pairs):
+                self.n_top_pairs_within_superclass = sum(p.same_superclass is True for p in self.top_pairs)
 
 
 @dataclass
@@ -151,7 +153,7 @@ def _fine_grained(ev: Evidence, t: dict) -> Optional[Recommendation]:
                      f"{_pct(ev.within_superclass_chance)} chance")
         evid.append(f"within_superclass_share={ev.within_superclass_share:.4f}; "
                     f"chance={ev.within_superclass_chance:.4f}")
-    within = [p for p in (ev.top_pairs or []) if p.same_superclass == "yes"]
+    within = [p for p in (ev.top_pairs or []) if p.same_superclass is True]
     target = f" for {_pair_list(within, 4)}" if within else ""
     text = (f"{'; '.join(facts)} → fine-grained confusion: the model finds the right kind of object but "
             f"not which one. Use targeted augmentation that keeps the distinguishing detail, hard-negative "
@@ -330,21 +332,3 @@ def format_recommendations(recs: Sequence[Recommendation]) -> str:
         return "No measured value crossed a recommendation threshold.\n"
     blocks = [f"{i}. [{r.rule}] {r.text}\n   Evidence: {r.evidence}" for i, r in enumerate(recs, start=1)]
     return "\n".join(blocks) + "\n"
-
-
-# ----------------------------------------------------------------------------- label suspects
-
-def label_suspect_mask(labels, probs, self_conf_max: Optional[float] = None,
-                       conf_min: Optional[float] = None) -> np.ndarray:
-    """Images whose own label gets < self_conf_max probability while the max prob >= conf_min
-    (defaults from THRESHOLDS: < 5% and >= 90%), i.e. the model confidently says something else."""
-    self_conf_max = THRESHOLDS["label_self_conf_max"] if self_conf_max is None else self_conf_max
-    conf_min = THRESHOLDS["label_conf_min"] if conf_min is None else conf_min
-    labels = np.asarray(labels, dtype=np.int64)
-    probs = np.asarray(probs, dtype=np.float64)
-    self_conf = probs[np.arange(len(labels)), labels]
-    return (self_conf < self_conf_max) & (probs.max(axis=1) >= conf_min)
-
-
-def count_label_suspects(labels, probs) -> int:
-    return int(label_suspect_mask(labels, probs).sum())

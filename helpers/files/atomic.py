@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path` atomically.

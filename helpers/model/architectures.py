@@ -3,6 +3,7 @@
 Module and state_dict key names of the CIFAR ResNets follow chenyaofo's "pytorch-cifar-models"
 (conv1, bn1, layer1..3, blocks with conv1/bn1/conv2/bn2 and downsample.0/.1, fc), so its released
 checkpoints load with strict=True. The natural Grad-CAM layer is `layer3[-1]` (8x8 on 32x32 input).
+`describe_arch_choices` lists every ARCH value, built-in or not.
 """
 from __future__ import annotations
 
@@ -129,3 +130,14 @@ BUILTIN_ARCHS: dict[str, Callable[..., nn.Module]] = {
     "resnet34": resnet34,
     "resnet50": resnet50,
 }
+
+
+def describe_arch_choices() -> str:
+    """Every ARCH value load.build_model accepts, for messages (here so that checkpoint.py can name them too)."""
+    builtins = ", ".join(BUILTIN_ARCHS)
+    return (
+        f"built-in: {builtins}; any torchvision.models classification name (e.g. 'vgg11_bn', "
+        "'mobilenet_v3_small'; 'torchvision:resnet18' for the ImageNet-stem ResNet); 'timm:<name>' "
+        "(needs `pip install timm`); 'path/to/model.py:ClassName' (your own class, MODEL_KWARGS go to its "
+        "constructor); or leave ARCH empty for TorchScript files and checkpoints of the built-ins"
+    )

@@ -8,11 +8,14 @@ second forward pass; any other image falls back to a batched forward pass throug
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+
+from helpers.model.cam_path import CamPath
 
 
 def _rank_in_groups(sorted_groups: np.ndarray) -> np.ndarray:
@@ -126,10 +129,32 @@ class CamStore:
         self.method = method
         self.layer = layer
         self._cams: dict[tuple[int, int, str, str], np.ndarray] = {}
-        self.activations: Optional[GalleryActivations] = None   # set by the inference pass
-        self._cached_paths: dict[tuple[str, str], str] = {}      # (method, layer name) -> path, from the cache
+        self._activations: Optional[GalleryActivations] = None
+        self._cached_paths: dict[tuple[str, str], CamPath] = {}   # (method, layer name) -> path, from the cache
         self.n_computed = 0        # CAMs actually computed (not served from memory or the cache)
         self.n_from_activations = 0  # of those, computed from activations captured in the inference pass
+
+    @property
+    def activations(self) -> Optional[GalleryActivations]:
+        """The gallery images' activations kept by `capture()`, or None."""
+        return self._activations
+
+    @contextlib.contextmanager
+    def capture(self, n_worst: int, n_best: int) -> Iterator[Optional[GalleryActivations]]:
+        """For the inference pass: `with store.capture(n_worst, n_best) as gallery: run_inference(...,
+        gallery=gallery)`. Where the fast Grad-CAM path applies to the default engine and the class galleries
+        show any image, yields a GalleryActivations that this store keeps (its CAMs then need no second
+        forward pass); else yields None. A pass that fails keeps nothing."""
+        engine = self.engine() if n_worst + n_best > 0 else None
+        if engine is None or not engine.fast:
+            yield None
+            return
+        self._activations = GalleryActivations(engine.layer, n_worst, n_best)
+        try:
+            yield self._activations
+        except BaseException:
+            self._activations = None
+            raise
 
     def engine(self, method: Optional[str] = None, layer: Optional[str] = None):
         key = (method or self.method, layer if layer is not None else self.layer)
@@ -138,7 +163,7 @@ class CamStore:
             cached = self._cached_paths.get((key[0], engine.layer_name))
             if cached is not None:
                 # Nothing computed yet in this run: report the path the cached CAMs came from.
-                engine.path = f"{cached} [CAMs from the cache]"
+                engine.cam_path = dataclasses.replace(cached, from_cache=True)
             self._engines[key] = engine
         return self._engines[key]
 
@@ -169,7 +194,7 @@ class CamStore:
         return np.stack([self._cams[self._key(i, c, method, layer_name)] for i, c in zip(indices, classes)])
 
     def _compute(self, engine, missing: list) -> None:
-        acts = self.activations
+        acts = self._activations
         held = []
         if acts is not None and getattr(engine, "fast", False) and engine.layer is acts.layer:
             held = [k for k in missing if k[0] in acts]
@@ -201,7 +226,7 @@ class CamStore:
     # ------------------------------------------------------------------ on-disk cache
     def export(self) -> dict[str, np.ndarray]:
         """Arrays for np.savez (no pickle): every CAM held, stacked, with its (image, class) and
-        (method, layer) group, and the path that computed each group."""
+        (method, layer) group, and the path that computed each group (CamPath fields, JSON)."""
         groups = sorted({(m, l) for (_, _, m, l) in self._cams})
         if not groups:
             return {}
@@ -209,9 +234,10 @@ class CamStore:
         keys = list(self._cams)
         paths = dict(self._cached_paths)
         for (method, _), engine in self._engines.items():
-            if not engine.path.endswith("[CAMs from the cache]"):
-                paths[(method, engine.layer_name)] = engine.path
-        meta = [{"method": m, "layer": l, "path": paths.get((m, l), "")} for m, l in groups]
+            if not engine.cam_path.from_cache:
+                paths[(method, engine.layer_name)] = engine.cam_path
+        meta = [{"method": m, "layer": l, "path": paths[(m, l)].to_json() if (m, l) in paths else None}
+                for m, l in groups]
         return {
             "cam_index": np.array([[k[0], k[1], gid[(k[2], k[3])]] for k in keys], dtype=np.int64),
             "cam_values": np.stack([self._cams[k] for k in keys]).astype(np.float32),
@@ -232,8 +258,8 @@ class CamStore:
         loaded = {}
         for (i, c, g), cam in zip(index.tolist(), values):
             loaded[(i, c, meta[g]["method"], meta[g]["layer"])] = cam
+        # Older caches stored the path as text; their groups load without one.
+        paths = {(g["method"], g["layer"]): CamPath.from_json(g["path"]) for g in meta if isinstance(g.get("path"), dict)}
         self._cams.update(loaded)
-        for g in meta:
-            if g.get("path"):
-                self._cached_paths[(g["method"], g["layer"])] = g["path"].replace(" [CAMs from the cache]", "")
+        self._cached_paths.update(paths)
         return len(loaded)

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 import torch
 
+from helpers.model.layers import final_linear
+
 if TYPE_CHECKING:
     from helpers.model.cam_store import GalleryActivations
 
@@ -86,15 +88,6 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(device)
-
-
-def final_linear(model: torch.nn.Module, num_classes: int) -> Optional[torch.nn.Linear]:
-    """The classifier head: the last Linear layer whose output size is the number of classes."""
-    head = None
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.out_features == num_classes:
-            head = module
-    return head
 
 
 def run_inference(

@@ -1,9 +1,9 @@
 """Load the classifier to analyse: the default CIFAR-100 ResNet-56 or a user's checkpoint.
 
 Every failure a user can cause becomes a SuiteError subclass whose message names the fix.
-Checkpoints are always read with `torch.load(weights_only=True)`; a full pickled model (which can
-run arbitrary code while loading) is only accepted with the explicit opt-in `allow_unsafe_pickle=True`
-(notebook parameter ALLOW_UNSAFE_PICKLE).
+Checkpoints are always read with `torch.load(weights_only=True)` (checkpoint.py); a full pickled model
+(which can run arbitrary code while loading) is only accepted with the explicit opt-in
+`allow_unsafe_pickle=True` (notebook parameter ALLOW_UNSAFE_PICKLE).
 
 Target layers for Grad-CAM are dotted paths relative to the *inner* model, `unwrap(loaded.module)`:
 when the model's forward returns something other than a tensor it is wrapped in `LogitsWrapper`,
@@ -12,15 +12,11 @@ whose `model` attribute is the original network.
 from __future__ import annotations
 
 import difflib
-import functools
 import hashlib
 import importlib.util
 import inspect
 import os
-import pickle
-import re
 import sys
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +26,13 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from helpers.model.architectures import BUILTIN_ARCHS
 from helpers.errors import CheckpointError, ConfigError, DataError, ModelLoadError, SuiteError
+from helpers.model.architectures import BUILTIN_ARCHS, describe_arch_choices
+from helpers.model.checkpoint import (best_builtin_match, check_finite_weights, corrupt_checkpoint_error,
+                                      describe_keys, find_state_dict, is_torchscript_file, load_weights,
+                                      pickled_module, read_checkpoint, sha256_file, strip_common_prefix,
+                                      strip_wrapper_prefixes, without_common_prefix)
+from helpers.model.layers import check_hookable, first_layer, model_device
 
 DEFAULT_MODEL_URL = (
     "https://github.com/chenyaofo/pytorch-cifar-models/releases/download/resnet/cifar100_resnet56-f2eff4c8.pt"
@@ -41,13 +42,8 @@ DEFAULT_MODEL_FILENAME = os.path.basename(urlparse(DEFAULT_MODEL_URL).path)
 DEFAULT_MODEL_SHA256 = "f2eff4c8461ca1e0d39af83a65f7243bf7d29ec421efee3064bcee93a3caaa73"
 DEFAULT_NUM_CLASSES = 100
 
-# Where a training script may have nested the state_dict inside the checkpoint dict.
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
-# Wrappers whose prefixes are stripped: nn.DataParallel / DDP and torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Input sizes tried by the probe forward in load_model (CIFAR-sized first, then ImageNet-sized).
 PROBE_SIZES = ((32, 32), (224, 224))
-SHOW_KEYS = 5
 
 
 @dataclass
@@ -110,16 +106,6 @@ def extract_logits(output: Any) -> torch.Tensor:
 def default_model_cache_path() -> Path:
     """Where torch.hub keeps the default checkpoint: $TORCH_HOME/hub/checkpoints/<file>."""
     return Path(torch.hub.get_dir()) / "checkpoints" / DEFAULT_MODEL_FILENAME
-
-
-def describe_arch_choices() -> str:
-    builtins = ", ".join(BUILTIN_ARCHS)
-    return (
-        f"built-in: {builtins}; any torchvision.models classification name (e.g. 'vgg11_bn', "
-        "'mobilenet_v3_small'; 'torchvision:resnet18' for the ImageNet-stem ResNet); 'timm:<name>' "
-        "(needs `pip install timm`); 'path/to/model.py:ClassName' (your own class, MODEL_KWARGS go to its "
-        "constructor); or leave ARCH empty for TorchScript files and checkpoints of the built-ins"
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,286 +250,6 @@ def _import_file(path: Path):
     return module
 
 
-@functools.lru_cache(maxsize=None)
-def _builtin_keys(arch: str) -> frozenset:
-    """State-dict keys of a built-in, built on the meta device (no memory, no init cost)."""
-    with torch.device("meta"):
-        model = BUILTIN_ARCHS[arch](num_classes=DEFAULT_NUM_CLASSES, in_channels=3)
-    return frozenset(_comparable_keys(model.state_dict()))
-
-
-def _comparable_keys(keys) -> set:
-    # Older checkpoints lack BatchNorm's num_batches_tracked; load_state_dict fills it in.
-    return {k for k in keys if not k.endswith("num_batches_tracked")}
-
-
-def best_builtin_match(keys) -> tuple[Optional[str], float]:
-    """The built-in architecture whose state-dict keys overlap most with `keys` (Jaccard index)."""
-    ours = _comparable_keys(keys)
-    best, best_score = None, 0.0
-    for arch in BUILTIN_ARCHS:
-        theirs = _builtin_keys(arch)
-        union = len(ours | theirs)
-        score = len(ours & theirs) / union if union else 0.0
-        if score > best_score:
-            best, best_score = arch, score
-    return best, best_score
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading checkpoint files
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def is_torchscript_file(path: Path) -> bool:
-    """TorchScript archives are zip files with <root>/constants.pkl and <root>/code/."""
-    try:
-        if not zipfile.is_zipfile(path):
-            return False
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        return False
-    inner = [n.split("/", 1)[-1] for n in names]
-    return any(n == "constants.pkl" or n.startswith("code/") for n in inner)
-
-
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)|Unsupported class ([\w.]+)")
-
-
-def _unsafe_globals(message: str) -> Optional[str]:
-    """The class/function a weights_only load refused, or None when the failure is not about globals."""
-    match = _GLOBAL_RE.search(message)
-    if match:
-        return match.group(1) or match.group(2)
-    if "unrecognized function" in message or "Unsupported global" in message:
-        return "a Python object"
-    return None
-
-
-def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
-    text = str(exc)
-    if "WeightsUnpickler error:" in text:  # skip torch's generic preamble about weights_only
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    detail = lines[0][:200] if lines else type(exc).__name__
-    size = path.stat().st_size if path.exists() else 0
-    return CheckpointError(
-        f"The checkpoint {path} is corrupt or truncated ({size:,} bytes; torch.load said: {detail}). "
-        "Copy or download it again, and check that it was written by torch.save (or safetensors)."
-    )
-
-
-def is_safetensors_file(path: Path) -> bool:
-    """safetensors: 8-byte little-endian header length, then a JSON header."""
-    if path.suffix == ".safetensors":
-        return True
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
-
-
-def read_checkpoint(path: Path, allow_unsafe_pickle: bool = False) -> Any:
-    """torch.load with weights_only=True; a full pickle only with the explicit opt-in.
-    safetensors files (tensors only, no code) are read with the safetensors package."""
-    if is_safetensors_file(path):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ConfigError(f"{path} is a safetensors file: run `pip install safetensors` to read it.") from None
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:
-            raise _corrupt(path, exc) from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        refused = _unsafe_globals(str(exc))
-        if refused is None:
-            raise _corrupt(path, exc) from None
-    except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for damaged files
-        raise _corrupt(path, exc) from None
-    if not allow_unsafe_pickle:
-        raise CheckpointError(
-            f"The checkpoint {path} is a full pickled Python object (it references {refused}), not just "
-            "weights. Unpickling it can execute arbitrary code from the file, so it was refused. If you "
-            "trust its source, opt in with allow_unsafe_pickle=True (notebook parameter "
-            "ALLOW_UNSAFE_PICKLE = True). Safer: re-save only the weights with "
-            "torch.save(model.state_dict(), path) and set ARCH."
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (AttributeError, ModuleNotFoundError, ImportError) as exc:
-        raise CheckpointError(
-            f"The pickled model in {path} refers to code that cannot be imported here ({exc}). Make the "
-            "module that defines the class importable (e.g. add its folder to sys.path), or re-save with "
-            "torch.save(model.state_dict(), path) and set ARCH='path/to/model.py:ClassName'."
-        ) from None
-    except Exception as exc:
-        raise _corrupt(path, exc) from None
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return (isinstance(obj, Mapping) and len(obj) > 0
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
-
-
-def find_state_dict(obj: Any, depth: int = 0) -> tuple[Optional[dict], str]:
-    """The state_dict inside a checkpoint and where it was: bare, or under a known key."""
-    if _is_state_dict(obj):
-        return dict(obj), "bare state_dict"
-    if isinstance(obj, Mapping) and depth < 3:
-        for key in STATE_DICT_KEYS:
-            if key in obj:
-                found, where = find_state_dict(obj[key], depth + 1)
-                if found is not None:
-                    return found, f"state_dict under '{key}'" + ("" if where == "bare state_dict" else f" / {where}")
-    return None, ""
-
-
-def strip_wrapper_prefixes(state_dict: dict) -> tuple[dict, list[str]]:
-    """Remove 'module.' (DataParallel) and '_orig_mod.' (torch.compile) when every key has it."""
-    stripped = []
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if state_dict and all(k.startswith(prefix) for k in state_dict):
-                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-                stripped.append(prefix.rstrip("."))
-                changed = True
-    return state_dict, stripped
-
-
-# ----------------------------------------------------------------------------------------------
-# Fitting a state_dict to a model
-
-def _head_name(model: nn.Module) -> Optional[str]:
-    name = None
-    for n, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            name = n
-    return name
-
-
-def _first_layer(model: nn.Module) -> tuple[Optional[str], Optional[nn.Module]]:
-    """The first registered Conv2d or Linear (usually, not always, the one that sees the input)."""
-    for n, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            return n, m
-    return None, None
-
-
-def _key_list(keys: Sequence[str]) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:SHOW_KEYS])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > SHOW_KEYS else "")
-
-
-def _without_common_prefix(state_dict: dict) -> Optional[dict]:
-    """Lightning-style checkpoints prefix every key with the attribute name (e.g. 'model.');
-    the keys without it, or None when the keys share no first component."""
-    firsts = {k.split(".", 1)[0] for k in state_dict}
-    if len(firsts) != 1 or not all("." in k for k in state_dict):
-        return None
-    prefix = next(iter(firsts)) + "."
-    return {k[len(prefix):]: v for k, v in state_dict.items()}
-
-
-def _maybe_strip_common_prefix(state_dict: dict, model_keys: set) -> dict:
-    stripped = _without_common_prefix(state_dict)
-    if stripped is not None and _comparable_keys(model_keys) <= set(stripped):
-        return stripped
-    return state_dict
-
-
-def load_weights(model: nn.Module, state_dict: dict, arch: str, path: Path,
-                 num_classes: int, in_channels: int) -> None:
-    """Strict load with messages that say which keys/shapes differ and what to set instead."""
-    expected = model.state_dict()
-    state_dict = _maybe_strip_common_prefix(state_dict, set(expected))
-    comparable = _comparable_keys(expected)
-    missing = [k for k in expected if k in comparable and k not in state_dict]  # in model order
-    unexpected = [k for k in state_dict if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} keys the model needs are missing from the checkpoint ({_key_list(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} checkpoint keys are unexpected ({_key_list(unexpected)})")
-        best, score = best_builtin_match(state_dict)
-        if best is not None and best != arch and score >= 0.5:
-            advice = (f"The checkpoint's keys best match the built-in architecture '{best}' "
-                      f"({score:.0%} key overlap): try ARCH='{best}'.")
-        else:
-            closest = f" (closest built-in: '{best}', {score:.0%} key overlap)" if best else ""
-            advice = ("Set ARCH to the architecture that produced the checkpoint" + closest + ": "
-                      + describe_arch_choices() + ".")
-        raise CheckpointError(
-            f"The checkpoint {path} does not fit ARCH='{arch}': " + "; ".join(parts) + ". " + advice
-        )
-    head = _head_name(model)
-    first_name, first = _first_layer(model)
-    mismatched = [(k, tuple(state_dict[k].shape), tuple(v.shape)) for k, v in expected.items()
-                  if k in state_dict and state_dict[k].shape != v.shape]
-    if mismatched:
-        listed = "; ".join(f"{k}: checkpoint {c} vs model {m}" for k, c, m in mismatched[:SHOW_KEYS])
-        hints = []
-        for key, ckpt_shape, model_shape in mismatched:
-            if head is not None and key == f"{head}.weight" and len(ckpt_shape) == 2:
-                hints.append(
-                    f"The checkpoint's classifier ({head}) has {ckpt_shape[0]} outputs but the model was built "
-                    f"for num_classes={num_classes}: analyse it on a dataset with {ckpt_shape[0]} classes, or use "
-                    f"a checkpoint trained for {num_classes} classes."
-                )
-            elif first_name is not None and key == f"{first_name}.weight" and len(ckpt_shape) >= 2 \
-                    and ckpt_shape[1] != model_shape[1]:
-                hints.append(
-                    f"The checkpoint's first layer ({first_name}) takes {ckpt_shape[1]}-channel input but "
-                    f"ARCH='{arch}' builds it for {model_shape[1]} channels and cannot be built otherwise here: "
-                    f"set ARCH (and MODEL_KWARGS, e.g. {{'in_channels': {ckpt_shape[1]}}}) to the configuration the "
-                    "checkpoint was trained with."
-                )
-            elif key == "conv1.weight" and len(ckpt_shape) == 4 and ckpt_shape[-1] == 7 and arch in BUILTIN_ARCHS:
-                hints.append(
-                    f"A 7x7 conv1 is torchvision's ImageNet stem; the built-in '{arch}' uses the 3x3 CIFAR stem: "
-                    f"set ARCH='torchvision:{arch}'."
-                )
-        raise CheckpointError(
-            f"The checkpoint {path} has {len(mismatched)} parameter(s) whose shapes differ from ARCH='{arch}': "
-            f"{listed}. " + (" ".join(hints) if hints else
-                             "Set ARCH (and MODEL_KWARGS) to the exact configuration the checkpoint was trained with.")
-        )
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"Loading {path} into ARCH='{arch}' failed: {exc}") from None
-
-
-def _check_finite(model: nn.Module, where: str) -> None:
-    floats = [(n, t) for n, t in model.state_dict().items()
-              if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
-    if not floats:
-        return
-    # One batched max-abs pass (NaN/inf propagate, finite values cannot overflow); names only on failure.
-    with torch.no_grad():
-        peaks = torch.stack([p.float() for p in torch._foreach_norm([t for _, t in floats], float("inf"))])
-    if bool(torch.isfinite(peaks).all()):
-        return
-    for name, tensor in floats:
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(
-                f"The weights from {where} contain NaN or infinite values (first: {name}); the model would "
-                "produce meaningless predictions. Use an earlier or re-exported checkpoint."
-            )
-
-
 # ----------------------------------------------------------------------------------------------
 # Public entry points
 
@@ -646,14 +352,14 @@ def _load_user(path: Path, arch: Optional[str], num_classes: int, in_channels: i
         try:
             module = torch.jit.load(str(absolute), map_location="cpu")
         except Exception as exc:
-            raise _corrupt(absolute, exc) from None
-        _check_finite(module, str(absolute))
+            raise corrupt_checkpoint_error(absolute, exc) from None
+        check_finite_weights(module, str(absolute))
         return module, "torchscript", f"TorchScript file {absolute}", digest, in_channels
 
     obj = read_checkpoint(absolute, allow_unsafe_pickle)
-    pickled = _pickled_module(obj)
+    pickled = pickled_module(obj)
     if pickled is not None:  # only reachable with allow_unsafe_pickle=True
-        _check_finite(pickled, str(absolute))
+        check_finite_weights(pickled, str(absolute))
         kind = f"pickled:{type(pickled).__module__}.{type(pickled).__qualname__}"
         return pickled, kind, f"full pickled model {absolute} (ALLOW_UNSAFE_PICKLE)", digest, in_channels
 
@@ -669,21 +375,21 @@ def _load_user(path: Path, arch: Optional[str], num_classes: int, in_channels: i
     inferred = False
     if arch is None:
         best, score = best_builtin_match(state_dict)
-        stripped_prefix = _without_common_prefix(state_dict)
+        stripped_prefix = without_common_prefix(state_dict)
         if score < 1.0 and stripped_prefix is not None and best_builtin_match(stripped_prefix)[1] == 1.0:
             state_dict = stripped_prefix
             best, score = best_builtin_match(state_dict)
         if best is None or score < 1.0:
             closest = f"the closest built-in is '{best}' with {score:.0%} key overlap" if best else "nothing is close"
             raise CheckpointError(
-                f"Cannot infer the architecture of {absolute}: its keys ({_key_list(list(state_dict))}) match no "
+                f"Cannot infer the architecture of {absolute}: its keys ({describe_keys(list(state_dict))}) match no "
                 f"built-in exactly ({closest}). Set ARCH: {describe_arch_choices()}."
             )
         arch, inferred = best, True
     model = build_model(arch, num_classes, in_channels, model_kwargs)
     model, in_channels = _fit_input_channels(model, state_dict, arch, num_classes, in_channels, model_kwargs)
     load_weights(model, state_dict, arch, absolute, num_classes, in_channels)
-    _check_finite(model, str(absolute))
+    check_finite_weights(model, str(absolute))
     notes = [layout] + [f"'{p}.' prefix stripped" for p in stripped]
     notes.append(f"ARCH {'inferred' if inferred else 'given'}: {arch}")
     return model, arch, f"{absolute} ({', '.join(notes)})", digest, in_channels
@@ -692,10 +398,10 @@ def _load_user(path: Path, arch: Optional[str], num_classes: int, in_channels: i
 def _checkpoint_in_channels(model: nn.Module, state_dict: dict) -> Optional[int]:
     """Input channels of the checkpoint's first convolution (the model's first registered layer),
     or None when that is not a plain Conv2d present in the checkpoint."""
-    name, first = _first_layer(model)
+    name, first = first_layer(model)
     if not isinstance(first, nn.Conv2d) or first.groups != 1:
         return None
-    weights = _maybe_strip_common_prefix(state_dict, set(model.state_dict())).get(f"{name}.weight")
+    weights = strip_common_prefix(state_dict, set(model.state_dict())).get(f"{name}.weight")
     if not isinstance(weights, torch.Tensor) or weights.dim() != 4:
         return None
     return int(weights.shape[1])
@@ -713,22 +419,10 @@ def _fit_input_channels(model: nn.Module, state_dict: dict, arch: str, num_class
         rebuilt = build_model(arch, num_classes, wanted, model_kwargs)
     except SuiteError:  # e.g. torchvision models are RGB-only; load_weights explains the mismatch
         return model, in_channels
-    name, first = _first_layer(rebuilt)
+    name, first = first_layer(rebuilt)
     if isinstance(first, nn.Conv2d) and first.in_channels == wanted:
         return rebuilt, wanted
     return model, in_channels  # the constructor ignores in_channels: load_weights explains
-
-
-def _pickled_module(obj: Any) -> Optional[nn.Module]:
-    """The nn.Module in a full pickle (bare or under a known key), without DataParallel."""
-    candidate = obj
-    if isinstance(obj, Mapping):
-        candidate = next((obj[k] for k in STATE_DICT_KEYS if isinstance(obj.get(k), nn.Module)), None)
-    if not isinstance(candidate, nn.Module):
-        return None
-    while isinstance(candidate, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        candidate = candidate.module
-    return candidate
 
 
 def _to_device(module: nn.Module, device: str | torch.device) -> nn.Module:
@@ -743,19 +437,11 @@ def _to_device(module: nn.Module, device: str | torch.device) -> nn.Module:
         ) from None
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _probe_and_wrap(module: nn.Module, in_channels: int) -> tuple[nn.Module, Optional[int]]:
     """One forward on zeros: wrap models that do not return a tensor and measure the class count.
     A model that fails on both probe sizes is left as is; check_model_fits_data reports it
     with the real input shape."""
-    device = _module_device(module)
+    device = model_device(module)
     for height, width in PROBE_SIZES:
         try:
             with torch.no_grad():
@@ -787,19 +473,18 @@ def check_model_fits_data(loaded: LoadedModel, input_shape: Sequence[int], num_c
     """Probe forward on zeros of `input_shape` (C, H, W): raises DataError for a channel mismatch
     and ConfigError when the output size differs from the dataset's class count. Wraps the module in
     LogitsWrapper if its output is not a tensor. With needs_cams (the analysis always needs them), a
-    TorchScript model is refused here, before any compute, with the fix (cams.check_hookable).
+    TorchScript model is refused here, before any compute, with the fix (layers.check_hookable).
     Returns `loaded` (updated in place)."""
     if needs_cams:
-        from helpers.model.cams import check_hookable
         check_hookable(loaded.module, f"The model ({loaded.source})")
     channels, height, width = (int(v) for v in input_shape)
-    probe = torch.zeros(1, channels, height, width, device=_module_device(loaded.module))
+    probe = torch.zeros(1, channels, height, width, device=model_device(loaded.module))
     try:
         with torch.no_grad():
             output = loaded.module(probe)
     except Exception as exc:
         # Registration order is not execution order, so the first conv only explains a failure.
-        _, first = _first_layer(loaded.inner)
+        _, first = first_layer(loaded.inner)
         if isinstance(first, nn.Conv2d) and first.in_channels != channels:
             raise DataError(_channel_message(channels, first.in_channels)) from None
         if channels != loaded.in_channels:

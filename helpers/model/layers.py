@@ -1,0 +1,371 @@
+"""Reading a model's structure: its target layer for CAMs, its classifier head, its device, and what its
+forward pass does (a probe pass with forward hooks on zeros).
+
+Target layers are dotted paths in `model.named_modules()`. For CNNs the natural layer is the block that
+produces the last spatial feature map; for ViTs (timm or torchvision) it is the first LayerNorm of the last
+transformer block, whose (B, T, D) tokens `vit_reshape_transform` turns into a (B, D, g, g) map.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from helpers.errors import ConfigError
+
+
+@dataclass
+class ModuleCall:
+    """One module's call in a probe forward pass."""
+    name: str
+    module: nn.Module
+    order: int          # completion order of this call in the forward pass
+    output: object      # what the module returned (kept alive so `is` comparisons stay valid)
+    inputs: tuple
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for a model with neither."""
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def final_linear(model: nn.Module, num_classes: Optional[int] = None) -> Optional[nn.Linear]:
+    """The classifier head: the last nn.Linear registered in model.modules() (with out_features == num_classes
+    when given), or None. Registration order matches execution order for ordinary classifiers."""
+    head = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and (num_classes is None or module.out_features == num_classes):
+            head = module
+    return head
+
+
+def first_layer(model: nn.Module) -> tuple[Optional[str], Optional[nn.Module]]:
+    """The first registered Conv2d or Linear (usually, not always, the one that sees the input)."""
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            return n, m
+    return None, None
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode for a probe (BatchNorm would fail on batch 1), restoring each module's own flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+# ----------------------------------------------------------------------------- TorchScript
+
+def _scripted_names(model: nn.Module) -> list[str]:
+    """Names of the TorchScript modules in `model` ("" for the root)."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+
+
+def _inside_script(name: str, scripted: Sequence[str]) -> bool:
+    return any(s == "" or name == s or name.startswith(s + ".") for s in scripted)
+
+
+def scripted_model_message(what: str = "The model") -> str:
+    return (f"{what} is TorchScript: its forward pass is compiled code that does not call Python forward hooks, "
+            "and every CAM method needs the activations of an inner layer, so CAMs cannot be computed from it. "
+            "Use the eager (Python) model instead: where the network is defined, save its weights with "
+            "torch.save(model.state_dict(), 'weights.pt'), then set MODEL_PATH='weights.pt' and ARCH to its "
+            "architecture (a built-in or torchvision name, 'timm:<name>', or 'path/to/model.py:ClassName').")
+
+
+def check_hookable(model: nn.Module, what: str = "The model") -> None:
+    """ConfigError naming the fix when the network's forward is TorchScript: the root is scripted, or every
+    child is (e.g. a LogitsWrapper around a loaded TorchScript file). Partly scripted models are fine as long
+    as the target layer is eager Python."""
+    children = list(model.children())
+    if isinstance(model, torch.jit.ScriptModule) or (
+            children and all(isinstance(c, torch.jit.ScriptModule) for c in children)):
+        raise ConfigError(scripted_model_message(what))
+
+
+# ----------------------------------------------------------------------------- probe pass
+
+def probe(model: nn.Module, x: torch.Tensor, only: Optional[Sequence[nn.Module]] = None):
+    """Run `model(x)` in eval mode without gradients, with forward hooks on every non-root module (or just
+    `only`). Returns (ModuleCalls in completion order, model output). TorchScript modules and their insides
+    are skipped: torch refuses hooks on them (check_hookable explains what to do)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    scripted = _scripted_names(model)
+    watched = ([m for n, m in model.named_modules() if n and not _inside_script(n, scripted)]
+               if only is None else list(only))
+    calls: list[ModuleCall] = []
+
+    def hook(module, inputs, output):
+        calls.append(ModuleCall(names.get(id(module), "?"), module, len(calls), output, inputs))
+
+    handles = [m.register_forward_hook(hook) for m in watched]
+    try:
+        with eval_mode(model), torch.no_grad():
+            out = model(x.to(model_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, out
+
+
+def check_input_shape(input_shape) -> None:
+    if len(tuple(input_shape)) != 3:
+        raise ConfigError(f"input_shape must be (C, H, W); got {tuple(input_shape)}.")
+
+
+def probe_input(input_shape: Sequence[int], batch: int = 1) -> torch.Tensor:
+    """Zeros of shape (batch, C, H, W) for a probe pass."""
+    check_input_shape(input_shape)
+    return torch.zeros((batch,) + tuple(int(s) for s in input_shape))
+
+
+def _is_spatial_map(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[2] * t.shape[3] > 1
+
+
+def _is_feature_map(call: ModuleCall) -> bool:
+    """A 4-D map larger than 1x1 that the module computed; adaptive pools that keep or enlarge the map
+    (torchvision VGG's AdaptiveAvgPool2d(7) after a 1x1 or 7x7 map) only copy values and are skipped."""
+    if not _is_spatial_map(call.output):
+        return False
+    if isinstance(call.module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and call.inputs:
+        src = call.inputs[0]
+        if isinstance(src, torch.Tensor) and src.dim() == 4 and call.output.shape[2:] >= src.shape[2:]:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- target layer
+
+_STAGES = (nn.Sequential, nn.ModuleList)
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+
+
+def _find_vit(model: nn.Module):
+    """(ViT module, its transformer blocks, name of the norm to hook in a block) or None.
+    timm VisionTransformer-like: `blocks` + `patch_embed`, blocks with `norm1`/`attn`
+    (the `patch_embed` test keeps Swin stages, whose blocks emit (B,H,W,C), out).
+    torchvision VisionTransformer: `encoder.layers`, blocks with `ln_1`/`self_attention`."""
+    for _, m in model.named_modules():
+        blocks = getattr(m, "blocks", None)
+        if (isinstance(blocks, _STAGES) and len(blocks) and hasattr(m, "patch_embed")
+                and hasattr(blocks[-1], "norm1") and hasattr(blocks[-1], "attn")):
+            return m, blocks, "norm1"
+        layers = getattr(getattr(m, "encoder", None), "layers", None)
+        if (isinstance(layers, _STAGES) and len(layers) and hasattr(layers[-1], "ln_1")
+                and hasattr(layers[-1], "self_attention")):
+            return m, layers, "ln_1"
+    return None
+
+
+def _vit_norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    found = _find_vit(model)
+    if found is None:
+        return []
+    names = {id(m): n for n, m in model.named_modules()}
+    _, blocks, norm = found
+    return [(names[id(getattr(b, norm))], getattr(b, norm)) for b in blocks]
+
+
+def _spatial_candidates(model: nn.Module, input_shape, max_depth: int) -> list[str]:
+    """Modules producing 4-D feature maps, in execution order, at most `max_depth` dots deep
+    (deeper sub-layers are valid too, but listing every conv and BatchNorm buries the useful names)."""
+    calls, _ = probe(model, probe_input(input_shape))
+    seen, names = set(), []
+    for c in calls:
+        if _is_feature_map(c) and c.name not in seen and c.name.count(".") <= max_depth:
+            seen.add(c.name)
+            names.append(c.name)
+    return names
+
+
+def find_target_layer(model: nn.Module, input_shape: Sequence[int] = (3, 32, 32)) -> tuple[str, nn.Module]:
+    """The natural Grad-CAM layer, as (dotted name in `model.named_modules()`, module).
+
+    ViTs (timm or torchvision): the first LayerNorm of the last transformer block.
+    CNNs: the module whose output is the last 4-D map with more than one spatial position
+    produced in a probe forward pass (i.e. the last map before global pooling). Several modules
+    can return that same tensor (a stage, its last block, the block's final ReLU); the block
+    is reported: the outermost non-Sequential module whose parent is a Sequential/ModuleList stage,
+    e.g. `layer3.8` for a CIFAR ResNet-56, `layer4.1` for a ResNet-18, `features.N` for VGG."""
+    check_hookable(model)
+    vit = _vit_norm_layers(model)
+    if vit:
+        return vit[-1]
+    calls, _ = probe(model, probe_input(input_shape))
+    maps = [c for c in calls if _is_feature_map(c)]
+    if not maps:
+        scripted = _scripted_names(model)
+        why = (f" The TorchScript parts ({', '.join(scripted[:3])}) cannot be hooked: build them as eager "
+               "Python modules." if scripted else "")
+        raise ConfigError(f"No layer of the model outputs a 4-D feature map larger than 1x1 for input shape "
+                          f"{tuple(input_shape)}; set TARGET_LAYER to a layer name explicitly.{why}")
+    last = maps[-1].output
+    same = {c.name: c for c in calls if c.output is last}.values()
+
+    def depth(c: ModuleCall) -> int:
+        return c.name.count(".")
+
+    blocks = [c for c in same if not isinstance(c.module, _STAGES)
+              and isinstance(_parent(model, c.name), _STAGES)]
+    pool = blocks or [c for c in same if not isinstance(c.module, _STAGES)] or list(same)
+    # Same depth: the module that ran last produced the final values (an in-place ReLU after its conv).
+    best = min(pool, key=lambda c: (depth(c), -c.order))
+    return best.name, best.module
+
+
+def _walk(root: nn.Module, parts: list[str]) -> Optional[nn.Module]:
+    m = root
+    for p in parts:
+        child = getattr(m, p, None)   # a registered child by name ("layer4", "0"); None-valued slots are no layer
+        if isinstance(child, nn.Module):
+            m = child
+        elif re.fullmatch(r"-?\d+", p) and isinstance(m, _STAGES) and -len(m) <= int(p) < len(m):
+            m = m[int(p)]   # positional, so "layer4.-1" works too
+        else:
+            return None
+    return m
+
+
+def _candidates_text(model: nn.Module, input_shape) -> str:
+    vit = [n for n, _ in _vit_norm_layers(model)]
+    if vit:
+        return f"Candidate layers (ViT block norms; the default is the last): {', '.join(vit)}."
+    try:
+        default = find_target_layer(model, input_shape)[0]
+    except ConfigError:
+        default = ""
+    cands = _spatial_candidates(model, input_shape, max_depth=max(default.count("."), 1))
+    shown = cands if len(cands) <= 60 else ["..."] + cands[-60:]
+    return (f"Candidate layers (4-D feature maps, in forward order; default {default or 'none'}; their "
+            f"sub-layers work too): {', '.join(shown) or '(none)'}.")
+
+
+def resolve_target_layer(model: nn.Module, spec: Optional[str],
+                         input_shape: Sequence[int] = (3, 32, 32)) -> tuple[str, nn.Module]:
+    """(canonical dotted name, module) for a user's layer spec.
+
+    None/"" -> find_target_layer. Otherwise a dotted path ("layer4.1", "features.12", also
+    "layer4[-1]" or "layer4.-1"); numeric parts index into Sequential/ModuleList stages. For a
+    wrapper exposing the real network as `.model`, paths with or without the "model." prefix work.
+    Unknown paths raise ConfigError listing the candidate layers."""
+    if spec is None or not str(spec).strip():
+        return find_target_layer(model, input_shape)
+    check_hookable(model)
+    text = str(spec).strip()
+    parts = re.sub(r"\[(-?\d+)\]", r".\1", text).strip(".").split(".")
+    module = _walk(model, parts)
+    inner = getattr(model, "model", None)
+    if module is None and isinstance(inner, nn.Module):
+        module = _walk(inner, parts)
+    names = {id(m): n for n, m in model.named_modules()}
+    if module is None or module is model:
+        raise ConfigError(f"Target layer {text!r} not found in the model. {_candidates_text(model, input_shape)}")
+    name = names[id(module)]
+    if _inside_script(name, _scripted_names(model)):
+        raise ConfigError(f"Target layer {name!r} is inside a TorchScript module, which cannot be hooked; pick a "
+                          f"layer of the eager (Python) part of the model. {_candidates_text(model, input_shape)}")
+    calls, _ = probe(model, probe_input(input_shape), only=[module])
+    if not calls:
+        raise ConfigError(f"Target layer {name!r} is not used in the model's forward pass; pick another layer.")
+    out = calls[-1].output
+    if not (isinstance(out, torch.Tensor) and out.dim() in (3, 4)):
+        raise ConfigError(f"Target layer {name!r} does not output a 4-D feature map or 3-D token tensor "
+                          f"(got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}); pick another layer.")
+    return name, module
+
+
+def target_layer_choices(model: nn.Module, input_shape: Sequence[int], k: int = 4) -> list[str]:
+    """A few sensible CAM layers, late to early: the automatic layer first, then the last layer of each
+    earlier resolution stage (e.g. layer3.8, layer2.8, layer1.8 for a CIFAR ResNet-56); for a ViT, block
+    norms spread over the depth. Later layers are more semantic and coarser; earlier ones sharper."""
+    vit = [name for name, _ in _vit_norm_layers(model)]
+    if vit:
+        picks = np.unique(np.linspace(len(vit) - 1, 0, num=min(k, len(vit))).round().astype(int))[::-1]
+        return [vit[i] for i in picks]
+    default = find_target_layer(model, input_shape)[0]
+    depth = max(default.count("."), 1)
+    calls, _ = probe(model, probe_input(input_shape))
+    last_of_size: dict[tuple[int, int], str] = {}
+    for c in calls:   # completion order: the last writer per resolution ends that stage
+        if _is_feature_map(c) and c.name.count(".") <= depth and not isinstance(c.module, _STAGES):
+            last_of_size.pop(tuple(c.output.shape[2:]), None)
+            last_of_size[tuple(c.output.shape[2:])] = c.name
+    ordered = [default] + [n for n in reversed(list(last_of_size.values())) if n != default]
+    return ordered[:k]
+
+
+# ----------------------------------------------------------------------------- ViT reshape
+
+def _num_prefix_tokens(model: nn.Module, tokens: int) -> int:
+    for m in model.modules():
+        n = getattr(m, "num_prefix_tokens", None)
+        if isinstance(n, int):
+            return n        # timm: CLS + register/distillation tokens
+    for m in model.modules():
+        if isinstance(getattr(m, "class_token", None), torch.Tensor):
+            return 1        # torchvision VisionTransformer
+    return tokens - math.isqrt(tokens) ** 2
+
+
+def vit_reshape_transform(model: nn.Module, input_shape: Sequence[int] = (3, 32, 32),
+                          layer: Optional[nn.Module] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """reshape_transform for a ViT layer: (B, T, D) tokens -> (B, D, g, g) map.
+
+    The prefix-token count (CLS, registers, distillation) comes from timm's `num_prefix_tokens`,
+    torchvision's class token, or else T minus the largest square <= T; g is the integer square root of
+    the remaining patch tokens, checked to be exact on a probe pass (no hard-coded 14x14)."""
+    if layer is None:
+        norms = _vit_norm_layers(model)
+        if not norms:
+            raise ConfigError("vit_reshape_transform needs a ViT (timm or torchvision) or an explicit layer.")
+        layer = norms[-1][1]
+    calls, _ = probe(model, probe_input(input_shape), only=[layer])
+    out = calls[-1].output if calls else None
+    if not (isinstance(out, torch.Tensor) and out.dim() == 3):
+        raise ConfigError(f"The chosen layer does not output (batch, tokens, dim) tokens; got "
+                          f"{tuple(getattr(out, 'shape', ()))}.")
+    tokens = int(out.shape[1])
+    prefix = _num_prefix_tokens(model, tokens)
+    grid = math.isqrt(max(tokens - prefix, 0))
+    if grid < 1 or grid * grid != tokens - prefix:
+        raise ConfigError(f"Cannot reshape {tokens} tokens ({prefix} prefix tokens) into a square patch grid.")
+
+    def reshape(t: torch.Tensor) -> torch.Tensor:
+        b, n, d = t.shape
+        g = math.isqrt(n - prefix)
+        return t[:, prefix:, :].reshape(b, g, g, d).permute(0, 3, 1, 2)
+
+    reshape.grid = grid
+    reshape.prefix_tokens = prefix
+    return reshape
+
+
+def reshape_transform_for(model: nn.Module, layer: nn.Module,
+                          input_shape: Sequence[int] = (3, 32, 32)) -> Optional[Callable]:
+    """None when `layer` outputs a 4-D CNN map, the ViT token reshape when it outputs (B, T, D)."""
+    calls, _ = probe(model, probe_input(input_shape), only=[layer])
+    if not calls:
+        raise ConfigError("The target layer is not used in the model's forward pass; pick another layer.")
+    out = calls[-1].output
+    if isinstance(out, torch.Tensor) and out.dim() == 4:
+        return None
+    return vit_reshape_transform(model, input_shape, layer)

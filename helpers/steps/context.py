@@ -1,0 +1,85 @@
+"""What every step reads: the `Run` context, built once after inference, and `Section`, the base of the typed
+results the steps return.
+
+A step is a function `step(run, <upstream results>) -> <its Section subclass>`: it computes with compute/,
+draws with plots/, saves through `run.outputs`, and returns its numbers as typed fields. Nothing downstream
+writes into an upstream result.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from helpers.config import Params
+from helpers.data.datasets import Dataset, safe_filename
+from helpers.files.cache import RunCache
+from helpers.files.outputs import Outputs
+from helpers.model.cam_store import CamStore
+from helpers.model.inference import Predictions
+from helpers.model.load import LoadedModel
+from helpers.plots.overlay import overlay_many
+
+_DISPLAY_FIELDS = ("title", "figures", "files", "notes")
+
+
+@dataclass(kw_only=True)
+class Section:
+    """What one step produced: figures to show inline, the files it wrote, notes, and (in subclasses) its
+    numbers as typed fields."""
+    title: str
+    figures: dict = field(default_factory=dict)    # name -> matplotlib Figure or PIL.Image
+    files: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """The step's numbers by field name, for the notebook (`conf.values["pairs"]`); what was not
+        measured (None) is absent."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in _DISPLAY_FIELDS and getattr(self, f.name) is not None}
+
+    def show(self, names: Optional[list[str]] = None) -> None:
+        from IPython.display import display
+        for note in self.notes:
+            print(note)
+        for name, fig in self.figures.items():
+            if names is None or name in names:
+                display(fig)
+
+
+@dataclass
+class Run:
+    """One analysis run, read by every step: parameters, data, model, predictions, the CAM store, the outputs
+    and the cache. Built once, after inference; the steps only read it (the store and outputs record what
+    they computed and wrote)."""
+    params: Params
+    data: Dataset
+    inputs: torch.Tensor
+    model: Optional[LoadedModel]
+    preds: Predictions
+    cams: Optional[CamStore]
+    outputs: Outputs
+    cache: RunCache
+    device: torch.device
+    progress: bool = True
+    names: list[str] = field(init=False)   # display names of the classes, built once
+
+    def __post_init__(self) -> None:
+        self.names = self.data.display_names
+
+    def overlays(self, indices: Sequence[int], cams: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """CAMs drawn over their images, in one vectorised pass."""
+        return list(overlay_many([self.data.images[i] for i in indices], cams)) if len(indices) else []
+
+    def conf_title(self, idx: int) -> str:
+        p, names = self.preds, self.names
+        t, q = int(p.labels[idx]), int(p.preds[idx])
+        if t == q:
+            return f"#{idx} · {names[t]} ({p.probs[idx, q]:.2f})"
+        return f"#{idx} · true: {names[t]} ({p.probs[idx, t]:.2f}) · pred: {names[q]} ({p.probs[idx, q]:.2f})"
+
+    def gallery_filename(self, cls: int) -> str:
+        return f"class_{cls:03d}_{safe_filename(self.data.class_names[cls])}.png"
