@@ -11,8 +11,8 @@ On a generated CIFAR-100-format test set of --n images, for each architecture it
       best per class) and pair-gallery image, and one matplotlib figure per gallery file;
   (d) a cached re-run of (b) (same model, data and parameters; the cache written by (b) is reused).
 
---repeat N runs (a) and (b) N times, alternating, and keeps the fastest of each: on a shared machine a single
-pass of the same code varied by 2x within an hour, and noise only ever adds time.
+--repeat N runs (a) and (b) N times, alternating, and keeps the fastest of each: on a shared machine noise
+only ever adds time.
 
 Each measurement runs in a fresh subprocess, so peak RSS (getrusage ru_maxrss) is that stage's own; times are
 wall-clock seconds inside that process, after the interpreter has imported torch, pytorch-grad-cam and helpers
@@ -196,8 +196,7 @@ def stage_naive(args) -> dict:
         plt.close(fig)
 
     for cls in range(data.num_classes):
-        worst = list(metrics.rank_worst(labels, preds, probs, cls, N_WORST))
-        best = [i for i in metrics.rank_best(labels, preds, probs, cls, N_BEST + N_WORST) if i not in worst][:N_BEST]
+        worst, best = metrics.gallery_examples(labels, preds, probs, cls, N_WORST, N_BEST)   # as the analysis
         gallery(out / "worst_predictions" / f"class_{cls:03d}.png", f"Class {cls}: {names[cls]}",
                 [(int(i), cls) for i in worst + best])
     cm = metrics.confusion_matrix(labels, preds, data.num_classes)

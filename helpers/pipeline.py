@@ -134,8 +134,8 @@ class Analysis:
             self.preds, self.cache.hit = cached, True
             predictions.restore_derived(self.cache, self.cams, self.outputs)
         else:
-            # Nothing else runs during inference: warming up the figure worker or the deep dive's imports here
-            # slowed ResNet-56 inference on 2 cores from ~13 s to ~17 s (GIL and OpenMP threads contend).
+            # Nothing else runs during the inference pass (not even the figure worker's start-up or the deep
+            # dive's imports): on 2 cores any concurrent work slows it more than it saves later.
             if self.device.type == "cpu":
                 torch.set_num_threads(self.threads)   # the pass gets every free core
             with self.cams.capture(p.N_WORST, p.N_BEST) as gallery:
@@ -145,7 +145,7 @@ class Analysis:
             predictions.write_predictions(self.cache, self.preds)
         if self.device.type == "cpu":
             # Later steps run the model on a few dozen images at a time, where extra OpenMP threads mostly spin
-            # while the PNG writer thread and the figure worker need cores (ResNet-56: 10.1 -> 9.2 s).
+            # while the PNG writer thread and the figure worker need the cores.
             torch.set_num_threads(max(1, self.threads // 2))
         self.outputs.writer.warm_up()   # the worker imports matplotlib while the confusion step runs
         self._timed("inference", start)

@@ -24,7 +24,7 @@ from helpers.pipeline import Analysis
 from conftest import REPO, TINY_ARCH, run_params
 from output_checks import check_outputs, parse_html
 
-# atomic_io names a temporary file ".<final name>.<random>.tmp<final suffix>" next to its target.
+# helpers.files.atomic.atomic_path names a temporary file ".<final name>.<random>.tmp<final suffix>" next to its target.
 TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp(\.[A-Za-z0-9]+)?$")
 N_NEW_BEFORE_KILL = 8
 

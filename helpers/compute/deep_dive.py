@@ -57,16 +57,16 @@ def project_2d(features: np.ndarray, seed: int = 0, method: str = "auto") -> tup
         import umap
 
         from helpers.compute.jit_cache import enable_umap_jit_cache
-        enable_umap_jit_cache()   # compiled once per environment instead of ~13 s in every process
+        enable_umap_jit_cache()   # compiled once per environment, not again in every process
         with warnings.catch_warnings():
             # A fixed random_state makes UMAP single-threaded and it warns about that.
             warnings.filterwarnings("ignore", message=".*n_jobs.*", category=UserWarning)
             warnings.filterwarnings("ignore", message=".*precomputed metric.*", category=UserWarning)
             if n < 4096:
-                # UMAP's exact path for small data: all pairwise distances. UMAP gets them through sklearn with
-                # its numba metric as a Python callable, one call per pair (0.3 s for 500 points); the same
-                # euclidean matrix, vectorised, takes 5 ms. (Disconnected components are then placed by average
-                # linkage instead of centroid distance.)
+                # UMAP's exact path for small data: all pairwise distances. UMAP would get them through sklearn,
+                # calling its numba metric from Python once per pair; one vectorised euclidean matrix is the same
+                # distances. (Disconnected components are then placed by average linkage instead of centroid
+                # distance.)
                 from sklearn.metrics import pairwise_distances
                 x, metric = pairwise_distances(x.astype(np.float64), metric="euclidean"), "precomputed"
             else:

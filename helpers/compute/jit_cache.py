@@ -1,11 +1,10 @@
 """numba's on-disk cache for umap-learn's compiled kernels.
 
-umap-learn declares its numba kernels without cache=True, so every new Python process compiles them again:
-about 13 s on a 2-core CPU before the first UMAP of even 300 points, more than the rest of the deep dive.
-Turning numba's own cache on for them (Dispatcher.enable_caching, what cache=True does) makes every run after
-the first load the compiled code from __pycache__ (numba falls back to a per-user cache folder when that is
-read-only): the same projection in about 0.5 s. Numba keys the cache by the source file, so an upgraded
-umap-learn is compiled afresh.
+umap-learn declares its numba kernels without cache=True, so every new Python process compiles them again
+before its first UMAP, even of a few hundred points: longer than the rest of the deep dive takes. Turning
+numba's own cache on for them (Dispatcher.enable_caching, what cache=True does) makes every run after the
+first load the compiled code from __pycache__ (numba falls back to a per-user cache folder when that is
+read-only). Numba keys the cache by the source file, so an upgraded umap-learn is compiled afresh.
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
+from helpers.model.cam_store import best_first, worst_first
 from helpers.data.datasets import readable
 from helpers.errors import ConfigError, DataError
 
@@ -316,27 +317,24 @@ def overconfident_errors_by_class(labels, preds, probs, class_names: Sequence[st
 # ----------------------------------------------------------------------------- example ranking
 
 def rank_worst(labels, preds, probs, cls: int, n: int) -> np.ndarray:
-    """Up to n indices of class `cls` that show its failures best.
+    """Up to n indices of class `cls` that show its failures best (cam_store.worst_first order).
 
     First the misclassified images, most confident in the wrong (predicted) class first; then,
     if fewer than n, the correct ones the model was least sure about. Ties by index.
     """
     labels, preds = check_pair(labels, preds)
     probs = check_probs(probs, len(labels), for_ranking=True)
-    idx = np.nonzero(labels == cls)[0]
-    wrong = idx[preds[idx] != cls]
-    right = idx[preds[idx] == cls]
-    wrong = wrong[np.argsort(-probs[wrong, preds[wrong]], kind="stable")]
-    right = right[np.argsort(probs[right, cls], kind="stable")]
-    return np.concatenate([wrong, right])[:max(n, 0)].astype(np.int64)
+    idx = np.flatnonzero(labels == cls)
+    order = worst_first(idx, labels[idx], preds[idx], probs[idx, preds[idx]], probs[idx, cls])
+    return idx[order][:max(n, 0)].astype(np.int64)
 
 
 def rank_best(labels, preds, probs, cls: int, n: int) -> np.ndarray:
     """Up to n correctly classified images of `cls`, most confident first (ties by index)."""
     labels, preds = check_pair(labels, preds)
     probs = check_probs(probs, len(labels), for_ranking=True)
-    idx = np.nonzero((labels == cls) & (preds == cls))[0]
-    return idx[np.argsort(-probs[idx, cls], kind="stable")][:max(n, 0)].astype(np.int64)
+    idx = np.flatnonzero((labels == cls) & (preds == cls))
+    return idx[best_first(idx, labels[idx], probs[idx, cls])][:max(n, 0)].astype(np.int64)
 
 
 def gallery_examples(labels, preds, probs, cls: int, n_worst: int, n_best: int) -> tuple[list[int], list[int]]:

@@ -7,7 +7,6 @@ coarse_names); helpers.data.datasets.load_dataset normalises them into one.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import pickle
 import struct
 import zlib
@@ -16,6 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from helpers.files.digest import file_digest
 from helpers.errors import ConfigError, DataError
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -33,14 +33,6 @@ CIFAR100_OFFICIAL = {
     "train": (155_249_918, "16019d7e3df5f24257cddd939b257f8d"),
     "meta": (1_473, "7973b15100ade9c7d40fb424638fde48"),
 }
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR pickles
@@ -74,7 +66,7 @@ def _fix_hint(folder: Path, what: str) -> str:
 def _read_cifar_pickle(path: Path, folder: Path, what: str) -> dict:
     """Load one CIFAR pickle with str keys (the official files have Python 2 byte-string keys)."""
     official = CIFAR100_OFFICIAL.get(path.name) if what == "CIFAR-100" else None
-    if official is not None and path.stat().st_size == official[0] and _md5(path) != official[1]:
+    if official is not None and path.stat().st_size == official[0] and file_digest(path, "md5") != official[1]:
         raise DataError(f"{path} fails the integrity check: it has the size of the official {what} file "
                         f"but a different md5 (expected {official[1]}), so it is damaged. {_fix_hint(folder, what)}")
     try:

@@ -135,7 +135,7 @@ class BackgroundWriter:
 
     PIL images go to a writer thread (png_bytes: numpy and zlib release the GIL while they encode). matplotlib
     figures, and PIL pictures still to be drawn (`rendered`), go pickled to one worker process: drawing holds
-    the GIL, and sending a figure costs ~40 ms where rendering the 100-class confusion matrix costs ~1 s.
+    the GIL, and sending a figure costs a small fraction of rendering it.
     Figures go ahead of pictures in the worker's queue: galleries are many small jobs that fill its idle time.
     Every file is still written atomically. If the worker cannot start, dies, or a job cannot be pickled, it is
     done in this process instead. `flush()` does the jobs the worker has not reached yet itself (from the back

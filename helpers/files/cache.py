@@ -17,7 +17,7 @@ import numpy as np
 
 from helpers.files import atomic
 
-CACHE_VERSION = 3   # bump when a cached computation changes (3: occlusion on non-overlapping windows)
+CACHE_VERSION = 3   # bump when a cached computation changes: entries of another version are recomputed
 CACHE_KEEP = 4      # cache entries (distinct model/data/params) kept in OUTPUT_DIR/.cache
 
 

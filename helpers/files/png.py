@@ -8,12 +8,10 @@ from typing import Optional
 
 from helpers.files.atomic import atomic_path
 
-# PNG zlib level for every PNG written: level 1 encodes ~3.5x faster than Pillow's default 6 for
-# ~15% larger files (measured on the 460x1006 class galleries: 23 ms vs 79 ms each).
+# PNG zlib level for every PNG written: the fastest that compresses, for files a little larger than at Pillow's 6.
 PNG_COMPRESS_LEVEL = 1
-# Deflate levels 0-3 go through ISA-L (the `isal` package) when it is installed: on the class galleries
-# level 1 takes 2.6 ms instead of zlib's 12.5 ms, for a slightly smaller file. Its output is a standard
-# zlib stream; without it the standard library's zlib is used.
+# Deflate levels 0-3 go through ISA-L (the `isal` package) when it is installed: much faster than zlib at these
+# levels, and its output is a standard zlib stream; without it the standard library's zlib is used.
 ISAL_MAX_LEVEL = 3
 _FAST_PNG_MODES = ("L", "RGB", "RGBA")   # the modes png_bytes encodes; Pillow does any other
 # data: URIs stay inside pages and notebooks, where their size lasts longer than the milliseconds of encoding.
@@ -22,8 +20,8 @@ DATA_URI_COMPRESS_LEVEL = 6
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100, **kwargs) -> Path:
     """Save a matplotlib figure atomically (format taken from the final suffix). PNGs go through matplotlib's
-    own savefig, with Pillow at PNG_COMPRESS_LEVEL: routing them through png_bytes instead saved only
-    0.26-0.33 s of the ~2 s that a ResNet-56 run's eight figures take to save (in the figure worker process)."""
+    own savefig, with Pillow at PNG_COMPRESS_LEVEL: a run saves only a few figures, in the figure worker
+    process, so png_bytes would gain little there."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
     if fmt == "png":
@@ -51,9 +49,9 @@ def png_bytes(pixels, level: int = PNG_COMPRESS_LEVEL, dpi: Optional[float] = No
     pHYs chunk, as matplotlib records it.
 
     Every scanline gets PNG's "Up" filter (the difference to the row above, one numpy subtraction for the
-    whole image), then one deflate call (_deflate). Pillow chooses a filter per row instead: on the 460x1006
-    class galleries this encodes in less than half its time (20 vs 45 ms at zlib level 1) for files ~10%
-    smaller. numpy, zlib and ISA-L release the GIL, so the writer thread leaves the main thread free meanwhile."""
+    whole image), then one deflate call (_deflate). Pillow chooses a filter per row instead, which on the class
+    galleries is slower and gives larger files. numpy, zlib and ISA-L release the GIL, so the writer thread
+    leaves the main thread free meanwhile."""
     import struct
     import zlib
 

@@ -23,11 +23,24 @@ def _rank_in_groups(sorted_groups: np.ndarray) -> np.ndarray:
     return np.arange(len(sorted_groups)) - np.searchsorted(sorted_groups, sorted_groups, side="left")
 
 
+def worst_first(idx: np.ndarray, labels: np.ndarray, preds: np.ndarray, p_pred: np.ndarray,
+                p_label: np.ndarray) -> np.ndarray:
+    """The gallery's "worst" order over candidate images (a permutation): by true class; inside a class the
+    errors first, most confident in the wrong class first, then the correct ones, least sure first; ties by
+    image index. The one definition of the rule: metrics.rank_worst and the streamed selection both use it."""
+    wrong = preds != labels
+    return np.lexsort((idx, np.where(wrong, -p_pred, p_label), (~wrong).astype(np.int8), labels))
+
+
+def best_first(idx: np.ndarray, labels: np.ndarray, p_label: np.ndarray) -> np.ndarray:
+    """The "best" order over correctly classified candidates: by class, most confident first, ties by index."""
+    return np.lexsort((idx, -p_label, labels))
+
+
 def gallery_selection(idx: np.ndarray, labels: np.ndarray, preds: np.ndarray, p_pred: np.ndarray,
                       p_label: np.ndarray, n_worst: int, n_best: int) -> np.ndarray:
-    """Boolean mask over candidate images: per true class, the first `n_worst` of metrics.rank_worst
-    (errors by confidence in the wrong class, then the least sure correct ones) and the first
-    `n_best + n_worst` of metrics.rank_best (correct, most confident); ties by image index, as there.
+    """Boolean mask over candidate images: per true class, the first `n_worst` in worst_first order and the
+    first `n_best + n_worst` correct ones in best_first order (what metrics.gallery_examples picks from).
 
     The order is total and restricted subsets keep it, so selecting from (kept so far ∪ new batch)
     after every batch ends with exactly the selection over the whole set."""
@@ -36,14 +49,13 @@ def gallery_selection(idx: np.ndarray, labels: np.ndarray, preds: np.ndarray, p_
     keep = np.zeros(len(idx), dtype=bool)
     if not len(idx):
         return keep
-    wrong = preds != labels
     if n_worst > 0:
-        order = np.lexsort((idx, np.where(wrong, -p_pred, p_label), (~wrong).astype(np.int8), labels))
+        order = worst_first(idx, labels, preds, p_pred, p_label)
         keep[order[_rank_in_groups(labels[order]) < n_worst]] = True
     n_top = n_best + n_worst
-    right = np.flatnonzero(~wrong)
+    right = np.flatnonzero(preds == labels)
     if n_top > 0 and len(right):
-        order = right[np.lexsort((idx[right], -p_label[right], labels[right]))]
+        order = right[best_first(idx[right], labels[right], p_label[right])]
         keep[order[_rank_in_groups(labels[order]) < n_top]] = True
     return keep
 

@@ -7,7 +7,6 @@ arbitrary code while loading) is only read with the explicit opt-in `allow_unsaf
 from __future__ import annotations
 
 import functools
-import hashlib
 import pickle
 import re
 import zipfile
@@ -18,6 +17,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from helpers.files.digest import file_digest
 from helpers.errors import CheckpointError, ConfigError
 from helpers.model.architectures import BUILTIN_ARCHS, describe_arch_choices
 from helpers.model.layers import final_linear, first_layer
@@ -33,11 +33,7 @@ SHOW_KEYS = 5
 # Reading checkpoint files
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def is_torchscript_file(path: Path) -> bool:

@@ -57,10 +57,9 @@ def _cpu_times() -> Optional[tuple[float, float]]:
 def default_threads(sample_s: float = 0.2) -> int:
     """Torch CPU threads: the CPUs this process may use, less those other processes keep busy right now.
 
-    OpenMP threads that outnumber the free cores wait for each other at every operation: on 2 cores shared
-    with other busy processes, a 256-image ResNet-56 batch took 8.1 s with 2 threads and 3.0 s with 1, and a
-    one-image probe 1.1 s against 0.03 s. Busy CPUs are measured over `sample_s` from /proc/stat (this process
-    is idle meanwhile); elsewhere every CPU counts as free."""
+    OpenMP threads that outnumber the free cores wait for each other at every operation, so a thread without
+    a free core slows the whole pass down rather than speeding it up. Busy CPUs are measured over `sample_s`
+    from /proc/stat (this process is idle meanwhile); elsewhere every CPU counts as free."""
     import time
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -105,7 +104,7 @@ def run_inference(
 
     `gallery` (a helpers.model.cam_store.GalleryActivations) also keeps, in the same pass, the target layer's
     activations of the images the class galleries will show, so their CAMs need no second pass.
-    channels_last is used on CPU and CUDA (about 1.6x faster on CPU for ResNets); probabilities are
+    channels_last is used on CPU and CUDA (faster on CPU for ResNets); probabilities are
     computed per batch, the same values the gallery selection sees."""
     from tqdm.auto import tqdm
 

@@ -1,8 +1,8 @@
 """The PIL pages: the per-class and pair Grad-CAM galleries and the label-suspects grid.
 
-Drawn with PIL + numpy instead of matplotlib because there are ~100 of them per run and matplotlib takes ~1 s
-each; PIL takes a few milliseconds. Every function only draws what it is given and returns a PIL.Image (RGB)
-or pixels; the caller saves it (helpers.files.png.save_png). The CAM overlays arrive drawn
+Drawn with PIL + numpy instead of matplotlib because a run draws one per class, and matplotlib's layout and
+rendering of each would outweigh the rest of the run. Every function only draws what it is given and returns a
+PIL.Image (RGB) or pixels; the caller saves it (helpers.files.png.save_png). The CAM overlays arrive drawn
 (helpers.plots.overlay).
 """
 from __future__ import annotations
@@ -118,8 +118,8 @@ def _resize(img: np.ndarray, size_hw: tuple[int, int], smooth: bool) -> np.ndarr
     if not smooth and th % h == 0 and tw % w == 0:
         return np.repeat(np.repeat(img, th // h, axis=0), tw // w, axis=1)  # fastest nearest upscale
     if smooth and th >= h and tw >= w:
-        # Bilinear upscale of a heat map: OpenCV's matches Pillow's to ±1 grey level in ~1/7 of the time
-        # (13 per gallery page).
+        # Bilinear upscale of a heat map (13 per gallery page): OpenCV's matches Pillow's to ±1 grey level and
+        # is much faster.
         return cv2.resize(np.ascontiguousarray(img), (tw, th), interpolation=cv2.INTER_LINEAR)
     # bilinear for shrinking large photos (Pillow's is antialiased); nearest keeps small images' pixels crisp
     resample = Image.BILINEAR if smooth or th < h else Image.NEAREST
@@ -269,7 +269,7 @@ def render_label_suspects(images: Sequence[np.ndarray], given_names: Sequence[st
                           probs_pred: Sequence[float], ncols: int = 6, tile: int = SUSPECT_TILE) -> Image.Image:
     """Grid (RGB PIL.Image) of possibly mislabelled test images, at most the first 24 in the order
     given, each captioned "label: X (p=…)" (red) over "model: Y (p=…)" (black). Composed with
-    numpy/PIL like the galleries: a matplotlib grid of 24 axes cost ~1 s to lay out and render.
+    numpy/PIL like the galleries: a matplotlib grid of 24 axes is slow to lay out and render.
 
     Size: width = max(LAYOUT.min_width, 2*pad + ncols*tile + (ncols-1)*gap), height = 2*pad + title_h +
     rows*(SUSPECT_CAPTION_H + tile + row_gap), rows = ceil(n / ncols); n = 0 gives a one-line picture."""

@@ -70,8 +70,8 @@ def overlay_many(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], image
     """`overlay` of every (image, CAM) pair, in one vectorised pass: uint8 (N, H, W, 3).
 
     The same operations as show_cam_on_image, per pixel and in float32, so each result is bit-identical to
-    `overlay(images[i], cams[i])`. A gallery page needs ~13 overlays of 32x32 images and the library call
-    costs ~0.5 ms each in per-call overhead: 100 class pages spent 0.7 s there. Images must share one shape."""
+    `overlay(images[i], cams[i])`. A gallery page needs ~13 overlays of small images, where the library call's
+    per-call overhead outweighs the work itself. Images must share one shape."""
     if len(images) != len(cams):
         raise ConfigError(f"overlay_many needs one CAM per image; got {len(images)} images and {len(cams)} CAMs.")
     if not len(images):

@@ -270,7 +270,7 @@ def occlusion_step(run: Run, conf: Confusion, g: Group) -> Occlusion:
                                  [run.conf_title(i) for i in idx])
     sec.figures["occlusion"] = fig
     run.outputs.save_figure(fig, SUB, "occlusion_vs_cam.png")
-    # Rank agreement between the CAM and the occlusion map, per image.
+    # Agreement (Pearson correlation) between the CAM and the occlusion map, per image.
     sec.occlusion_cam_correlation = [
         float(np.corrcoef(c.ravel(), o.ravel())[0, 1]) if np.std(o) > 0 and np.std(c) > 0 else float("nan")
         for c, o in zip(cams, occ)]
@@ -347,8 +347,8 @@ PART_FIELD: dict[Callable, str] = {group_pairs_step: "finer", feature_space_step
                                    calibration_step: "calibration", label_suspects_step: "suspects"}
 READING_ORDER = (group_pairs_step, feature_space_step, head_step, occlusion_step, superclass_step,
                  calibration_step, label_suspects_step)
-# The figures the worker process takes longest to render (superclass matrix ~1 s, occlusion ~0.5 s) are queued
-# before the parts that keep this process busy for seconds (FinerCAM + ROAD, UMAP), so both run at once.
+# The figures the worker process takes longest to render (the superclass matrix, then occlusion) are queued
+# before the parts that keep this process busy (FinerCAM + ROAD, UMAP), so both run at once.
 RUN_ORDER = (superclass_step, occlusion_step, head_step, calibration_step, group_pairs_step, feature_space_step,
              label_suspects_step)
 

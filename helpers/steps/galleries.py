@@ -143,7 +143,7 @@ def class_galleries(run: Run, conf: Optional[Confusion] = None, show: int = 3) -
             sec.figures[name] = render_gallery(*content)
             out.save_figure(sec.figures[name], "worst_predictions", name)
         elif not out.unchanged(rel, digest([_DRAWING_CODE, content]), force=p.FORCE_RECOMPUTE):
-            # drawn and encoded by the figure worker: ~1 s of ResNet-56's run off this process
+            # drawn and encoded by the figure worker, off this process
             out.save_rendered(render_gallery, content, "worst_predictions", name)
     engine, store = run.cams.engine(), run.cams
     sec.cam_path, sec.n_from_activations = engine.path, store.n_from_activations
