@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import typing
 from dataclasses import fields
 
-from helpers.config import ENV_PREFIX, Params
+from helpers.config import ENV_PREFIX, Params, parse_structured
 from helpers.errors import SuiteError
 
 HELP = {
@@ -16,13 +15,14 @@ HELP = {
     "ARCH": "resnet20/32/44/56/110, resnet18/34/50 (CIFAR stem), any torchvision.models name, "
             "timm:<name>, or path/to/model.py:ClassName",
     "MODEL_KWARGS": "JSON dict of constructor arguments for ARCH",
-    "ALLOW_UNSAFE_PICKLE": "allow loading a full pickled model (executes code from the file)",
+    "ALLOW_UNSAFE_PICKLE": "allow loading a full pickled model or a TorchScript file (executes code from the file)",
     "DATASET": "cifar100, cifar10, fashion_mnist, mnist or imagefolder",
     "DATA_ROOT": "folder holding the dataset (e.g. the parent of cifar-100-python/)",
     "DOWNLOAD": "download the dataset if missing",
     "LIMIT": "analyse only the first N test images",
     "MEAN": "normalisation mean, JSON list", "STD": "normalisation std, JSON list",
     "CONVERT_CHANNELS": "'rgb' to feed grayscale data to an RGB model, 'gray' for the reverse",
+    "IMAGE_SIZE": "image folders: resize to this side or JSON [h, w]; default: their common size, else the model's input",
     "SUPERCLASS_MAP": "JSON {class: group} for datasets without superclasses",
     "OUTPUT_DIR": "where results are written",
     "DEVICE": "auto, cpu, cuda, cuda:N or mps",
@@ -67,10 +67,7 @@ def params_from_args(args: argparse.Namespace) -> Params:
             continue
         kind = str(f.type)
         if isinstance(value, str) and ("dict" in kind or "list" in kind):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                value = [v.strip() for v in value.split(",") if v.strip()]
+            value = parse_structured(f.name, value, "dict" in kind, _flag(f.name))
         given[f.name] = value
     return Params(**{**params.to_dict(), **given})
 

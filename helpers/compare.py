@@ -249,6 +249,8 @@ def compare(a: ModelSpec, b: ModelSpec, params: Optional[Params] = None, output_
     an_b = _ready(as_analysis(b, base or an_a.params, progress), data_from=an_a)
     check_same_data(an_a, an_b)
     out = Path(output_dir) if output_dir is not None else an_a.out / "compare"
+    if output_dir is None:
+        check_writable(an_a.out, ["compare"])   # compare/ inside OUTPUT_DIR: never through a file or a link
     check_writable(out)
 
     data, pa, pb = an_a.data, an_a.preds, an_b.preds

@@ -29,6 +29,7 @@ class Params:
     MEAN: Optional[list] = None             # normalisation; None = the dataset's standard values
     STD: Optional[list] = None
     CONVERT_CHANNELS: Optional[str] = None  # "rgb" (gray data on an RGB model) or "gray"
+    IMAGE_SIZE: Optional[list] = None       # image folders: a side or [h, w]; None = automatic (model input if mixed)
     SUPERCLASS_MAP: Optional[dict] = None   # {class name: group name} for datasets without superclasses
     OUTPUT_DIR: str = "gradcam_results"
     DEVICE: str = "auto"                    # "auto", "cpu", "cuda", "cuda:1", "mps"
@@ -70,6 +71,63 @@ class Params:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate(self) -> "Params":
+        """Check every value that can be checked without the model or the data, so that a wrong one stops the
+        run before any compute (ConfigError naming the parameter and what it accepts). Returns self."""
+        for name in ("ALLOW_UNSAFE_PICKLE", "DOWNLOAD", "FORCE_RECOMPUTE"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False (got {getattr(self, name)!r}).")
+        for name, low in COUNTS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                what = "a positive integer" if low == 1 else ("an integer of at least 2" if low == 2 else
+                                                               "a non-negative integer")
+                raise ConfigError(f"{name} must be {what} (got {value!r}).")
+        if self.LIMIT is not None and (isinstance(self.LIMIT, bool) or not isinstance(self.LIMIT, int) or self.LIMIT < 1):
+            raise ConfigError(f"LIMIT must be None (every test image) or a positive integer (got {self.LIMIT!r}).")
+        if self.EMBEDDING not in EMBEDDINGS:
+            raise ConfigError(f"Unknown EMBEDDING {self.EMBEDDING!r}. Choose one of: {', '.join(EMBEDDINGS)}.")
+        if self.IMAGE_SIZE is not None and not _image_size_ok(self.IMAGE_SIZE):
+            raise ConfigError(f"IMAGE_SIZE must be None (automatic), a positive int or [height, width] "
+                              f"(got {self.IMAGE_SIZE!r}).")
+        if self.CONVERT_CHANNELS not in (None, "rgb", "gray"):
+            raise ConfigError(f"CONVERT_CHANNELS must be None, 'rgb' or 'gray' (got {self.CONVERT_CHANNELS!r}).")
+        for name in ("MODEL_KWARGS", "SUPERCLASS_MAP"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, dict) and all(isinstance(k, str) for k in value)):
+                example = '{"width": 2}' if name == "MODEL_KWARGS" else '{"apple": "fruit", "pear": "fruit"}'
+                raise ConfigError(f"{name} must be a JSON object with string keys, e.g. {example} "
+                                  f"(got {value!r}).")
+        if self.GROUP_CLASSES is not None:
+            groups = self.GROUP_CLASSES
+            if not isinstance(groups, (list, tuple)) or not all(isinstance(g, (str, int)) and not isinstance(g, bool)
+                                                                 for g in groups):
+                raise ConfigError(f"GROUP_CLASSES must be a list of class names (or ids), e.g. [\"maple_tree\", "
+                                  f"\"oak_tree\"] (got {groups!r}).")
+            if len(groups) < 2:
+                raise ConfigError(f"GROUP_CLASSES needs at least 2 classes to compare (got {list(groups)!r}).")
+        for name in ("OUTPUT_DIR", "DATA_ROOT", "DATASET", "DEVICE", "CAM_METHOD"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name} must be a non-empty string (got {getattr(self, name)!r}).")
+        for name in ("MODEL_PATH", "ARCH", "TARGET_LAYER", "COMPARE_WITH"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
+                raise ConfigError(f"{name} must be None or a string (got {getattr(self, name)!r}).")
+        return self
+
+
+# The counts and their least allowed value; EMBEDDING's choices.
+COUNTS = {"BATCH_SIZE": 1, "N_WORST": 0, "N_BEST": 0, "TOP_PAIRS": 0, "N_PAIR_GALLERIES": 0, "PAIR_EXAMPLES": 0,
+          "GROUP_SIZE": 2, "SEED": 0}
+EMBEDDINGS = ("auto", "umap", "tsne")
+
+
+def _image_size_ok(value: Any) -> bool:
+    """IMAGE_SIZE: a positive int (or digit string, from the environment), or a list/tuple of two of them."""
+    sides = list(value) if isinstance(value, (list, tuple)) else [value]
+    return len(sides) in (1, 2) and all(
+        (isinstance(v, int) and not isinstance(v, bool) and v > 0) or (isinstance(v, str) and v.strip().isdigit()
+                                                                        and int(v) > 0) for v in sides)
+
 
 def _parse(name: str, raw: str, current: Any, type_name: str) -> Any:
     """Environment strings -> typed values ('none' -> None, JSON for lists/dicts)."""
@@ -88,10 +146,20 @@ def _parse(name: str, raw: str, current: Any, type_name: str) -> Any:
         except ValueError:
             raise ConfigError(f"{ENV_PREFIX}{name}={raw!r} is not an integer.") from None
     if "list" in str(type_name) or "dict" in str(type_name):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            if "list" in str(type_name):
-                return [part.strip() for part in text.split(",") if part.strip()]
-            raise ConfigError(f"{ENV_PREFIX}{name} must be JSON, e.g. '{{\"apple\": \"fruit\"}}'.") from None
+        return parse_structured(name, text, "dict" in str(type_name), f"{ENV_PREFIX}{name}")
     return text
+
+
+def parse_structured(name: str, text: str, wants_dict: bool, where: str) -> Any:
+    """A list or dict parameter given as text (environment, command line): JSON; a list may also be
+    comma-separated names. A dict parameter that is not a JSON object is an error, never guessed."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        if not wants_dict:
+            return [part.strip() for part in text.split(",") if part.strip()]
+        raise ConfigError(f"{where}={text!r} is not JSON: {name} must be a JSON object, e.g. "
+                          f"'{{\"width\": 2}}'.") from None
+    if wants_dict and not isinstance(value, dict):
+        raise ConfigError(f"{where}={text!r} is not a JSON object: {name} must be one, e.g. '{{\"width\": 2}}'.")
+    return value

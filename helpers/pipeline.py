@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from helpers.config import Params
-from helpers.data.datasets import Dataset, load_dataset, superclass_mapping
+from helpers.data.datasets import Dataset, class_count, load_dataset, superclass_mapping
 from helpers.errors import ConfigError, OutputError
 from helpers.files.cache import RunCache
 from helpers.files.outputs import Outputs
@@ -21,12 +21,11 @@ from helpers.model.cam_store import CamStore
 from helpers.model.cams import CAM_METHODS
 from helpers.model.inference import Predictions, default_threads, resolve_device, run_inference, to_tensor
 from helpers.model.load import LoadedModel, check_model_fits_data, load_model
+from helpers.model.sanity import check_model_behaviour
 from helpers.plots.gallery import render_gallery
 from helpers.steps import confusion, deep_dive, galleries, predictions, report
 from helpers.steps.context import Run, Section
 
-DATASET_CLASSES = {"cifar100": 100, "cifar10": 10, "fashion_mnist": 10, "mnist": 10}
-COUNTS = ("BATCH_SIZE", "N_WORST", "N_BEST", "TOP_PAIRS", "N_PAIR_GALLERIES", "GROUP_SIZE")
 
 
 class Analysis:
@@ -36,12 +35,9 @@ class Analysis:
         params = params or Params()
         if overrides:
             params = Params(**{**params.to_dict(), **overrides})
+        params.validate()   # every value that needs neither the model nor the data; the rest in load_data()
         if params.CAM_METHOD not in CAM_METHODS:
             raise ConfigError(f"Unknown CAM_METHOD {params.CAM_METHOD!r}. Valid choices: {', '.join(CAM_METHODS)}.")
-        for name in COUNTS:
-            value = getattr(params, name)
-            if not isinstance(value, int) or value < (1 if name in ("BATCH_SIZE", "GROUP_SIZE") else 0):
-                raise ConfigError(f"{name} must be a non-negative integer (got {value!r}).")
         self.params, self.progress = params, progress
         self.outputs = Outputs(params.OUTPUT_DIR)   # fails now, before any compute, when it is not writable
         self.device = resolve_device(params.DEVICE)
@@ -57,6 +53,7 @@ class Analysis:
         self.cache: Optional[RunCache] = None
         self.results: dict[str, Section] = {}
         self._run: Optional[Run] = None
+        self.model_check = None   # what model/sanity.py found (set by predict)
 
     # ------------------------------------------------------------------ what the notebook reads
     @property
@@ -95,9 +92,10 @@ class Analysis:
     # ------------------------------------------------------------------ 1. model and data
     def load_model(self) -> LoadedModel:
         start, p = time.perf_counter(), self.params
-        classes = self.data.num_classes if self.data is not None else DATASET_CLASSES.get(p.DATASET, 100)
+        classes = self.data.num_classes if self.data is not None else class_count(p.DATASET, p.DATA_ROOT)
         self.loaded = load_model(model_path=p.MODEL_PATH, arch=p.ARCH, num_classes=classes, device=str(self.device),
-                                 allow_unsafe_pickle=p.ALLOW_UNSAFE_PICKLE, model_kwargs=p.MODEL_KWARGS)
+                                 allow_unsafe_pickle=p.ALLOW_UNSAFE_PICKLE, model_kwargs=p.MODEL_KWARGS,
+                                 download=p.DOWNLOAD)
         self._timed("load_model", start)
         if self.data is not None:
             check_model_fits_data(self.loaded, tuple(self.inputs.shape[1:]), self.data.num_classes)
@@ -106,8 +104,10 @@ class Analysis:
     def load_data(self) -> Dataset:
         start, p = time.perf_counter(), self.params
         data = load_dataset(p.DATASET, root=p.DATA_ROOT, download=p.DOWNLOAD, mean=p.MEAN, std=p.STD,
-                            limit=p.LIMIT, convert_channels=p.CONVERT_CHANNELS)
+                            limit=p.LIMIT, convert_channels=p.CONVERT_CHANNELS, image_size=p.IMAGE_SIZE,
+                            model=self.loaded)
         self.data = superclass_mapping(data, p.SUPERCLASS_MAP) if p.SUPERCLASS_MAP else data
+        deep_dive.given_group(p, self.data)   # GROUP_CLASSES / GROUP_SIZE against the classes, before inference
         self.inputs = to_tensor(self.data.images, self.data.mean, self.data.std)
         self._timed("load_data", start)
         if self.loaded is not None:
@@ -121,6 +121,7 @@ class Analysis:
         the images the class galleries will show. `cached_only=True` (rebuilding from saved results) reads the
         cache and raises OutputError instead of running inference when it is missing."""
         start, p = time.perf_counter(), self.params
+        self.model_check = check_model_behaviour(self.loaded, self.inputs)   # before any figure: model/sanity.py
         self.cache = RunCache(self.out, predictions.cache_key_for(p, self.loaded, self.data, self.inputs),
                               force=p.FORCE_RECOMPUTE)
         cached = predictions.read_predictions(self.cache, self.data) if cached_only or not p.FORCE_RECOMPUTE else None

@@ -19,12 +19,14 @@ import pytest
 from PIL import Image
 
 from helpers.config import Params
+from helpers.files import atomic
 from helpers.pipeline import Analysis
 
 from conftest import REPO, TINY_ARCH, run_params
 from output_checks import check_outputs, parse_html
 
-# helpers.files.atomic.atomic_path names a temporary file ".<final name>.<random>.tmp<final suffix>" next to its target.
+# helpers.files.atomic.atomic_path names a temporary file ".<final name>.gradcam_<host>_<pid>_<random>.tmp<final suffix>"
+# next to its target (atomic.TEMP_NAME is the exact form; this is the looser one the test has always checked).
 TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp(\.[A-Za-z0-9]+)?$")
 N_NEW_BEFORE_KILL = 8
 
@@ -66,9 +68,9 @@ def check_every_file_is_complete(out: Path) -> None:
             [z[k] for k in z.files]
 
 
-def kill_during_galleries(cmd: list[str], galleries: Path, log: Path) -> tuple[int, int]:
+def kill_during_galleries(cmd: list[str], galleries: Path, log: Path) -> tuple[int, int, int]:
     """Start `cmd`, SIGKILL it once it has replaced N_NEW_BEFORE_KILL class galleries.
-    Returns (its exit status, how many galleries it had replaced by then)."""
+    Returns (its exit status, how many galleries it had replaced by then, its process id)."""
     start = time.time()
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
@@ -85,7 +87,7 @@ def kill_during_galleries(cmd: list[str], galleries: Path, log: Path) -> tuple[i
         if proc.poll() is None and new < N_NEW_BEFORE_KILL:
             proc.kill()
         proc.wait(timeout=60)
-    return proc.returncode, new
+    return proc.returncode, new, proc.pid
 
 
 def test_sigkill_mid_run_loses_nothing(cifar_root, tiny_checkpoint, tmp_path):
@@ -98,7 +100,7 @@ def test_sigkill_mid_run_loses_nothing(cifar_root, tiny_checkpoint, tmp_path):
     cmd = [sys.executable, "-m", "helpers", "analyze", "--quiet", "--model-path", str(tiny_checkpoint),
            "--arch", TINY_ARCH, "--data-root", str(cifar_root), "--no-download", "--output-dir", str(out),
            "--embedding", "tsne", "--device", "cpu", "--cam-method", "gradcam++"]
-    status, replaced = kill_during_galleries(cmd, out / "worst_predictions", tmp_path / "killed.log")
+    status, replaced, pid = kill_during_galleries(cmd, out / "worst_predictions", tmp_path / "killed.log")
     assert status == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     assert N_NEW_BEFORE_KILL <= replaced < n_galleries  # killed in the middle of the galleries
 
@@ -110,7 +112,8 @@ def test_sigkill_mid_run_loses_nothing(cifar_root, tiny_checkpoint, tmp_path):
     check_every_file_is_complete(out)
 
     # Temporary files are hidden, named after their target, and nothing points at them.
-    orphan = out / "worst_predictions" / ".class_000_apple.png.k1ll3d.tmp.png"  # as a kill mid-write leaves
+    # as a kill mid-write leaves it: the suite's mark, this host and the killed run's process id
+    orphan = out / "worst_predictions" / f".class_000_apple.png.gradcam_{atomic.HOST}_{pid}_k1ll3d00.tmp.png"
     orphan.write_bytes(before["worst_predictions/class_000_apple.png"][:100])
     index = (out / "index.html").read_text(encoding="utf-8") + (out / ".manifest.json").read_text(encoding="utf-8")
     for tmp in temp_files(out):

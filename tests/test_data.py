@@ -289,7 +289,7 @@ def test_cifar10_offline(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- (Fashion-)MNIST
 @pytest.mark.skipif(not SYSTEM_FMNIST.is_dir(), reason="dataset-fashion-mnist not installed")
-def test_real_fashion_mnist_from_the_system_folder():
+def test_real_fashion_mnist_from_the_system_folder(tmp_path, monkeypatch):
     ds = load_dataset("fashion_mnist", root=None, download=False)
     assert ds.images.shape == (10000, 28, 28, 1) and ds.images.dtype == np.uint8
     assert ds.num_classes == 10 and ds.class_names[0] == "T-shirt/top"
@@ -300,8 +300,13 @@ def test_real_fashion_mnist_from_the_system_folder():
     with gzip.open(SYSTEM_FMNIST / "t10k-labels-idx1-ubyte.gz") as fh:
         assert ds.labels[0] == fh.read(9)[8]
     assert ds.mean == (0.2860,) and ds.std == (0.3530,)
-    # The project default DATA_ROOT ("./data") without the files falls back to the system copy.
-    assert load_dataset("fashion_mnist", root="./no-such-dir", download=False, limit=5).images.shape[0] == 5
+    # The project default DATA_ROOT ("./data") without the files falls back to the system copy (and says so);
+    # any other DATA_ROOT without them is an error (tests/test_checked_inputs.py).
+    monkeypatch.chdir(tmp_path)
+    ds = load_dataset("fashion_mnist", root="./data", download=False, limit=5)
+    assert ds.images.shape[0] == 5 and ds.source_files[0] == str(SYSTEM_FMNIST / "t10k-images-idx3-ubyte.gz")
+    with pytest.raises(DataError, match="DATA_ROOT"):
+        load_dataset("fashion_mnist", root="./no-such-dir", download=False, limit=5)
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
@@ -425,7 +430,9 @@ def test_safe_filename():
     assert safe_filename("a b\\c:d*?") == "a_b_c_d"
     assert safe_filename("../..") == "unnamed"
     assert safe_filename("CON") == "CON_"
-    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", safe_filename(n)) for n in ["Ankle boot", "größe", "x|y"])
+    # letters of any script stay readable (they used to become "unnamed"); separators and forbidden characters go
+    assert [safe_filename(n) for n in ["Ankle boot", "größe", "x|y", "楓の木", "a\x00b<c>"]] == \
+        ["Ankle_boot", "größe", "x_y", "楓の木", "a_b_c"]
 
 
 def test_resolve_class_names():

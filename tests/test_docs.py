@@ -42,7 +42,7 @@ def test_no_placeholders_left():
 def test_visual_guide_explains_every_output_file():
     for name in ("confusion_matrix_full.png", "per_class_accuracy.csv", "per_class_accuracy_interactive.html",
                  "most_confused_pairs.csv", "top_confused_pairs.png", "worst_predictions/class_NNN_name.png",
-                 "confused_pair_K_true_to_pred.png", "analysis_summary.txt", "recommendations.txt", "index.html",
+                 "confused_pair_K_TTT_true_to_PPP_pred.png", "group_pair_AAA_A_to_BBB_B.png", "analysis_summary.txt", "recommendations.txt", "index.html",
                  "group_confusion.png", "reliability_diagram.png", "label_suspects.png", "group_embedding"):
         assert name in GUIDE, name
     GUIDE.encode("utf-8")

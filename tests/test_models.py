@@ -540,7 +540,10 @@ def test_torchscript_round_trip(tmp_path):
     path = tmp_path / "scripted.pt"
     torch.jit.script(model).save(str(path))
     assert checkpoint.is_torchscript_file(path) and not checkpoint.is_torchscript_file(save(model.state_dict(), tmp_path / "sd.pt"))
-    loaded = load_model(path, num_classes=5)  # no ARCH needed: the archive holds the code
+    # TorchScript is code: refused unless opted in (tests/test_security.py has the file-writing case)
+    with pytest.raises(CheckpointError, match="ALLOW_UNSAFE_PICKLE"):
+        load_model(path, num_classes=5)
+    loaded = load_model(path, num_classes=5, allow_unsafe_pickle=True)  # no ARCH needed: the archive holds the code
     assert loaded.arch == "torchscript" and loaded.num_classes == 5 and str(path) in loaded.source
     assert outputs_match(loaded, model)
 
@@ -548,7 +551,7 @@ def test_torchscript_round_trip(tmp_path):
     torch.manual_seed(0)
     tuple_net = TupleScriptNet().eval()
     torch.jit.trace(tuple_net, torch.zeros(1, 3, 32, 32)).save(str(traced_path))
-    loaded = load_model(traced_path, num_classes=7)
+    loaded = load_model(traced_path, num_classes=7, allow_unsafe_pickle=True)
     assert isinstance(loaded.module, LogitsWrapper) and loaded.num_classes == 7
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -215,8 +215,12 @@ def coarse_confusion_matrix(labels, preds, fine_to_coarse: np.ndarray, n_coarse:
     """(n_coarse, n_coarse) confusion between superclasses (every image counted once)."""
     fine_to_coarse = np.asarray(fine_to_coarse, dtype=np.int64)
     labels, preds = check_pair(labels, preds, len(fine_to_coarse))
-    if np.any(fine_to_coarse[np.union1d(labels, preds)] < 0):
-        raise DataError("Some classes have no superclass; pass a complete fine_to_coarse mapping.")
+    used = np.union1d(labels, preds)
+    if np.any(fine_to_coarse[used] < 0):
+        missing = used[fine_to_coarse[used] < 0].tolist()
+        raise DataError(f"{len(missing)} class(es) have no superclass (class ids {', '.join(map(str, missing[:10]))}"
+                        f"{', ...' if len(missing) > 10 else ''}). Set SUPERCLASS_MAP = {{class name: group name}} "
+                        f"with a group for every class of the dataset.")
     return confusion_matrix(fine_to_coarse[labels], fine_to_coarse[preds], n_coarse)
 
 

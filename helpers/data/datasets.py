@@ -9,6 +9,7 @@ import difflib
 import hashlib
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -16,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from helpers.data.readers import CIFAR_SPECS, load_cifar, load_idx_dataset, load_imagefolder
-from helpers.errors import ConfigError
+from helpers.errors import ConfigError, DataError
 
 
 def readable(name: str) -> str:
@@ -35,6 +36,14 @@ class Dataset:
     coarse_labels: Optional[np.ndarray] = None   # int64, (N,) or None
     coarse_names: Optional[list[str]] = None
     fingerprint: str = ""              # short hash of images+labels, for caches
+    # (num_classes,) superclass of every class, from the whole file (CIFAR-100) or SUPERCLASS_MAP, so a LIMIT
+    # that leaves classes out of the images keeps their superclass; None: derived from coarse_labels
+    fine_to_coarse_table: Optional[np.ndarray] = None
+    source_files: tuple[str, ...] = ()   # absolute paths of the files the images and labels were read from
+    resize_note: str = ""              # image folders: what was resized, from which sizes to which ("" = none)
+
+    def __post_init__(self) -> None:
+        check_unique_names(self.class_names)
 
     @property
     def num_classes(self) -> int:
@@ -49,6 +58,8 @@ class Dataset:
         """(num_classes,) coarse id of each fine class, or None without superclasses."""
         if self.coarse_labels is None:
             return None
+        if self.fine_to_coarse_table is not None:
+            return np.array(self.fine_to_coarse_table, dtype=np.int64)
         out = np.full(self.num_classes, -1, dtype=np.int64)
         out[self.labels] = self.coarse_labels
         return out
@@ -88,10 +99,33 @@ def _canonical_dataset(name: str) -> str:
     return aliases[key]
 
 
+def check_unique_names(class_names: Sequence[str]) -> None:
+    """DataError naming the class names that occur more than once: a class must be addressable by its name."""
+    counts: dict[str, int] = {}
+    for n in class_names:
+        counts[str(n)] = counts.get(str(n), 0) + 1
+    dups = [n for n, c in counts.items() if c > 1]
+    if dups:
+        listed = ", ".join(f"{n!r} ({counts[n]} times)" for n in dups[:10]) + (", ..." if len(dups) > 10 else "")
+        raise DataError(f"The dataset's class list has duplicate names: {listed}. Every class needs its own name: "
+                        f"rename the duplicates (folder names or the dataset's meta file).")
+
+
+SAFE_NAME_CHARS = 60   # characters of the class name kept in a file name (the class id keeps it unique)
+
+
+def _safe_char(ch: str) -> bool:
+    # letters, digits and marks of any script, and . _ -; never separators, controls or what Windows forbids
+    return ch in "._-" or unicodedata.category(ch)[0] in "LNM"
+
+
 def safe_filename(name: str) -> str:
-    """Any class name -> a slug safe as (part of) a file name on every OS: 'T-shirt/top' -> 'T-shirt_top'."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))
-    slug = re.sub(r"_+", "_", slug).strip("._")
+    """Any class name -> a slug safe as (part of) a file name on every OS, readable in any script:
+    'T-shirt/top' -> 'T-shirt_top', 'größe' -> 'größe', '楓の木' -> '楓の木'. Path separators, control
+    characters, spaces and the characters Windows forbids become '_'; long names are cut to SAFE_NAME_CHARS."""
+    text = unicodedata.normalize("NFC", str(name))
+    slug = "".join(ch if _safe_char(ch) else "_" for ch in text)
+    slug = re.sub(r"_+", "_", slug).strip("._")[:SAFE_NAME_CHARS].rstrip("._")
     if not slug:
         return "unnamed"
     # Windows refuses these as file stems even with an extension.
@@ -157,17 +191,37 @@ def _stats(value, default: tuple, channels: int, what: str) -> tuple[float, ...]
 
 
 # ---------------------------------------------------------------------------------------------- public API
+FIXED_CLASS_COUNTS = {"cifar100": 100, "cifar10": 10, "fashion_mnist": 10, "mnist": 10}
+
+
+def class_count(name: str, root: Optional[str | os.PathLike] = None) -> int:
+    """How many classes the dataset has, without loading it: the model is built for this many when it is
+    loaded before the data (an image folder counts its class sub-folders)."""
+    name = _canonical_dataset(name)
+    if name in FIXED_CLASS_COUNTS:
+        return FIXED_CLASS_COUNTS[name]
+    from torchvision.datasets.folder import find_classes
+    folder = Path(root) if root is not None else None
+    try:
+        return len(find_classes(str(folder))[0])
+    except (FileNotFoundError, NotADirectoryError, TypeError) as exc:
+        raise DataError(f"DATASET='imagefolder' needs DATA_ROOT to be a folder with one sub-folder of images per "
+                        f"class ({folder.resolve() if folder is not None else 'DATA_ROOT is not set'}: {exc}).") from None
+
+
 def load_dataset(name: str = "cifar100", root: Optional[str | os.PathLike] = None, download: bool = True,
                  split: str = "test", image_size=None, mean: Optional[Sequence[float]] = None,
                  std: Optional[Sequence[float]] = None, limit: Optional[int] = None,
-                 convert_channels: Optional[str] = None) -> Dataset:
+                 convert_channels: Optional[str] = None, model=None) -> Dataset:
     """Load a test (or train) split as uint8 (N, H, W, C) images with labels, class names and
     superclasses where the dataset has them.
 
     root: for CIFAR the folder that holds `cifar-100-python/` / `cifar-10-batches-py/` (or that folder
     itself); for (Fashion-)MNIST the folder with the idx files (or torchvision's `FashionMNIST/raw`);
     for imagefolder the folder with one sub-folder per class. image_size (int or (h, w)) applies to
-    imagefolder only. limit keeps the first `limit` images.
+    imagefolder only; without it, image-folder images of mixed sizes are resized to the input size `model` (a
+    LoadedModel or nn.Module, optional) expects when it is known (model_input_size), else to 32x32, and
+    Dataset.resize_note says so. limit keeps the first `limit` images.
     """
     name = _canonical_dataset(name)
     if split not in ("test", "train"):
@@ -183,7 +237,7 @@ def load_dataset(name: str = "cifar100", root: Optional[str | os.PathLike] = Non
     elif name in ("fashion_mnist", "mnist"):
         parts = load_idx_dataset(name, path, download, split, limit)
     else:
-        parts = load_imagefolder(path, image_size, limit)
+        parts = load_imagefolder(path, image_size, limit, model_input_size(model))
 
     default_mean, default_std = NORMALISATION[name]
     images, default_mean, default_std = _convert(parts["images"], default_mean, default_std, convert_channels)
@@ -193,9 +247,35 @@ def load_dataset(name: str = "cifar100", root: Optional[str | os.PathLike] = Non
     if any(s <= 0 for s in std):
         raise ConfigError(f"STD values must be positive, got {std}.")
     labels = parts["labels"]
+    sources = parts.get("source_files") or ((str(path.resolve()),) if name == "imagefolder" and path else ())
     return Dataset(images=images, labels=labels, class_names=parts["class_names"], name=name, mean=mean, std=std,
                    coarse_labels=parts["coarse_labels"], coarse_names=parts["coarse_names"],
-                   fingerprint=_fingerprint(images, labels))
+                   fingerprint=_fingerprint(images, labels), fine_to_coarse_table=parts.get("fine_to_coarse"),
+                   source_files=tuple(sources), resize_note=parts.get("resize_note", ""))
+
+
+def model_input_size(model) -> Optional[tuple[int, int]]:
+    """(h, w) input a model expects when it says so: timm's pretrained_cfg / default_cfg 'input_size', or the
+    default weights' transforms of a torchvision architecture (crop size). None when unknown. `model` is a
+    LoadedModel (its .inner network and .arch are read) or an nn.Module; nothing is downloaded."""
+    if model is None:
+        return None
+    net = getattr(model, "inner", model)
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(net, attr, None)
+        size = cfg.get("input_size") if isinstance(cfg, dict) else None
+        if isinstance(size, (list, tuple)) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size):
+            return int(size[1]), int(size[2])
+    arch = getattr(model, "arch", None)
+    if isinstance(arch, str) and type(net).__module__.startswith("torchvision.models"):
+        try:
+            import torchvision
+            crop = torchvision.models.get_model_weights(arch.removeprefix("torchvision:")).DEFAULT.transforms().crop_size
+            side = int(crop[0])
+            return (side, int(crop[1]) if len(crop) > 1 else side)
+        except Exception:   # an architecture without registered weights: unknown
+            return None
+    return None
 
 
 def _norm(name: str) -> str:
@@ -204,14 +284,24 @@ def _norm(name: str) -> str:
 
 
 def _lookup(query, class_names: Sequence[str]) -> Optional[int]:
+    """Class id of `query`: an id; else the class whose raw name is exactly `query` (so 'a b' and 'a_b' are both
+    addressable); else the one class whose normalised name matches (ConfigError when several do); else a
+    digit string as an id."""
     if isinstance(query, (bool, np.bool_)):
         return None
     if isinstance(query, (int, np.integer)):
         return int(query) if 0 <= query < len(class_names) else None
+    for text in (str(query), str(query).strip()):
+        if text in class_names:
+            return list(class_names).index(text)
     key = _norm(query)
-    for i, n in enumerate(class_names):
-        if _norm(n) == key:
-            return i
+    hits = [i for i, n in enumerate(class_names) if _norm(n) == key]
+    if len(hits) > 1:
+        raise ConfigError(f"Class name {query!r} matches {len(hits)} classes once case, spaces and underscores are "
+                          f"ignored ({', '.join(repr(class_names[i]) for i in hits)}). Give the exact name, or "
+                          f"the class id.")
+    if hits:
+        return hits[0]
     text = str(query).strip()
     if text.isdigit() and int(text) < len(class_names):  # "3" as a class id when no class is named "3"
         return int(text)
@@ -275,4 +365,4 @@ def superclass_mapping(dataset: Dataset, mapping: Optional[dict]) -> Dataset:
                           f"Map every class to a group name.")
     coarse_names = list(dict.fromkeys(str(g) for g in mapping.values()))
     table = np.array([coarse_names.index(group_of[i]) for i in range(dataset.num_classes)], dtype=np.int64)
-    return replace(dataset, coarse_labels=table[dataset.labels], coarse_names=coarse_names)
+    return replace(dataset, coarse_labels=table[dataset.labels], coarse_names=coarse_names, fine_to_coarse_table=table)

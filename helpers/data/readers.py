@@ -2,7 +2,8 @@
 idx files (the MNIST family) and image folders, with the download fallbacks and integrity checks.
 
 Each load_* returns the parts of a Dataset as a dict (images, labels, class_names, coarse_labels,
-coarse_names); helpers.data.datasets.load_dataset normalises them into one.
+coarse_names; CIFAR-100 also fine_to_coarse, the superclass of every class in the whole file; and source_files,
+the files read); helpers.data.datasets.load_dataset normalises them into one.
 """
 from __future__ import annotations
 
@@ -181,7 +182,8 @@ def load_cifar(name: str, root: Optional[Path], download: bool, split: str, limi
         class_names = _names(meta["label_names"], "label_names", meta_path, folder, what)
         coarse_names = None
 
-    images, labels, coarse = [], [], []
+    images, labels, coarse, read = [], [], [], [meta_path]
+    fine_to_coarse = np.full(len(class_names), -1, dtype=np.int64) if name == "cifar100" else None
     remaining = limit
     for fname in spec["splits"][split]:
         if remaining is not None and remaining <= 0:
@@ -201,34 +203,86 @@ def load_cifar(name: str, root: Optional[Path], download: bool, split: str, limi
                 groups = [coarse_names[c] for c in pairs[pairs[:, 0] == fine, 1]]
                 raise DataError(f"{path}: class {class_names[fine]!r} is labelled with several superclasses "
                                 f"({', '.join(groups)}); each class must belong to one. {_fix_hint(folder, what)}")
+            known = fine_to_coarse[pairs[:, 0]]
+            if np.any((known >= 0) & (known != pairs[:, 1])):   # files of one split that disagree
+                fine = int(pairs[np.flatnonzero((known >= 0) & (known != pairs[:, 1]))[0], 0])
+                raise DataError(f"{path}: class {class_names[fine]!r} has another superclass than in the files "
+                                f"before it; each class must belong to one. {_fix_hint(folder, what)}")
+            # The superclass of every class in the file, not only of those among the first LIMIT images.
+            fine_to_coarse[pairs[:, 0]] = pairs[:, 1]
             coarse.append(crs[:len(imgs)])
+        read.append(path)
         images.append(imgs)
         labels.append(lab[:len(imgs)])
         if remaining is not None:
             remaining -= len(imgs)
     return dict(images=np.concatenate(images), labels=np.concatenate(labels), class_names=class_names,
-                coarse_labels=np.concatenate(coarse) if coarse else None, coarse_names=coarse_names)
+                coarse_labels=np.concatenate(coarse) if coarse else None, coarse_names=coarse_names,
+                fine_to_coarse=fine_to_coarse, source_files=tuple(str(p.resolve()) for p in read))
 
 
 # ---------------------------------------------------------------------------------------------- idx (MNIST family)
+# The largest idx file read: 4x the MNIST family's biggest (the 60000x28x28 train images, 47 MB) would do; a header
+# announcing more is damaged or hostile and is refused before anything is allocated.
+MAX_IDX_BYTES = 1 << 30
+# Deflate never expands more than ~1032:1, so a .gz file cannot hold more than this many bytes per stored byte.
+MAX_GZIP_RATIO = 1032
+
+
+def _read_exactly(fh, count: int) -> np.ndarray:
+    """`count` bytes from `fh` into a fresh array (read in blocks: a short file yields a shorter array)."""
+    out = np.empty(count, dtype=np.uint8)
+    view, got = memoryview(out), 0
+    while got < count:
+        n = fh.readinto(view[got:got + (16 << 20)])
+        if not n:
+            break
+        got += n
+    return out[:got]
+
+
 def _read_idx(path: Path, ndim: int, what: str) -> np.ndarray:
-    """Read an idx file (optionally gzipped) of unsigned bytes with `ndim` dimensions."""
+    """Read an idx file (optionally gzipped) of unsigned bytes with `ndim` dimensions: the header, then exactly the
+    bytes its dims announce (never more: a gzip bomb is not inflated), after checking that size is plausible."""
     fix = (f"Delete {path} and run again with DOWNLOAD=True, or copy it again from the original {what} files.")
+    gz = path.suffix == ".gz"
+    header = 4 + 4 * ndim
     try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as fh:
-            raw = fh.read()
+        stored = path.stat().st_size
+        with (gzip.open if gz else open)(path, "rb") as fh:
+            head = fh.read(header)
+            if len(head) < header or head[:2] != b"\0\0" or head[2] != 0x08 or head[3] != ndim:
+                raise DataError(f"{path} is not an idx file of {ndim}-D unsigned bytes (bad header "
+                                f"{head[:4].hex() or 'empty file'}). {fix}")
+            dims = struct.unpack(f">{ndim}I", head[4:header])
+            size = 1
+            for d in dims:   # Python ints: 2**32-1 per dim cannot overflow
+                size *= d
+            announced = f"the header announces {' x '.join(map(str, dims))} = {size:,} bytes of data"
+            if size > MAX_IDX_BYTES:
+                raise DataError(f"{path} is not a plausible {what} file: {announced}, more than the {MAX_IDX_BYTES:,} "
+                                f"bytes any idx file of the MNIST family holds, so the header is damaged. {fix}")
+            limit = stored * MAX_GZIP_RATIO + (1 << 16) if gz else stored - header
+            if size > limit:
+                has = (f"{stored:,} compressed bytes, which cannot inflate to more than {limit:,}" if gz
+                       else f"{max(0, stored - header):,} bytes after the header")
+                raise DataError(f"{path} fails the integrity check: {announced}, but the file has only {has}, "
+                                f"so it is truncated. {fix}")
+            data = _read_exactly(fh, size)
+            trailing = len(fh.read(1)) if len(data) == size else 0
+    except DataError:
+        raise
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path} is truncated or not a valid gzip file ({type(exc).__name__}: {exc}). {fix}") from exc
-    header = 4 + 4 * ndim
-    if len(raw) < header or raw[:2] != b"\0\0" or raw[2] != 0x08 or raw[3] != ndim:
-        raise DataError(f"{path} is not an idx file of {ndim}-D unsigned bytes (bad header {raw[:4].hex()}). {fix}")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + int(np.prod(dims, dtype=np.int64))
-    if len(raw) != expected:
-        raise DataError(f"{path} fails the integrity check: the header announces {dims} ({expected} bytes) "
-                        f"but the file has {len(raw)} bytes. {fix}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    if len(data) != size or trailing:
+        found = f"only {len(data):,}" if len(data) != size else "more data than that (it goes on after them)"
+        raise DataError(f"{path} fails the integrity check: {announced}, but the file holds {found}. {fix}")
+    return data.reshape(dims)
+
+
+def is_default_root(root: Optional[Path]) -> bool:
+    """DATA_ROOT not set, or left at the project default './data'."""
+    return root is None or Path(root) == Path(DEFAULT_ROOT)
 
 
 def _find_idx(folder: Path, stem: str) -> Optional[Path]:
@@ -246,10 +300,11 @@ def load_idx_dataset(name: str, root: Optional[Path], download: bool, split: str
     img_stem, lab_stem = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
     base = root if root is not None else Path(DEFAULT_ROOT)
     candidates = [base, base / tv_name / "raw", base / name.replace("_", "-"), base / name]
-    if name == "fashion_mnist":
-        candidates.append(SYSTEM_FASHION_MNIST)  # also when DATA_ROOT is the project default
-    if root is None and name == "fashion_mnist" and SYSTEM_FASHION_MNIST.is_dir():
-        candidates.insert(0, SYSTEM_FASHION_MNIST)
+    # The system copy stands in only for DATA_ROOT left at its default: a DATA_ROOT the user gives is where
+    # the data must be, never silently replaced by other files (the Dataset records which files were read).
+    system = name == "fashion_mnist" and is_default_root(root)
+    if system:
+        candidates.append(SYSTEM_FASHION_MNIST)
 
     def locate():
         for folder in candidates:
@@ -270,10 +325,14 @@ def load_idx_dataset(name: str, root: Optional[Path], download: bool, split: str
                 reason = f"{type(exc).__name__}: {exc}"
             found = locate()
         if found is None:
+            where = (f"DATA_ROOT={str(root)!r} ({base.resolve()})" if root is not None else str(base.resolve()))
+            also = (f" The system copy in {SYSTEM_FASHION_MNIST} is used only while DATA_ROOT is left at its default "
+                    f"{DEFAULT_ROOT!r}; to use it, set DATA_ROOT={str(SYSTEM_FASHION_MNIST)!r}."
+                    if name == "fashion_mnist" and not system else "")
             raise DataError(
-                f"{what} is not in {base.resolve()} and could not be downloaded ({reason or 'no files after download'}). "
+                f"{what} is not in {where} and could not be downloaded ({reason or 'no files after download'}). "
                 f"Set DATA_ROOT to the folder that contains {img_stem}.gz and {lab_stem}.gz "
-                f"(or `{tv_name}/raw/` with them), or connect to the internet and re-run.")
+                f"(or `{tv_name}/raw/` with them), or connect to the internet and re-run.{also}")
     img_path, lab_path = found
     images = _read_idx(img_path, 3, what)
     labels = _read_idx(lab_path, 1, what)
@@ -287,16 +346,88 @@ def load_idx_dataset(name: str, root: Optional[Path], download: bool, split: str
         raise DataError(f"{lab_path} holds label {int(labels.max())}, outside 0..9. Copy the file again.")
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    # A writable copy: the idx bytes are a read-only buffer, which torch.from_numpy warns about.
+    # A copy of just the images kept (a LIMIT slice would otherwise hold the whole file's buffer).
     return dict(images=np.array(images[..., None], copy=True), labels=labels.astype(np.int64),
                 class_names=list(FASHION_MNIST_CLASSES if name == "fashion_mnist" else MNIST_CLASSES),
-                coarse_labels=None, coarse_names=None)
+                coarse_labels=None, coarse_names=None, source_files=(str(img_path.resolve()), str(lab_path.resolve())))
 
 
 # ---------------------------------------------------------------------------------------------- ImageFolder
-def load_imagefolder(root: Optional[Path], image_size, limit: Optional[int]) -> dict:
-    """One sub-folder of images per class, resized to image_size (default: their common size, else 32x32)."""
+DEFAULT_IMAGE_SIZE = (32, 32)   # mixed sizes, no IMAGE_SIZE and no known model input size: the built-in models' input
+
+
+def image_size_hw(image_size, what: str = "IMAGE_SIZE") -> Optional[tuple[int, int]]:
+    """None, an int side, or [h, w] (ints or digit strings, e.g. from the environment) -> (h, w) or None."""
+    if image_size is None:
+        return None
+    values = list(image_size) if isinstance(image_size, (list, tuple)) else [image_size]
+    try:
+        if len(values) not in (1, 2) or any(isinstance(v, (bool, float)) for v in values):
+            raise ValueError
+        sides = [int(str(v).strip()) if isinstance(v, str) else int(v) for v in values]
+    except (TypeError, ValueError):
+        sides = []
+    if not sides or any(s < 1 for s in sides):
+        raise ConfigError(f"{what} must be None (automatic), a positive int (square images) or [height, width] "
+                          f"(got {image_size!r}).")
+    return (sides[0], sides[0]) if len(sides) == 1 else (sides[0], sides[1])
+
+
+def _bomb_error(path, exc) -> DataError:
+    from PIL import Image
+    return DataError(f"{path} is too large to decode safely: Pillow refuses it as a possible decompression bomb "
+                     f"({exc}). Shrink or delete the image; if you trust the file, raise the limit before the run "
+                     f"with PIL.Image.MAX_IMAGE_PIXELS = <pixels> (now {Image.MAX_IMAGE_PIXELS}).")
+
+
+def _open_image(path):
+    """Image.open with every failure a DataError naming the file (decompression bombs included: Pillow's
+    warning for images over MAX_IMAGE_PIXELS is refused like its error for twice that)."""
+    import warnings
     from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb_error(path, exc) from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path} cannot be read as an image ({exc}). Delete or replace it.") from exc
+
+
+def _to_rgb(im):
+    """RGB PIL image of any mode. 16-bit and 32-bit integer grey images (PNG "I;16", "I") are scaled to 8 bits by
+    their bit depth (65535 -> 255): convert("RGB") clips them, which turns a 16-bit photo almost white."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) <= 65535 else float(arr.max())
+        arr = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if im.mode == "F":   # float images: taken as 0..1 when they fit, else scaled by their max
+        arr = np.asarray(im).astype(np.float64)
+        top = 1.0 if arr.max(initial=0) <= 1.0 else float(arr.max())
+        return Image.fromarray(np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    return im.convert("RGB")
+
+
+def _sizes_text(sizes: dict) -> str:
+    shown = sorted(sizes.items(), key=lambda kv: -kv[1])
+    parts = [f"{h}x{w} ({n})" for (h, w), n in shown[:5]]
+    return ", ".join(parts) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+
+
+def load_imagefolder(root: Optional[Path], image_size, limit: Optional[int],
+                     model_input_size=None) -> dict:
+    """One sub-folder of images per class, as the parts of a Dataset plus `resize_note` (what was resized, from
+    which sizes to which, and why; "" when nothing was).
+
+    image_size (IMAGE_SIZE): an int or (h, w) resizes every image to it. None keeps the images' common size;
+    images of mixed sizes go to model_input_size (the model's expected input, when known) or else
+    DEFAULT_IMAGE_SIZE."""
+    from PIL import Image
 
     if root is None:
         raise ConfigError("DATASET='imagefolder' needs DATA_ROOT: a folder with one sub-folder of images per class.")
@@ -305,6 +436,7 @@ def load_imagefolder(root: Optional[Path], image_size, limit: Optional[int]) -> 
                         f"sub-folder of images per class.")
     import torchvision
 
+    target = image_size_hw(image_size)
     try:
         folder = torchvision.datasets.ImageFolder(str(root))
     except (FileNotFoundError, RuntimeError) as exc:
@@ -312,31 +444,35 @@ def load_imagefolder(root: Optional[Path], image_size, limit: Optional[int]) -> 
                         f"sub-folder named after the class, e.g. {root}/cat/001.png.") from exc
     samples = folder.samples[:limit] if limit is not None else folder.samples
 
-    def open_image(path):
-        try:
-            return Image.open(path)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"{path} cannot be read as an image ({exc}). Delete or replace it.") from exc
-
-    if image_size is None:
-        sizes = set()
-        for path, _ in samples:
-            with open_image(path) as im:  # opening reads only the header
-                sizes.add(im.size)
-        (w, h) = sizes.pop() if len(sizes) == 1 else (32, 32)
-    elif isinstance(image_size, int):
-        w = h = image_size
+    sizes: dict[tuple[int, int], int] = {}
+    for path, _ in samples:
+        with _open_image(path) as im:  # opening reads only the header
+            sizes[(im.size[1], im.size[0])] = sizes.get((im.size[1], im.size[0]), 0) + 1
+    note = ""
+    if target is not None:
+        why = "IMAGE_SIZE"
+    elif len(sizes) == 1:
+        target, why = next(iter(sizes)), ""
     else:
-        h, w = image_size
+        model_hw = image_size_hw(model_input_size, "the model's input size") if model_input_size is not None else None
+        target = model_hw or DEFAULT_IMAGE_SIZE
+        why = ("the model's expected input size; set IMAGE_SIZE to choose" if model_hw else
+               "the default for images of mixed sizes; set IMAGE_SIZE to choose")
+    h, w = target
+    if any(s != target for s in sizes):
+        note = f"resized from {_sizes_text(sizes)} to {h}x{w} ({why})"
     images = np.empty((len(samples), h, w, 3), dtype=np.uint8)
     for i, (path, _) in enumerate(samples):
         try:
-            with open_image(path) as im:
-                im = im.convert("RGB")
+            with _open_image(path) as im:
+                im = _to_rgb(im)
                 if im.size != (w, h):
                     im = im.resize((w, h), Image.Resampling.BILINEAR)
                 images[i] = np.asarray(im)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _bomb_error(path, exc) from None
         except OSError as exc:  # truncated image data shows up only when decoding
             raise DataError(f"{path} cannot be decoded ({exc}). Delete or replace it.") from exc
     labels = np.array([t for _, t in samples], dtype=np.int64)
-    return dict(images=images, labels=labels, class_names=list(folder.classes), coarse_labels=None, coarse_names=None)
+    return dict(images=images, labels=labels, class_names=list(folder.classes), coarse_labels=None, coarse_names=None,
+                resize_note=note)

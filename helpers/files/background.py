@@ -26,7 +26,20 @@ def render_png(render, args: tuple, path: str) -> str:
 def _serve_jobs() -> None:
     """`python -m helpers.files.background`: the writer's worker. Reads length-prefixed pickled jobs (a module-level
     function and its arguments, e.g. save_pickled_figure) on stdin and answers b"ok" or the error on the
-    original stdout."""
+    original stdout. It exits quietly, without a traceback, when its parent goes away (end of its input, a broken
+    pipe) or on SIGINT (a Ctrl-C in the terminal, a Jupyter kernel interrupt or restart): its parent redoes
+    whatever was left undone."""
+    try:
+        _serve_jobs_until_done()
+    except (BrokenPipeError, EOFError, KeyboardInterrupt, ConnectionResetError) as exc:
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 0
+        try:
+            sys.stderr.flush()
+        finally:
+            os._exit(code)   # not sys.exit: flushing the dead pipe again at shutdown would print a traceback
+
+
+def _serve_jobs_until_done() -> None:
     import pickle
     import struct
     reply_to = os.fdopen(os.dup(1), "wb")
@@ -57,7 +70,7 @@ class _FigureWorker:
 
     def __init__(self):
         import subprocess
-        package_parent = str(Path(__file__).resolve().parents[1])
+        package_parent = str(Path(__file__).resolve().parents[2])   # the folder holding helpers/
         env = dict(os.environ, MPLBACKEND="Agg",
                    PYTHONPATH=os.pathsep.join([package_parent] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
         self.proc = subprocess.Popen([sys.executable, "-m", "helpers.files.background"], stdin=subprocess.PIPE,

@@ -133,13 +133,15 @@ class GalleryActivations:
 
 class CamStore:
     def __init__(self, engine_factory: Callable[[str, Optional[str]], "object"], inputs: torch.Tensor,
-                 method: str = "gradcam", layer: Optional[str] = None):
-        """`engine_factory(method, layer)` builds a helpers.model.cams.CamEngine; engines are reused."""
+                 method: str = "gradcam", layer: Optional[str] = None, num_classes: Optional[int] = None):
+        """`engine_factory(method, layer)` builds a helpers.model.cams.CamEngine; engines are reused.
+        `num_classes` (the model's outputs) bounds the class ids a cached CAM may explain (load())."""
         self._factory = engine_factory
         self._engines: dict[tuple[str, Optional[str]], object] = {}
         self.inputs = inputs
         self.method = method
         self.layer = layer
+        self.num_classes = num_classes
         self._cams: dict[tuple[int, int, str, str], np.ndarray] = {}
         self._activations: Optional[GalleryActivations] = None
         self._cached_paths: dict[tuple[str, str], CamPath] = {}   # (method, layer name) -> path, from the cache
@@ -260,13 +262,24 @@ class CamStore:
         """Inverse of export(); returns the number of CAMs loaded. Raises on malformed input (the caller
         then ignores the cache)."""
         meta = json.loads(str(arrays["cam_groups"]))
-        index, values = np.asarray(arrays["cam_index"]), np.asarray(arrays["cam_values"], dtype=np.float32)
+        if not isinstance(meta, list) or not all(isinstance(g, dict) and isinstance(g.get("method"), str)
+                                                 and isinstance(g.get("layer"), str) for g in meta):
+            raise ValueError("CAM cache groups are not (method, layer) records")
+        index, values = np.asarray(arrays["cam_index"]), np.asarray(arrays["cam_values"])
         if index.ndim != 2 or index.shape[1] != 3 or len(index) != len(values) or values.ndim != 3:
             raise ValueError("malformed CAM cache")
+        if not np.issubdtype(index.dtype, np.integer) or values.dtype != np.float32:
+            raise ValueError(f"CAM cache arrays are {index.dtype} and {values.dtype}, not integers and float32")
         if values.shape[1:] != tuple(self.inputs.shape[-2:]):
             raise ValueError("CAM cache made for another image size")
-        if len(index) and (index[:, 0].min() < 0 or index[:, 0].max() >= len(self.inputs)):
-            raise ValueError("CAM cache refers to images outside the data set")
+        if len(index):
+            # Every id in range (a negative group would silently wrap around), every value finite.
+            bounds = (("images", 0, len(self.inputs)), ("classes", 1, self.num_classes), ("groups", 2, len(meta)))
+            for what, col, bound in bounds:
+                if bound is not None and (index[:, col].min() < 0 or index[:, col].max() >= bound):
+                    raise ValueError(f"CAM cache refers to {what} outside 0..{bound - 1}")
+            if not np.isfinite(values).all():
+                raise ValueError("CAM cache holds NaN or infinite values")
         loaded = {}
         for (i, c, g), cam in zip(index.tolist(), values):
             loaded[(i, c, meta[g]["method"], meta[g]["layer"])] = cam

@@ -31,8 +31,8 @@ from pytorch_grad_cam.utils.model_targets import (ClassifierOutputSoftmaxTarget,
 
 from helpers.errors import ConfigError, DataError, NumericalError
 from helpers.model.cam_path import CamPath
-from helpers.model.layers import (check_input_shape, eval_mode, final_linear, model_device, probe, probe_input,
-                                  reshape_transform_for, resolve_target_layer)
+from helpers.model.layers import (check_input_shape, eval_mode, final_linear, float32_model, model_device, probe,
+                                  probe_input, reshape_transform_for, resolve_target_layer, weight_dtype)
 
 CAM_METHODS: dict[str, type] = {
     "gradcam": GradCAM,
@@ -168,6 +168,14 @@ def _nearest_classes(logits: np.ndarray, target: int, k: int = 3) -> list[int]:
     return [int(c) for c in order if c != target][:k]
 
 
+def _as_float32(transform):
+    """A pytorch-grad-cam reshape_transform that also makes the activations and gradients it stores float32
+    (it sees them only as they are stored: the model's own forward and backward are unchanged)."""
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return (transform(t) if transform is not None else t).float()
+    return cast
+
+
 @contextlib.contextmanager
 def _quiet_scorecam():
     """ScoreCAM draws one tqdm bar per image; CamEngine shows its own progress per batch instead."""
@@ -185,7 +193,9 @@ class CamEngine:
 
     Attributes: `method`, `layer_name`, `layer`, `reshape_transform` (None for CNNs), `num_classes`,
     `cam_path` (a CamPath: which computation runs, the fast exact Grad-CAM or pytorch-grad-cam, batched;
-    `path` is its text), `fast_max_diff` (fast vs library on the verification batch, when checked).
+    `path` is its text), `fast_max_diff` (fast vs library on the verification batch, when checked), `dtype` (the
+    weights' dtype the CAMs run with) and `dtype_note` (None for float32 models; else what was done: a float16 or
+    bfloat16 model runs as a float32 copy unless its forward converts its input itself).
     """
 
     def __init__(self, model: nn.Module, method: str = "gradcam", target_layer: Optional[str] = None,
@@ -198,9 +208,16 @@ class CamEngine:
         self.batch_size = int(batch_size)
         self.input_shape = tuple(int(s) for s in input_shape)
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()   # the CAM classes put it in eval mode anyway
+        # float16/bfloat16 weights: a float32 copy unless the forward converts its input itself (layers.float32_model)
+        self.model, self.dtype_note = float32_model(model.to(self.device).eval(),
+                                                    [probe_input(self.input_shape).to(self.device)])
+        self.model.eval()   # the CAM classes put it in eval mode anyway
+        self.dtype = weight_dtype(self.model)
         self.layer_name, self.layer = resolve_target_layer(self.model, target_layer, self.input_shape)
         self.reshape_transform = reshape_transform_for(self.model, self.layer, self.input_shape)
+        # pytorch-grad-cam turns the stored activations and gradients into NumPy arrays, which have no bfloat16.
+        self._cam_transform = (self.reshape_transform if self.dtype == torch.float32
+                               else _as_float32(self.reshape_transform))
         _, out = probe(self.model, probe_input(self.input_shape), only=[])
         if not (isinstance(out, torch.Tensor) and out.dim() == 2):
             raise ConfigError(f"The model must return logits (batch, classes); got {type(out).__name__} "
@@ -360,10 +377,10 @@ class CamEngine:
         (left registered they would record every later forward pass of the model)."""
         if cls is FinerCAM:
             base = CAM_METHODS[self.method] if self.method in _GRADIENT_METHODS else GradCAM
-            cam = FinerCAM(self.model, [self.layer], reshape_transform=self.reshape_transform, base_method=base)
+            cam = FinerCAM(self.model, [self.layer], reshape_transform=self._cam_transform, base_method=base)
             hooks = cam.base_cam.activations_and_grads
         else:
-            cam = cls(self.model, [self.layer], reshape_transform=self.reshape_transform)
+            cam = cls(self.model, [self.layer], reshape_transform=self._cam_transform)
             hooks = cam.activations_and_grads
             if isinstance(cam, ScoreCAM):
                 cam.batch_size = self.batch_size
@@ -456,6 +473,8 @@ def faithfulness(model: nn.Module, inputs: torch.Tensor, targets, cams: np.ndarr
     if maps.shape != (n,) + tuple(x.shape[-2:]):
         raise DataError(f"cams must be (N, H, W) = {(n,) + tuple(x.shape[-2:])}; got {maps.shape}.")
     metric_targets = _metric_targets(targets, n)
+    if weight_dtype(model) != torch.float32:   # the metrics turn the targets' scores into NumPy: no bfloat16
+        metric_targets = [_Float32Target(t) for t in metric_targets]
     before = _check_scores_before(scores_before, n)
     scorer = ROADMostRelevantFirst(percentile=percentile) if key == "road" else CamMultImageConfidenceChange()
     device = model_device(model)
@@ -469,6 +488,16 @@ def faithfulness(model: nn.Module, inputs: torch.Tensor, targets, cams: np.ndarr
             out[s:e] = _perturbation_score(scorer, x[s:e].to(device), maps[s:e], metric_targets[s:e], model,
                                            None if before is None else before[s:e])
     return out
+
+
+class _Float32Target:
+    """A target scored on the float32 output of a float16/bfloat16 model."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
+        return self.target(model_output.float())
 
 
 def _metric_targets(targets, n: int) -> list:

@@ -2,7 +2,9 @@
 its weights fitted into a model, with errors that name the fix.
 
 Checkpoints are always read with `torch.load(weights_only=True)`; a full pickled model (which can run
-arbitrary code while loading) is only read with the explicit opt-in `allow_unsafe_pickle=True`.
+arbitrary code while loading) is only read with the explicit opt-in `allow_unsafe_pickle=True`. A TorchScript
+archive is code too (its forward can call e.g. `torch.from_file(path, shared=True)`, which writes files): it is
+recognised from its format, before anything in it is deserialised, and loaded only with the same opt-in.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from torch import nn
 from helpers.files.digest import file_digest
 from helpers.errors import CheckpointError, ConfigError
 from helpers.model.architectures import BUILTIN_ARCHS, describe_arch_choices
-from helpers.model.layers import final_linear, first_layer
+from helpers.model.layers import final_linear, first_layer, scripted_model_message
 
 # Where a training script may have nested the state_dict inside the checkpoint dict.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -37,16 +39,40 @@ def sha256_file(path: Path) -> str:
 
 
 def is_torchscript_file(path: Path) -> bool:
-    """TorchScript archives are zip files with <root>/constants.pkl and <root>/code/."""
+    """TorchScript archives are zip files with <root>/constants.pkl and <root>/code/ (torch.load's own test is
+    constants.pkl). Read from the zip directory only: nothing in the file is deserialised."""
     try:
         if not zipfile.is_zipfile(path):
             return False
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+    except Exception:   # not a zip Python can read; torch.load(weights_only=True) still refuses TorchScript
         return False
     inner = [n.split("/", 1)[-1] for n in names]
     return any(n == "constants.pkl" or n.startswith("code/") for n in inner)
+
+
+def torchscript_refused(path: Path) -> CheckpointError:
+    """The error for a TorchScript file without the opt-in: it is code, and CAMs could not use it anyway."""
+    return CheckpointError(
+        f"The checkpoint {path} is a TorchScript archive: loading it runs the compiled code it contains (its "
+        "forward can read, write and create files), so it was refused before anything in it was read. "
+        + scripted_model_message("Besides, a TorchScript model")
+        + " If you trust its source and only want to load it (e.g. for its predictions), opt in with "
+        "allow_unsafe_pickle=True (notebook parameter ALLOW_UNSAFE_PICKLE = True)."
+    )
+
+
+def read_torchscript(path: Path, allow_unsafe_pickle: bool = False) -> nn.Module:
+    """torch.jit.load, only with the explicit opt-in (checked before the file is opened by torch)."""
+    if not allow_unsafe_pickle:
+        raise torchscript_refused(path)
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise corrupt_checkpoint_error(path, exc) from None
+    check_finite_weights(module, str(path))
+    return module
 
 
 def is_safetensors_file(path: Path) -> bool:
@@ -87,6 +113,11 @@ def corrupt_checkpoint_error(path: Path, exc: BaseException) -> CheckpointError:
 def read_checkpoint(path: Path, allow_unsafe_pickle: bool = False) -> Any:
     """torch.load with weights_only=True; a full pickle only with the explicit opt-in.
     safetensors files (tensors only, no code) are read with the safetensors package."""
+    if is_torchscript_file(path):   # torch.load(weights_only=False) would hand it to torch.jit.load
+        if not allow_unsafe_pickle:
+            raise torchscript_refused(path)
+        raise CheckpointError(f"The checkpoint {path} is a TorchScript archive, not weights: load it with "
+                              "load_model (MODEL_PATH), which reads TorchScript with the opt-in.")
     if is_safetensors_file(path):
         try:
             from safetensors.torch import load_file
@@ -103,6 +134,8 @@ def read_checkpoint(path: Path, allow_unsafe_pickle: bool = False) -> Any:
         if refused is None:
             raise corrupt_checkpoint_error(path, exc) from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for damaged files
+        if "TorchScript" in str(exc) and not allow_unsafe_pickle:   # torch's own reader saw a TorchScript archive
+            raise torchscript_refused(path) from None
         raise corrupt_checkpoint_error(path, exc) from None
     if not allow_unsafe_pickle:
         raise CheckpointError(

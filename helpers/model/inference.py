@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 import torch
 
-from helpers.model.layers import final_linear
+from helpers.errors import ConfigError
+from helpers.model.layers import final_linear, float32_model
 
 if TYPE_CHECKING:
     from helpers.model.cam_store import GalleryActivations
@@ -86,7 +87,10 @@ def resolve_device(device: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"DEVICE {device!r} is not a device. Use 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'.") from None
 
 
 def run_inference(
@@ -105,12 +109,17 @@ def run_inference(
     `gallery` (a helpers.model.cam_store.GalleryActivations) also keeps, in the same pass, the target layer's
     activations of the images the class galleries will show, so their CAMs need no second pass.
     channels_last is used on CPU and CUDA (faster on CPU for ResNets); probabilities are
-    computed per batch, the same values the gallery selection sees."""
+    computed per batch, the same values the gallery selection sees. A float16/bfloat16 model whose forward does
+    not convert the float32 images itself runs as a float32 copy (layers.float32_model).
+    helpers.model.sanity.check_model_behaviour is what tells a model that returns probabilities, depends on its
+    batch or switches itself to train mode; the analysis calls it before this pass."""
     from tqdm.auto import tqdm
 
     from helpers.errors import NumericalError
 
     device = torch.device(device)
+    if len(inputs):   # float16/bfloat16 weights that cannot take the float32 images: a float32 copy (no-op for float32)
+        model, _ = float32_model(model, [inputs[:1].to(device)])
     channels_last = device.type != "mps" and inputs.dim() == 4
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

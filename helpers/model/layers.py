@@ -369,3 +369,70 @@ def reshape_transform_for(model: nn.Module, layer: nn.Module,
     if isinstance(out, torch.Tensor) and out.dim() == 4:
         return None
     return vit_reshape_transform(model, input_shape, layer)
+
+
+# ----------------------------------------------------------------------------- weight dtype
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def weight_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (or buffer); float32 for a model with neither."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _runs(model: nn.Module, x: torch.Tensor) -> Optional[Exception]:
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x.to(model_device(model)))
+    except Exception as exc:  # the caller explains the failure
+        return exc
+    return None
+
+
+def float32_model(model: nn.Module, probes: Sequence[torch.Tensor]) -> tuple[nn.Module, Optional[str]]:
+    """A model that takes the suite's float32 images, and a note saying what was done, for weights that are not
+    float32 (float16, bfloat16, float64):
+
+    - its forward converts the images itself (e.g. `x = x.to(torch.bfloat16)`): the model as it is (the CAM
+      engine reads its activations and gradients in float32);
+    - otherwise a float32 copy (`copy.deepcopy(model).float()`), when that runs on the probes: the analysis runs
+      the weights in float32 (exact: every float16/bfloat16 value is a float32 value);
+    - neither: the model as it is, note None (the caller's probe then explains the failure with the dtype).
+    float32 models are returned as they are without a forward pass. `probes`: float32 inputs to try, any of which
+    may fit (sizes the model may expect)."""
+    dtype = weight_dtype(model)
+    if dtype == torch.float32:
+        return model, None
+    name = str(dtype).replace("torch.", "")
+    if any(_runs(model, x) is None for x in probes):
+        return model, (f"weights in {name}; the model's forward converts its input itself, so inference runs in "
+                       f"{name} and the CAMs read its activations and gradients as float32")
+    import copy
+    copied = copy.deepcopy(model).float()
+    if any(_runs(copied, x) is None for x in probes):
+        return copied, (f"weights stored as {name}, run in float32: a {name} model cannot take the float32 images "
+                        "(its forward does not convert them), and float32 holds every weight exactly")
+    return model, None
+
+
+def dtype_hint(model: nn.Module, exc: BaseException) -> Optional[str]:
+    """What to say when a forward pass on float32 images failed because of dtypes (None when it did not look so):
+    weights that are not float32 (float32_model found nothing that runs), or float32 weights meeting float16 or
+    bfloat16 tensors inside the forward."""
+    dtype = weight_dtype(model)
+    text = str(exc)
+    name = str(dtype).replace("torch.", "")
+    cause = f"{type(exc).__name__}: {text[:200]}"
+    if dtype != torch.float32:
+        return (f"The model's weights are {name} and its forward fails on the float32 images, also as a float32 "
+                f"copy ({cause}). Convert the model to float32 before saving it (torch.save(model.float()"
+                ".state_dict(), path)), or make its forward convert its input to the weights' dtype.")
+    if any(k in text for k in ("Half", "BFloat16", "float16", "bfloat16")):
+        return (f"The model's forward mixes dtypes: its weights are float32 but it meets float16/bfloat16 tensors "
+                f"({cause}). Remove the conversion from forward, or convert the weights to that dtype too "
+                "(model.half() / model.to(torch.bfloat16)) before saving them.")
+    return None

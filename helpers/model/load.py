@@ -2,8 +2,10 @@
 
 Every failure a user can cause becomes a SuiteError subclass whose message names the fix.
 Checkpoints are always read with `torch.load(weights_only=True)` (checkpoint.py); a full pickled model
-(which can run arbitrary code while loading) is only accepted with the explicit opt-in
-`allow_unsafe_pickle=True` (notebook parameter ALLOW_UNSAFE_PICKLE).
+(which can run arbitrary code while loading) and a TorchScript archive (compiled code, refused from its format
+before torch.jit.load sees it) are only accepted with the explicit opt-in `allow_unsafe_pickle=True` (notebook
+parameter ALLOW_UNSAFE_PICKLE). Nothing here reaches the network except the default model's download and,
+with download=True (DOWNLOAD), a timm Hugging Face Hub name's config.
 
 Target layers for Grad-CAM are dotted paths relative to the *inner* model, `unwrap(loaded.module)`:
 when the model's forward returns something other than a tensor it is wrapped in `LogitsWrapper`,
@@ -28,11 +30,11 @@ from torch import nn
 
 from helpers.errors import CheckpointError, ConfigError, DataError, ModelLoadError, SuiteError
 from helpers.model.architectures import BUILTIN_ARCHS, describe_arch_choices
-from helpers.model.checkpoint import (best_builtin_match, check_finite_weights, corrupt_checkpoint_error,
-                                      describe_keys, find_state_dict, is_torchscript_file, load_weights,
-                                      pickled_module, read_checkpoint, sha256_file, strip_common_prefix,
-                                      strip_wrapper_prefixes, without_common_prefix)
-from helpers.model.layers import check_hookable, first_layer, model_device
+from helpers.model.checkpoint import (best_builtin_match, check_finite_weights, describe_keys, find_state_dict,
+                                      is_torchscript_file, load_weights, pickled_module, read_checkpoint,
+                                      read_torchscript, sha256_file, strip_common_prefix, strip_wrapper_prefixes,
+                                      without_common_prefix)
+from helpers.model.layers import check_hookable, dtype_hint, first_layer, float32_model, model_device
 
 DEFAULT_MODEL_URL = (
     "https://github.com/chenyaofo/pytorch-cifar-models/releases/download/resnet/cifar100_resnet56-f2eff4c8.pt"
@@ -119,8 +121,9 @@ def _torchvision_names() -> list[str]:
 
 
 def build_model(arch: str, num_classes: int = 100, in_channels: int = 3,
-                model_kwargs: Optional[dict] = None) -> nn.Module:
-    """A randomly initialised network for an ARCH string (see describe_arch_choices)."""
+                model_kwargs: Optional[dict] = None, download: bool = True) -> nn.Module:
+    """A randomly initialised network for an ARCH string (see describe_arch_choices). Never downloads weights
+    (they come from MODEL_PATH); download=False also refuses timm Hub names, whose config is fetched."""
     kwargs = dict(model_kwargs or {})
     name = arch.strip()
     if name in BUILTIN_ARCHS:
@@ -131,7 +134,7 @@ def build_model(arch: str, num_classes: int = 100, in_channels: int = 3,
                 f"ARCH='{name}' takes only num_classes and in_channels; remove MODEL_KWARGS {kwargs} ({exc})."
             ) from None
     if name.startswith("timm:"):
-        return _build_timm(name[len("timm:"):], num_classes, in_channels, kwargs)
+        return _build_timm(name[len("timm:"):], num_classes, in_channels, kwargs, download)
     if ":" in name and name.rsplit(":", 1)[0].endswith(".py"):
         file_part, class_name = name.rsplit(":", 1)
         return _build_from_file(Path(file_part), class_name, num_classes, in_channels, kwargs)
@@ -152,6 +155,7 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int, kwargs: di
             f"torchvision's '{name}' takes 3-channel (RGB) input but in_channels={in_channels}. "
             "Set CONVERT_CHANNELS='rgb' to feed grayscale data to it, or use a built-in architecture."
         )
+    _refuse_weight_kwargs(f"torchvision:{name}", kwargs, {"weights": None, "weights_backbone": None})
     kwargs = {"num_classes": num_classes, **kwargs}
     kwargs.pop("weights", None)  # the weights come from MODEL_PATH, never from a download here
     try:
@@ -160,7 +164,35 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int, kwargs: di
         raise ConfigError(f"torchvision's '{name}' rejected MODEL_KWARGS {kwargs}: {exc}") from None
 
 
-def _build_timm(name: str, num_classes: int, in_channels: int, kwargs: dict) -> nn.Module:
+# timm model-name prefixes that fetch the model's config from the Hugging Face Hub (timm's parse_model_name).
+TIMM_HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+
+
+def _refuse_weight_kwargs(arch: str, kwargs: dict, harmless: dict) -> None:
+    """ConfigError for MODEL_KWARGS that would fetch or load weights besides MODEL_PATH's (a download, or
+    another file read outside checkpoint.py's safe reader). `harmless`: each such key's value that asks nothing."""
+    for key, ok in harmless.items():
+        value = kwargs.get(key)
+        if value is not None and value is not False and value != ok and value != "":
+            raise ConfigError(
+                f"MODEL_KWARGS {key}={value!r} would make ARCH='{arch}' download or load weights of its own; "
+                f"the weights come from MODEL_PATH only (read safely, never downloaded). Remove '{key}' from "
+                "MODEL_KWARGS.")
+
+
+def _timm_hub_name(name: str) -> bool:
+    return name.strip().lower().startswith(TIMM_HUB_PREFIXES)
+
+
+def _build_timm(name: str, num_classes: int, in_channels: int, kwargs: dict, download: bool = True) -> nn.Module:
+    hub = _timm_hub_name(name)
+    if hub and not download:   # refused before timm is imported: timm would fetch the config right away
+        raise ConfigError(
+            f"ARCH='timm:{name}' names a model on the Hugging Face Hub: building it downloads the model's config "
+            "from the network, and DOWNLOAD is False. Set DOWNLOAD = True (download=True) to allow it, or use the "
+            "timm registry name of the architecture instead (ARCH='timm:<name>'; list them with timm.list_models())."
+        )
+    _refuse_weight_kwargs(f"timm:{name}", kwargs, {"pretrained": False, "checkpoint_path": None})
     try:
         import timm
     except ImportError:
@@ -173,7 +205,10 @@ def _build_timm(name: str, num_classes: int, in_channels: int, kwargs: dict) -> 
         return timm.create_model(name, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
-            close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            try:
+                close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            except Exception:
+                close = []
             hint = f" Did you mean {', '.join(repr('timm:' + c) for c in close)}?" if close else ""
             raise ConfigError(
                 f"timm has no model '{name}'.{hint} List them with timm.list_models('*{name[:4]}*')."
@@ -181,7 +216,16 @@ def _build_timm(name: str, num_classes: int, in_channels: int, kwargs: dict) -> 
         raise ConfigError(f"timm.create_model('{name}', **{kwargs}) failed: {exc}") from None
     except (TypeError, ValueError, AssertionError) as exc:
         raise ConfigError(
-            f"timm.create_model('{name}', **{kwargs}) failed: {exc}. Check MODEL_KWARGS."
+            f"timm.create_model('{name}', **{kwargs}) failed: {exc}. Check ARCH and MODEL_KWARGS."
+        ) from None
+    except Exception as exc:  # Hub and file errors (LocalEntryNotFoundError, OSError, HTTP errors...), anything else
+        where = ("could not fetch the model's config from the Hugging Face Hub" if hub
+                 else "failed")
+        fix = ("Check the network and the repository name, or use the timm registry name of the architecture "
+               "(ARCH='timm:<name>'; list them with timm.list_models())." if hub
+               else "Check ARCH and MODEL_KWARGS.")
+        raise ConfigError(
+            f"timm.create_model('{name}') {where} ({type(exc).__name__}: {str(exc)[:200]}). {fix}"
         ) from None
 
 
@@ -261,23 +305,29 @@ def load_model(
     device: str | torch.device = "cpu",
     allow_unsafe_pickle: bool = False,
     model_kwargs: Optional[dict] = None,
+    download: bool = True,
 ) -> LoadedModel:
     """The model to analyse, in eval mode on `device`, with forward returning logits.
 
     model_path None: the default CIFAR-100 ResNet-56 (downloaded once into the torch.hub cache).
     Otherwise a state_dict checkpoint (bare or under 'state_dict'/'model_state_dict'/'model'/'net',
     'module.' prefixes stripped; also .safetensors) for ARCH, which is inferred from the keys for
-    built-ins when None; a TorchScript file; or, with allow_unsafe_pickle=True only, a fully pickled
-    nn.Module. Raises SuiteError subclasses only, for anything the user can get wrong. The returned
-    num_classes is what the model outputs; call check_model_fits_data to compare it with the data.
+    built-ins when None; or, with allow_unsafe_pickle=True only, a TorchScript file or a fully pickled
+    nn.Module (both are code, refused before they are deserialised). download=False (DOWNLOAD) refuses ARCH names
+    that fetch from the network (timm's 'hf-hub:'). Raises SuiteError subclasses only, for anything the user can
+    get wrong. The returned num_classes is what the model outputs; call check_model_fits_data to compare it with
+    the data.
     """
     arch = arch.strip() if isinstance(arch, str) and arch.strip() else None
     if model_path is None or str(model_path).strip() == "":
         module, arch_used, source, digest = _load_default(arch, num_classes, in_channels)
     else:
         module, arch_used, source, digest, in_channels = _load_user(
-            Path(model_path), arch, num_classes, in_channels, allow_unsafe_pickle, model_kwargs)
+            Path(model_path), arch, num_classes, in_channels, allow_unsafe_pickle, model_kwargs, download)
     module = _to_device(module.eval(), device)
+    module, dtype_note = float32_model(module, [torch.zeros(1, in_channels, h, w, device=model_device(module))
+                                                for h, w in PROBE_SIZES])
+    source = f"{source} [{dtype_note}]" if dtype_note else source
     module, probed_classes = _probe_and_wrap(module, in_channels)
     return LoadedModel(
         module=module.eval(),
@@ -333,7 +383,7 @@ def _load_default(arch: Optional[str], num_classes: int, in_channels: int):
 
 
 def _load_user(path: Path, arch: Optional[str], num_classes: int, in_channels: int,
-               allow_unsafe_pickle: bool, model_kwargs: Optional[dict]):
+               allow_unsafe_pickle: bool, model_kwargs: Optional[dict], download: bool = True):
     path = path.expanduser()
     absolute = path.resolve()
     if not absolute.exists():
@@ -348,13 +398,9 @@ def _load_user(path: Path, arch: Optional[str], num_classes: int, in_channels: i
     except OSError as exc:
         raise CheckpointError(f"MODEL_PATH {absolute} cannot be read ({exc}). Check its permissions.") from None
 
-    if is_torchscript_file(absolute):
-        try:
-            module = torch.jit.load(str(absolute), map_location="cpu")
-        except Exception as exc:
-            raise corrupt_checkpoint_error(absolute, exc) from None
-        check_finite_weights(module, str(absolute))
-        return module, "torchscript", f"TorchScript file {absolute}", digest, in_channels
+    if is_torchscript_file(absolute):   # from the zip directory: refused before torch.jit.load runs anything
+        module = read_torchscript(absolute, allow_unsafe_pickle)
+        return module, "torchscript", f"TorchScript file {absolute} (ALLOW_UNSAFE_PICKLE)", digest, in_channels
 
     obj = read_checkpoint(absolute, allow_unsafe_pickle)
     pickled = pickled_module(obj)
@@ -386,8 +432,9 @@ def _load_user(path: Path, arch: Optional[str], num_classes: int, in_channels: i
                 f"built-in exactly ({closest}). Set ARCH: {describe_arch_choices()}."
             )
         arch, inferred = best, True
-    model = build_model(arch, num_classes, in_channels, model_kwargs)
-    model, in_channels = _fit_input_channels(model, state_dict, arch, num_classes, in_channels, model_kwargs)
+    model = build_model(arch, num_classes, in_channels, model_kwargs, download)
+    model, in_channels = _fit_input_channels(model, state_dict, arch, num_classes, in_channels, model_kwargs,
+                                             download)
     load_weights(model, state_dict, arch, absolute, num_classes, in_channels)
     check_finite_weights(model, str(absolute))
     notes = [layout] + [f"'{p}.' prefix stripped" for p in stripped]
@@ -408,7 +455,7 @@ def _checkpoint_in_channels(model: nn.Module, state_dict: dict) -> Optional[int]
 
 
 def _fit_input_channels(model: nn.Module, state_dict: dict, arch: str, num_classes: int, in_channels: int,
-                        model_kwargs: Optional[dict]) -> tuple[nn.Module, int]:
+                        model_kwargs: Optional[dict], download: bool = True) -> tuple[nn.Module, int]:
     """The checkpoint, not the dataset, decides how many input channels the model has: rebuild a
     grayscale checkpoint's model for 1 channel (and the reverse) when ARCH can be built that way.
     A mismatch with the data is then reported by check_model_fits_data, which names CONVERT_CHANNELS."""
@@ -416,7 +463,7 @@ def _fit_input_channels(model: nn.Module, state_dict: dict, arch: str, num_class
     if wanted is None or wanted == in_channels:
         return model, in_channels
     try:
-        rebuilt = build_model(arch, num_classes, wanted, model_kwargs)
+        rebuilt = build_model(arch, num_classes, wanted, model_kwargs, download)
     except SuiteError:  # e.g. torchvision models are RGB-only; load_weights explains the mismatch
         return model, in_channels
     name, first = first_layer(rebuilt)
@@ -489,6 +536,8 @@ def check_model_fits_data(loaded: LoadedModel, input_shape: Sequence[int], num_c
             raise DataError(_channel_message(channels, first.in_channels)) from None
         if channels != loaded.in_channels:
             raise DataError(_channel_message(channels, loaded.in_channels)) from None
+        if dtype_hint(loaded.module, exc):
+            raise ConfigError(dtype_hint(loaded.module, exc)) from None
         raise DataError(
             f"The model cannot process {height}x{width} images with {channels} channels "
             f"({type(exc).__name__}: {str(exc)[:200]}). It may expect another image size (timm ViTs: set "

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from helpers.errors import ConfigError
 from helpers.plots.common import (class_colours, colormap, embedding_inputs, name_lookup,
                                   require_columns)
+from helpers.plots.fonts import with_fallback_fonts
 from helpers.plots.overlay import to_rgb_uint8
 
 __all__ = [
@@ -55,6 +56,7 @@ def _annotated_heatmap(ax, values: np.ndarray, labels: np.ndarray, cmap, norm, f
 # Confusion matrices
 # ----------------------------------------------------------------------------------------------
 
+@with_fallback_fonts
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], normalize: bool = False,
                           title: Optional[str] = None, order: Optional[Sequence[int]] = None,
                           group_boundaries: Optional[Sequence[int]] = None) -> Figure:
@@ -156,6 +158,7 @@ def _row_percent(row_pct: np.ndarray) -> np.ndarray:
     return p * 100.0 if p.size and np.nanmax(p) <= 1.0 else p
 
 
+@with_fallback_fonts
 def plot_group_confusion(counts: np.ndarray, row_pct: np.ndarray, names: Sequence[str]) -> Figure:
     """k×k confusion heatmap between groups of classes; each cell shows "count\\n(xx.x%)" where %
     is the share of the row's (true group's) images. row_pct in percent (fractions accepted)."""
@@ -182,6 +185,7 @@ def plot_group_confusion(counts: np.ndarray, row_pct: np.ndarray, names: Sequenc
     return fig
 
 
+@with_fallback_fonts
 def plot_coarse_confusion(cm20: np.ndarray, coarse_names: Sequence[str]) -> Figure:
     """Superclass confusion matrix (e.g. CIFAR-100's 20×20), coloured and annotated with row %."""
     cm = np.asarray(cm20)
@@ -220,6 +224,7 @@ def plot_coarse_confusion(cm20: np.ndarray, coarse_names: Sequence[str]) -> Figu
 # Confused pairs, classifier head
 # ----------------------------------------------------------------------------------------------
 
+@with_fallback_fonts
 def plot_top_pairs(pairs_df: pd.DataFrame) -> Figure:
     """Horizontal bars of the most confused (true → predicted) pairs, most confused on top.
     Columns (metrics.most_confused): true_name, pred_name, count; optional share_of_true (fraction of the true
@@ -266,6 +271,7 @@ def plot_top_pairs(pairs_df: pd.DataFrame) -> Figure:
     return fig
 
 
+@with_fallback_fonts
 def plot_head_cosine(sim: np.ndarray, names: Sequence[str]) -> Figure:
     """Cosine similarity between the classifier-head weight vectors of a few classes (annotated,
     diverging colours over [-1, 1])."""
@@ -297,6 +303,7 @@ def plot_head_cosine(sim: np.ndarray, names: Sequence[str]) -> Figure:
 # ----------------------------------------------------------------------------------------------
 
 
+@with_fallback_fonts
 def plot_embedding(coords: np.ndarray, labels: np.ndarray, preds: np.ndarray, class_ids: Sequence[int],
                    names: Sequence[str], method: str) -> Figure:
     """2-D embedding (UMAP / t-SNE) of the features: one colour per true class, misclassified
@@ -331,6 +338,7 @@ def plot_embedding(coords: np.ndarray, labels: np.ndarray, preds: np.ndarray, cl
 # Deep dive: occlusion, calibration
 # ----------------------------------------------------------------------------------------------
 
+@with_fallback_fonts
 def plot_occlusion(images: Sequence[np.ndarray], cam_overlays: Sequence[np.ndarray],
                    occlusion_maps: Sequence[np.ndarray], titles: Sequence[str]) -> Figure:
     """One row per image: original | Grad-CAM overlay | occlusion sensitivity (drop in the class
@@ -408,6 +416,7 @@ def plot_reliability_diagram(bins_df: pd.DataFrame, ece: float) -> Figure:
 # Comparing two checkpoints (helpers.compare computes the tables)
 # ----------------------------------------------------------------------------------------------
 
+@with_fallback_fonts
 def plot_accuracy_deltas(per_class_df: pd.DataFrame, name_a: str = "A", name_b: str = "B") -> Figure:
     """Bars of accuracy_b − accuracy_a for every class with test images, sorted (most improved on the
     left); green = better under B, red = worse. Columns: class_name, delta, support."""
@@ -436,6 +445,7 @@ def plot_accuracy_deltas(per_class_df: pd.DataFrame, name_a: str = "A", name_b: 
     return fig
 
 
+@with_fallback_fonts
 def plot_pair_changes(pairs_df: pd.DataFrame, k: int = 10) -> Figure:
     """Horizontal bars of the k confused pairs that improved most (fewer errors under B, green) and the k
     that worsened most (red), labelled "true → pred (count A → count B)". Columns: true_name, pred_name,

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from helpers.errors import ConfigError, NumericalError
 from helpers.plots.common import colormap
+from helpers.plots.fonts import drawn, fallback_files, glyphs
 from helpers.plots.overlay import to_rgb_uint8
 
 __all__ = ["GalleryRow", "GalleryLayout", "LAYOUT", "render_gallery", "difference_panel", "render_label_suspects",
@@ -66,6 +67,34 @@ def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(font_manager.findfont(props), size)
 
 
+@functools.lru_cache(maxsize=8192)
+def _font_for(text: str, size: int, bold: bool = False) -> tuple[str, ImageFont.FreeTypeFont]:
+    """(text, font) that draws `text` without tofu boxes: DejaVu Sans when it has every glyph, else the first
+    installed font that has them all (e.g. Noto Sans CJK for Chinese class names). When no font has them all,
+    the font with the most, and each character it lacks is written as its code point "[U+6953]": visible, and
+    two class names still read differently."""
+    need = {ord(c) for c in text if drawn(c)}
+    primary = _font(size, bold)
+    have = glyphs(primary.path)
+    if need <= have or not have:
+        return text, primary
+    best, best_have, missing = primary.path, have, len(need - have)
+    for path in fallback_files(bold):
+        found = glyphs(path)
+        lacking = len(need - found)
+        if lacking == 0:
+            return text, _font_file(path, size)
+        if lacking < missing:
+            best, best_have, missing = path, found, lacking
+    shown = "".join(c if not drawn(c) or ord(c) in best_have else f"[U+{ord(c):04X}]" for c in text)
+    return shown, (primary if best == primary.path else _font_file(best, size))
+
+
+@functools.lru_cache(maxsize=None)
+def _font_file(path: str, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path, size)
+
+
 @functools.lru_cache(maxsize=64)
 def _colour_strip(cmap_name: str, width: int, height: int) -> np.ndarray:
     row = (colormap(cmap_name)(np.linspace(0.0, 1.0, width))[:, :3] * 255).round().astype(np.uint8)
@@ -95,9 +124,11 @@ def _fit_label(label: str, max_w: int) -> tuple[str, ImageFont.FreeTypeFont]:
     (the row title names the classes too), else cut with an ellipsis. Class names stay whole when possible."""
     for text in (label, label.replace("CAM → ", "", 1)):
         for size in (11, 10):
-            if _font(size).getlength(text) <= max_w:
-                return text, _font(size)
-    return _fit_text(label.replace("CAM → ", "", 1), _font(10), max_w), _font(10)
+            shown, font = _font_for(text, size)
+            if font.getlength(shown) <= max_w:
+                return shown, font
+    shown, font = _font_for(label.replace("CAM → ", "", 1), 10)
+    return _fit_text(shown, font, max_w), font
 
 
 def _display_size(h: int, w: int, tile: int) -> tuple[int, int]:
@@ -204,25 +235,25 @@ def render_gallery(title: str, sections: Sequence[tuple[str, Sequence[GalleryRow
     text_w = width - 2 * L.pad
 
     y = L.pad
-    title_font = _font(20, bold=True)
-    if title_font.getlength(title) > text_w:
-        title_font = _font(16, bold=True)
-    texts.append(((L.pad, y + 2), _fit_text(title, title_font, text_w), title_font, _BLACK, "lt"))
+    title_text, title_font = _font_for(title, 20, True)
+    if title_font.getlength(title_text) > text_w:
+        title_text, title_font = _font_for(title, 16, True)
+    texts.append(((L.pad, y + 2), _fit_text(title_text, title_font, text_w), title_font, _BLACK, "lt"))
     y += L.title_h
     if subtitle:
-        sub_font = _font(13)
-        texts.append(((L.pad, y + 1), _fit_text(subtitle, sub_font, text_w), sub_font, _GREY, "lt"))
+        sub_text, sub_font = _font_for(subtitle, 13)
+        texts.append(((L.pad, y + 1), _fit_text(sub_text, sub_font, text_w), sub_font, _GREY, "lt"))
         y += L.subtitle_h
 
-    section_font, row_font = _font(16, bold=True), _font(13, bold=True)
     for heading, rows in sections:
-        shown = heading if rows else f"{heading} — none"
+        shown, section_font = _font_for(heading if rows else f"{heading} — none", 16, True)
         texts.append(((L.pad, y + 4), _fit_text(shown, section_font, text_w), section_font, (40, 40, 40), "lt"))
         canvas[y + L.section_h - 3, L.pad:width - L.pad] = _FRAME  # rule under the heading
         y += L.section_h
         for row in rows:
             colour = _BLACK if row.ok is None else (_GREEN if row.ok else _RED)
-            texts.append(((L.pad, y + 2), _fit_text(row.title, row_font, text_w), row_font, colour, "lt"))
+            row_title, row_font = _font_for(row.title, 13, True)
+            texts.append(((L.pad, y + 2), _fit_text(row_title, row_font, text_w), row_font, colour, "lt"))
             tiles_y = y + L.row_title_h + L.label_h
             original = to_rgb_uint8(row.image)
             disp_h, disp_w = _display_size(*original.shape[:2], tile)
@@ -284,7 +315,7 @@ def render_label_suspects(images: Sequence[np.ndarray], given_names: Sequence[st
     width = max(L.min_width, 2 * L.pad + ncols * tile + (ncols - 1) * L.gap)
     height = 2 * L.pad + L.title_h + nrows * cell_h
     canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    title_font, caption_font = _font(16, bold=True), _font(11)
+    title_font = _font(16, bold=True)
     title = (f"Possible label errors: the model confidently disagrees with the label ({n} shown)" if n
              else "Possible label errors: none (the model never confidently contradicts a label)")
     texts = [((L.pad, L.pad + 2), _fit_text(title, title_font, width - 2 * L.pad), title_font, _BLACK, "lt")]
@@ -292,10 +323,10 @@ def render_label_suspects(images: Sequence[np.ndarray], given_names: Sequence[st
         r, c = divmod(k, ncols)
         x = L.pad + c * (tile + L.gap)
         y = L.pad + L.title_h + r * cell_h
-        texts.append(((x + tile // 2, y + 1), _fit_text(f"label: {given_names[k]} (p={float(probs_given[k]):.2f})",
-                                                         caption_font, tile), caption_font, _RED, "mt"))
-        texts.append(((x + tile // 2, y + 17), _fit_text(f"model: {predicted_names[k]} (p={float(probs_pred[k]):.2f})",
-                                                          caption_font, tile), caption_font, _BLACK, "mt"))
+        for dy, colour, caption in ((1, _RED, f"label: {given_names[k]} (p={float(probs_given[k]):.2f})"),
+                                    (17, _BLACK, f"model: {predicted_names[k]} (p={float(probs_pred[k]):.2f})")):
+            shown, font = _font_for(caption, 11)
+            texts.append(((x + tile // 2, y + dy), _fit_text(shown, font, tile), font, colour, "mt"))
         img = to_rgb_uint8(images[k])
         disp_h, disp_w = _display_size(*img.shape[:2], tile)
         _place_tile(canvas, _resize(img, (disp_h, disp_w), smooth=False), x, y + SUSPECT_CAPTION_H, tile)

@@ -19,10 +19,19 @@ from helpers.plots.common import class_colours, embedding_inputs, name_lookup, r
 from helpers.plots.overlay import to_rgb_uint8
 
 __all__ = ["per_class_accuracy_figure", "per_class_accuracy_html", "confusion_heatmap_figure", "confusion_heatmap_html",
-           "embedding_html", "thumbnail_data_uri", "plotly_div", "include_plotlyjs", "PLOTLY_CONFIG", "CONFUSION_VIEWS"]
+           "embedding_html", "thumbnail_data_uri", "plotly_div", "include_plotlyjs", "plotly_text", "PLOTLY_CONFIG",
+           "CONFUSION_VIEWS"]
 
 # The optional columns of metrics.per_class_table that the chart shows when the table has them.
 _PER_CLASS_OPTIONAL = ("superclass", "support", "correct", "mean_confidence", "top_wrong_prediction", "top_wrong_count")
+
+
+def plotly_text(value) -> str:
+    """A name (class, superclass) as Plotly text. Plotly draws a subset of HTML in every text it shows (tick
+    labels, categories, legend and trace names, hover labels): <a href> becomes a live link, <b>/<br> restyle it.
+    Escaping <, > and & makes it literal; Plotly decodes &lt; &gt; &amp; back for display. Quotes stay as they
+    are: they mean nothing outside a tag, and Plotly would show &quot; literally."""
+    return html.escape(str(value), quote=False)
 
 
 def _present(v) -> bool:
@@ -51,9 +60,9 @@ def per_class_accuracy_figure(table_df: pd.DataFrame):
     df = table_df.sort_values(["accuracy", "class_name"], kind="stable").reset_index(drop=True)
     hover = []
     for _, r in df.iterrows():
-        lines = [f"<b>{html.escape(str(r['class_name']))}</b>"]
+        lines = [f"<b>{plotly_text(r['class_name'])}</b>"]
         if "superclass" in has and _present(r["superclass"]):
-            lines.append(f"superclass: {html.escape(str(r['superclass']))}")
+            lines.append(f"superclass: {plotly_text(r['superclass'])}")
         lines.append(f"accuracy: {float(r['accuracy']):.1%}")
         if {"correct", "support"} <= has:
             lines.append(f"correct: {int(r['correct'])}/{int(r['support'])}")
@@ -64,18 +73,20 @@ def per_class_accuracy_figure(table_df: pd.DataFrame):
         if "top_wrong_prediction" in has and _present(r["top_wrong_prediction"]):
             n_wrong = (f" ({int(r['top_wrong_count'])}×)"
                        if "top_wrong_count" in has and _present(r["top_wrong_count"]) else "")
-            lines.append(f"most often predicted instead: {html.escape(str(r['top_wrong_prediction']))}{n_wrong}")
+            lines.append(f"most often predicted instead: {plotly_text(r['top_wrong_prediction'])}{n_wrong}")
         hover.append("<br>".join(lines))
     df["_hover"] = hover
+    # Categories, tick labels and legend entries are Plotly text too: escaped like the hover.
+    df["_category"] = [plotly_text(c) for c in df["class_name"]]
 
     fig = go.Figure()
-    order = df["class_name"].astype(str).tolist()
+    order = df["_category"].tolist()
     if "superclass" in has:
         groups = sorted(set(df["superclass"].astype(str)))
         palette = qualitative.Dark24 + qualitative.Light24
         for gi, g in enumerate(groups):
             sub = df[df["superclass"].astype(str) == g]
-            fig.add_trace(go.Bar(x=sub["class_name"].astype(str), y=sub["accuracy"], name=g,
+            fig.add_trace(go.Bar(x=sub["_category"], y=sub["accuracy"], name=plotly_text(g),
                                  marker_color=palette[gi % len(palette)], hovertext=sub["_hover"],
                                  hovertemplate="%{hovertext}<extra></extra>"))
     else:
@@ -154,13 +165,16 @@ def embedding_html(coords: np.ndarray, labels: np.ndarray, preds: np.ndarray, cl
     for colour, c in zip(colours, ids):
         m = labels == c
         wrong = preds[m] != c
-        custom = [[int(i), name(c), name(int(p))] for i, p in zip(index[m], preds[m])]
+        # [index, true, predicted] as plain text for the side panel's caption (textContent), then the same
+        # names escaped for the hover label, which Plotly draws as HTML (as it does the trace name).
+        custom = [[int(i), name(c), name(int(p)), plotly_text(name(c)), plotly_text(name(int(p)))]
+                  for i, p in zip(index[m], preds[m])]
         fig.add_trace(scatter(
-            x=coords[m, 0], y=coords[m, 1], mode="markers", name=f"{name(c)} ({int(m.sum())})",
+            x=coords[m, 0], y=coords[m, 1], mode="markers", name=f"{plotly_text(name(c))} ({int(m.sum())})",
             customdata=custom,
             marker=dict(color=colour, size=np.where(wrong, 9, 6).tolist(),
                         symbol=np.where(wrong, "x", "circle").tolist(), opacity=0.8),
-            hovertemplate="true: %{customdata[1]}<br>predicted: %{customdata[2]}<extra></extra>"))
+            hovertemplate="true: %{customdata[3]}<br>predicted: %{customdata[4]}<extra></extra>"))
     fig.add_trace(scatter(x=[None], y=[None], mode="markers", name="× = misclassified",
                           marker=dict(color="#444", symbol="x", size=9), hoverinfo="skip"))
     fig.update_layout(title=f"{method} of penultimate-layer features ({len(coords)} images)",
@@ -261,9 +275,11 @@ def confusion_heatmap_figure(cm: np.ndarray, row_pct: np.ndarray, names: Sequenc
     pct = np.asarray(row_pct, dtype=np.float64)[np.ix_(order, order)]
     errors = pct.copy()
     np.fill_diagonal(errors, np.nan)
-    labels = [str(names[i]) for i in order]
+    # Names are Plotly text (categories, ticks, hover): escaped, so a name cannot add a link or markup.
+    labels = [plotly_text(names[i]) for i in order]
     # Category values carry the hover name (with the superclass); the tick text stays short.
-    full = [f"{labels[k]} · {superclasses[i]}" for k, i in enumerate(order)] if superclasses is not None else labels
+    full = ([f"{labels[k]} · {plotly_text(superclasses[i])}" for k, i in enumerate(order)]
+            if superclasses is not None else labels)
     if len(set(full)) < n:
         full = [f"{f} (#{i})" for f, i in zip(full, order)]
     pct_text = np.where(np.isnan(pct), "n/a (no images)", np.char.mod("%.1f%%", np.nan_to_num(pct)))

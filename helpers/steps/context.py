@@ -81,5 +81,11 @@ class Run:
             return f"#{idx} · {names[t]} ({p.probs[idx, q]:.2f})"
         return f"#{idx} · true: {names[t]} ({p.probs[idx, t]:.2f}) · pred: {names[q]} ({p.probs[idx, q]:.2f})"
 
+    def class_slug(self, cls: int) -> str:
+        """'003_maple_tree': the part of every per-class or per-pair file name that names a class. The id keeps
+        the files of one run apart whatever the names (non-Latin scripts, names that differ only in
+        punctuation); safe_filename keeps the name readable."""
+        return f"{cls:03d}_{safe_filename(self.data.class_names[cls])}"
+
     def gallery_filename(self, cls: int) -> str:
-        return f"class_{cls:03d}_{safe_filename(self.data.class_names[cls])}.png"
+        return f"class_{self.class_slug(cls)}.png"

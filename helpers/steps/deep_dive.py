@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 
 from helpers.compute import deep_dive, metrics
-from helpers.data.datasets import resolve_class_names, safe_filename
+from helpers.config import Params
+from helpers.data.datasets import Dataset, resolve_class_names
+from helpers.errors import ConfigError
 from helpers.model.cams import CLASS_AGNOSTIC_METHODS, SoftmaxContrastTarget, faithfulness
 from helpers.plots import figures, interactive
 from helpers.plots.gallery import render_gallery, render_label_suspects
@@ -119,14 +121,30 @@ class DeepDive(Section):
 
 
 # ---------------------------------------------------------------------- the parts
+def given_group(params: Params, data: Dataset) -> Optional[list[int]]:
+    """GROUP_CLASSES as class ids, or None when the group is to be found (GROUP_SIZE classes). Checked as soon
+    as the data is loaded, before inference: known names, no class twice, a GROUP_SIZE the data can fill."""
+    if params.GROUP_CLASSES:
+        ids = resolve_class_names(list(params.GROUP_CLASSES), data.class_names, what="GROUP_CLASSES")
+        twice = sorted({data.class_names[i] for i in ids if ids.count(i) > 1})
+        if twice:
+            raise ConfigError(f"GROUP_CLASSES names {', '.join(map(repr, twice))} more than once "
+                              f"({list(params.GROUP_CLASSES)!r}); list each class of the group once.")
+        return [int(i) for i in ids]
+    if params.GROUP_SIZE > data.num_classes:
+        raise ConfigError(f"GROUP_SIZE = {params.GROUP_SIZE}, but {data.name} has {data.num_classes} classes: set "
+                          f"GROUP_SIZE to at most {data.num_classes}, or name the group with GROUP_CLASSES.")
+    return None
+
+
 def group_step(run: Run, conf: Confusion) -> Group:
     p = run.params
-    if p.GROUP_CLASSES:
-        group = resolve_class_names(list(p.GROUP_CLASSES), run.data.class_names)
+    group = given_group(p, run.data)
+    if group is not None:
         objective = metrics.group_objective(conf.cm, group)
         how = "given by GROUP_CLASSES"
     else:
-        group, objective = metrics.find_confused_group(conf.cm, k=min(p.GROUP_SIZE, run.data.num_classes))
+        group, objective = metrics.find_confused_group(conf.cm, k=p.GROUP_SIZE)
         how = "found automatically"
     group = [int(g) for g in group]
     counts, row_pct = metrics.group_confusion(conf.cm, group)
@@ -159,7 +177,7 @@ def group_pairs_step(run: Run, conf: Confusion, g: Group) -> GroupPairs:
                 continue
             title = f"{run.names[t]} → {run.names[q]}: {int(g.group_counts[a, b])} errors"
             img = render_gallery(title, [("original · CAM true · CAM predicted · FinerCAM (true vs predicted)", rows)])
-            name = f"group_pair_{safe_filename(run.data.class_names[t])}_to_{safe_filename(run.data.class_names[q])}.png"
+            name = f"group_pair_{run.class_slug(t)}_to_{run.class_slug(q)}.png"
             run.outputs.save_figure(img, SUB, name)
             sec.figures[name] = img
             sec.files.append(f"{SUB}/{name}")

@@ -10,7 +10,6 @@ from typing import Optional, Sequence
 import numpy as np
 
 from helpers.compute import metrics
-from helpers.data.datasets import safe_filename
 from helpers.files import png
 from helpers.files.cache import digest
 from helpers.model.cams import faithfulness
@@ -162,8 +161,7 @@ def pair_galleries(run: Run, conf: Confusion) -> PairGalleries:
         idx, rows, _, cam_p, _ = pair_rows(run, t, q, p.PAIR_EXAMPLES)
         title = f"Pair {k}: {names[t]} → {names[q]} — {row.count} errors ({row.share_of_true:.1%} of {names[t]})"
         img = render_gallery(title, [(f"{len(rows)} most confident {names[t]} → {names[q]} errors", rows)])
-        name = (f"confused_pair_{k}_{safe_filename(run.data.class_names[t])}_to_"
-                f"{safe_filename(run.data.class_names[q])}.png")
+        name = f"confused_pair_{k}_{run.class_slug(t)}_to_{run.class_slug(q)}.png"
         run.outputs.save_figure(img, name)
         sec.files.append(name)
         sec.figures[name] = img

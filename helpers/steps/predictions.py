@@ -2,6 +2,7 @@
 and the CAM store that serves every later CAM."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from helpers.config import Params
 from helpers.data.datasets import Dataset
 from helpers.files.cache import RunCache, cache_key
+from helpers.files.digest import file_digest
 from helpers.files.outputs import Outputs
 from helpers.model.cam_store import CamStore
 from helpers.model.cams import CamEngine
@@ -19,35 +21,95 @@ from helpers.model.load import LoadedModel
 MAX_CAM_BATCH = 128   # CAM batches after inference are small: larger ones only hold more memory
 
 
+def arch_source_digest(arch: str) -> Optional[str]:
+    """sha256 of the Python file an ARCH 'path/to/model.py:ClassName' names (resolved as load_model resolves it:
+    relative to the working directory), or None for any other ARCH: editing model.py changes the cache key."""
+    arch = str(arch or "").strip()
+    if ":" not in arch:
+        return None
+    file_part = arch.rsplit(":", 1)[0]
+    if not file_part.endswith(".py"):
+        return None
+    try:
+        return file_digest(Path(file_part).expanduser().resolve())
+    except OSError:   # the model was built from it a moment ago; unreadable now: never a cache hit
+        return "unreadable"
+
+
 def cache_key_for(params: Params, loaded: LoadedModel, data: Dataset, inputs: torch.Tensor) -> str:
-    """Hash of what the predictions depend on: the checkpoint bytes, the architecture and its arguments, the
-    data (a hash of images and labels) and the preprocessing. CAM- and deep-dive-specific parameters
-    (CAM_METHOD, TARGET_LAYER, SEED, EMBEDDING, group, ...) key the entries inside the derived cache."""
+    """Hash of what the predictions depend on: the checkpoint bytes, the architecture, its arguments and (for
+    ARCH='model.py:ClassName') the bytes of that file, the data (a hash of images and labels), the preprocessing
+    and BATCH_SIZE (a model may depend on its batch: batch statistics, padding). CAM- and deep-dive-specific
+    parameters (CAM_METHOD, TARGET_LAYER, SEED, EMBEDDING, group, ...) key the entries inside the derived cache."""
     p = params
     return cache_key({
         "weights": loaded.weights_sha256, "arch": loaded.arch, "model_kwargs": p.MODEL_KWARGS,
+        "arch_source": arch_source_digest(loaded.arch), "batch_size": p.BATCH_SIZE,
+        "module": type(loaded.module).__name__,   # a wrapper (softmax outputs taken as log-probabilities) changes them
         "data": data.fingerprint, "n": len(data.labels), "shape": list(inputs.shape[1:]),
         "mean": [float(v) for v in data.mean], "std": [float(v) for v in data.std], "dataset": p.DATASET,
         "limit": p.LIMIT, "convert": p.CONVERT_CHANNELS,
     })
 
 
+SOFTMAX_ATOL = 1e-5   # float32 softmax per batch (torch) vs float64 recomputed here
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def _floats(a: np.ndarray, name: str, shape: tuple) -> Optional[str]:
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+        return f"{name} is {getattr(a, 'dtype', type(a).__name__)}, not float32"
+    if a.shape != shape:
+        return f"{name} has shape {a.shape}, not {shape}"
+    if not np.isfinite(a).all():
+        return f"{name} holds NaN or infinite values"
+    return None
+
+
+def prediction_problem(preds: Predictions, data: Dataset) -> Optional[str]:
+    """Why cached predictions cannot be what one inference pass over `data` produced, or None: every array of
+    the right shape, dtype and finite; labels equal to the data's; preds the argmax of the logits and probs
+    their softmax (a cache edited so that preds := labels would otherwise report any accuracy it likes)."""
+    n, c = len(data.labels), data.num_classes
+    why = _floats(preds.logits, "logits", (n, c)) or _floats(preds.probs, "probs", (n, c))
+    if why:
+        return why
+    for name, a in (("preds", preds.preds), ("labels", preds.labels)):
+        if not isinstance(a, np.ndarray) or a.dtype != np.int64 or a.shape != (n,):
+            return f"{name} is not an int64 array of shape ({n},)"
+    if not np.array_equal(preds.labels, data.labels):
+        return "labels differ from the data's"
+    if n and not np.array_equal(preds.preds, preds.logits.argmax(axis=1)):
+        wrong = int((preds.preds != preds.logits.argmax(axis=1)).sum())
+        return f"preds are not the argmax of the logits for {wrong} of {n} images"
+    if n and not np.allclose(preds.probs, softmax(preds.logits), rtol=0, atol=SOFTMAX_ATOL):
+        return "probs are not the softmax of the logits"
+    f = preds.features
+    if f is not None and (not isinstance(f, np.ndarray) or f.dtype != np.float32 or f.ndim != 2 or len(f) != n
+                          or not np.isfinite(f).all()):
+        return "features are not a finite float32 array with one row per image"
+    return None
+
+
 def read_predictions(cache: RunCache, data: Dataset) -> Optional[Predictions]:
-    """The cached predictions of this key, or None when missing or not fitting the data."""
+    """The cached predictions of this key, or None (recompute) when missing, damaged or not what an inference pass
+    over this data gives (prediction_problem); a rejected file is recorded in the cache stats."""
     z = cache.read(".npz", "predictions")
     if z is None:
         return None
     try:
         preds = Predictions(logits=z["logits"], probs=z["probs"], preds=z["preds"], labels=z["labels"],
                             features=z.get("features"))
-        n = len(data.labels)
-        ok = (preds.logits.ndim == 2 and preds.logits.shape[0] == n and preds.probs.shape == preds.logits.shape
-              and preds.preds.shape == (n,) and np.array_equal(preds.labels, data.labels)
-              and (preds.features is None or len(preds.features) == n))
-    except Exception:
-        ok = False
-    if not ok:
-        cache.reject(f"{cache.key}.npz: arrays do not fit the data")
+        why = prediction_problem(preds, data)
+    except Exception as exc:   # a missing member, an array that does not compare: not ours
+        why = f"{type(exc).__name__}: {exc}"
+    if why:
+        cache.reject(f"{cache.key}.npz: {why}")
         return None
     return preds
 
@@ -66,7 +128,8 @@ def cam_store(params: Params, loaded: LoadedModel, inputs: torch.Tensor, device:
         return CamEngine(loaded.module, method=method, target_layer=layer, input_shape=shape,
                          batch_size=min(params.BATCH_SIZE, MAX_CAM_BATCH), device=str(device))
 
-    return CamStore(engine, inputs, method=params.CAM_METHOD, layer=params.TARGET_LAYER)
+    return CamStore(engine, inputs, method=params.CAM_METHOD, layer=params.TARGET_LAYER,
+                    num_classes=loaded.num_classes)
 
 
 def restore_derived(cache: RunCache, store: CamStore, outputs: Outputs) -> None:

@@ -185,6 +185,8 @@ def summary_text(run: Run, conf: Confusion, deep: Optional[DeepDive], faith: dic
         "=" * 60,
         f"Model:    {run.model.arch} — {run.model.source}",
         f"Dataset:  {data.name}, {n} test images, {data.num_classes} classes",
+        *([f"Images:   {data.resize_note}"] if getattr(data, "resize_note", "") else []),
+        *([f"Read:     {', '.join(data.source_files)}"] if data.source_files else []),
         f"CAM:      {p.CAM_METHOD} at layer {engine.layer_name}; path: {engine.path}",
         "",
         f"Overall accuracy: {pr.accuracy:.2%} ({int(pr.correct.sum())}/{n})",
@@ -385,6 +387,7 @@ def write_reports(run: Run, conf: Confusion, pairs: Optional[PairGalleries], dee
     sec = Report(recommendations=recs, removed_stale=removed,
                  files=["analysis_summary.txt", "recommendations.txt", "index.html"])
     sec.notes.append(format_recommendations(recs))
+    sec.notes += out.warnings   # what the clean-up left alone (a malformed manifest, names it does not write)
     if removed:
         sec.notes.append(f"Removed {len(removed)} outputs of an earlier run that this run does not produce: "
                          + ", ".join(removed[:10]) + (" ..." if len(removed) > 10 else ""))
