@@ -202,6 +202,7 @@ class Analysis:
             self.report()
         except BaseException:
             self.outputs.close(raise_errors=False)   # the step's own error is the one to report
+            self.outputs.abandon()                   # the folder keeps the previous complete run
             raise
         self.outputs.close()   # also stops the figure worker process
         return self.results

@@ -1,13 +1,16 @@
-"""Nothing is lost when a run dies: `python -m helpers analyze` is killed with SIGKILL in the middle of
-writing the class galleries over a complete earlier run. Every file left is then complete (the earlier
-version or the new one), temporary files are hidden and never linked, and the next complete run
-removes them."""
+"""Nothing is lost and no two runs mix when a run dies: `python -m helpers analyze` is killed with SIGKILL over a
+complete earlier run, in the middle of the class galleries and (hypothesis) at random points. The folder then
+holds the earlier run exactly as it was (the new run's outputs were still in its hidden staging folder), or,
+killed while they were being moved into place, the next run completes the move: wholly the old run or wholly
+the new one, and index.html never describes files another run wrote. Temporary files are hidden and never
+linked, and the next complete run removes them and the dead run's staging folder, and says so."""
 from __future__ import annotations
 
 import csv
 import io
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from helpers.config import Params
 from helpers.files import atomic
+from helpers.files.outputs import Outputs
 from helpers.pipeline import Analysis
 
 from conftest import REPO, TINY_ARCH, run_params
@@ -68,9 +74,14 @@ def check_every_file_is_complete(out: Path) -> None:
             [z[k] for k in z.files]
 
 
-def kill_during_galleries(cmd: list[str], galleries: Path, log: Path) -> tuple[int, int, int]:
-    """Start `cmd`, SIGKILL it once it has replaced N_NEW_BEFORE_KILL class galleries.
-    Returns (its exit status, how many galleries it had replaced by then, its process id)."""
+def staged_galleries(out: Path) -> list[Path]:
+    """The class galleries a run has written so far into its staging folder."""
+    return list(out.glob(".gradcam-run-*/worst_predictions/class_*.png"))
+
+
+def kill_during_galleries(cmd: list[str], out: Path, log: Path) -> tuple[int, int, int]:
+    """Start `cmd`, SIGKILL it once it has written N_NEW_BEFORE_KILL class galleries (into its staging folder).
+    Returns (its exit status, how many galleries it had written by then, its process id)."""
     start = time.time()
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
@@ -78,7 +89,7 @@ def kill_during_galleries(cmd: list[str], galleries: Path, log: Path) -> tuple[i
     try:
         deadline = start + 300
         while proc.poll() is None and time.time() < deadline:
-            new = sum(1 for p in galleries.glob("class_*.png") if p.stat().st_mtime >= start)
+            new = len(staged_galleries(out))
             if new >= N_NEW_BEFORE_KILL:
                 proc.send_signal(signal.SIGKILL)
                 break
@@ -100,15 +111,13 @@ def test_sigkill_mid_run_loses_nothing(cifar_root, tiny_checkpoint, tmp_path):
     cmd = [sys.executable, "-m", "helpers", "analyze", "--quiet", "--model-path", str(tiny_checkpoint),
            "--arch", TINY_ARCH, "--data-root", str(cifar_root), "--no-download", "--output-dir", str(out),
            "--embedding", "tsne", "--device", "cpu", "--cam-method", "gradcam++"]
-    status, replaced, pid = kill_during_galleries(cmd, out / "worst_predictions", tmp_path / "killed.log")
+    status, replaced, pid = kill_during_galleries(cmd, out, tmp_path / "killed.log")
     assert status == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     assert N_NEW_BEFORE_KILL <= replaced < n_galleries  # killed in the middle of the galleries
 
-    # Every file is complete: the earlier version or a complete new one; none went missing.
-    after = visible_files(out)
-    assert set(after) == set(before)
-    changed = [rel for rel in after if after[rel] != before[rel]]
-    assert N_NEW_BEFORE_KILL <= sum(rel.startswith("worst_predictions/") for rel in changed) < n_galleries
+    # The folder is the earlier run, byte for byte; the killed run's galleries stayed in its staging folder.
+    assert visible_files(out) == before
+    assert len(staged_galleries(out)) >= N_NEW_BEFORE_KILL
     check_every_file_is_complete(out)
 
     # Temporary files are hidden, named after their target, and nothing points at them.
@@ -116,17 +125,18 @@ def test_sigkill_mid_run_loses_nothing(cifar_root, tiny_checkpoint, tmp_path):
     orphan = out / "worst_predictions" / f".class_000_apple.png.gradcam_{atomic.HOST}_{pid}_k1ll3d00.tmp.png"
     orphan.write_bytes(before["worst_predictions/class_000_apple.png"][:100])
     index = (out / "index.html").read_text(encoding="utf-8") + (out / ".manifest.json").read_text(encoding="utf-8")
-    for tmp in temp_files(out):
-        match = TEMP_NAME.match(tmp.name)
+    for tmp in [t for t in temp_files(out) if not t.relative_to(out).parts[0].startswith(".gradcam-run-")]:
+        match = TEMP_NAME.match(tmp.name)   # (the dead run's staging folder is discarded whole, below)
         assert match, f"temporary file not hidden/named after its target: {tmp}"
         assert (tmp.parent / match["target"]).is_file()
         assert tmp.name not in index
 
-    # The next complete run replaces everything and removes what the killed run left behind.
+    # The next complete run replaces everything, removes what the killed run left behind, and says so.
     again = Analysis(params(cifar_root, tiny_checkpoint, out, CAM_METHOD="gradcam++"), progress=False)
     again.run_all()
     check_outputs(out, num_classes=100, n_pair_galleries=5)   # includes: no *.tmp* files left
-    assert not temp_files(out)
+    assert not temp_files(out) and not list(out.glob(".gradcam-run-*"))
+    assert any("stopped before it finished" in note for note in again.results["report"].notes)
 
 
 # ----------------------------------------------------------------------------- the PNG encoder
@@ -208,3 +218,62 @@ def test_save_figure_writes_the_same_pixels_as_matplotlib(tmp_path):
         assert ours.read_bytes() == _savefig_bytes(fig, dpi=72, pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL},
                                                    **kwargs), name
         plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- killed anywhere (hypothesis)
+
+@pytest.fixture(scope="module")
+def earlier_complete_run(cifar_root, tiny_checkpoint, tmp_path_factory):
+    """A complete Grad-CAM run, and how long the same analysis takes from the command line."""
+    out = tmp_path_factory.mktemp("earlier") / "gradcam_results"
+    start = time.perf_counter()
+    subprocess.run(analyze_cmd(cifar_root, tiny_checkpoint, out, "gradcam"), cwd=REPO, check=True,
+                   capture_output=True, timeout=600)
+    return out, time.perf_counter() - start
+
+
+def analyze_cmd(cifar_root, ckpt, out: Path, method: str) -> list[str]:
+    return [sys.executable, "-m", "helpers", "analyze", "--quiet", "--model-path", str(ckpt), "--arch", TINY_ARCH,
+            "--data-root", str(cifar_root), "--no-download", "--output-dir", str(out), "--embedding", "tsne",
+            "--device", "cpu", "--cam-method", method]
+
+
+def one_run(out: Path, before: dict[str, bytes]) -> str:
+    """"old" when the folder is the earlier run byte for byte, "new" when it is wholly the new run (its manifest
+    lists exactly the visible files, its summary is the new CAM method's, and its index links only those)."""
+    visible = visible_files(out)
+    if visible == before:
+        return "old"
+    listed = set(json.loads((out / ".manifest.json").read_text(encoding="utf-8")))
+    assert set(visible) <= listed | {"plotly.min.js"} and "index.html" in visible, sorted(set(visible) - listed)
+    assert "gradcam++" in visible["analysis_summary.txt"].decode()
+    index = visible["index.html"].decode()
+    linked = set(re.findall(r'(?:href|src)="([^"#]+)"', index))
+    assert {rel for rel in linked if not rel.startswith(("http", "data:"))} <= set(visible), "index links another run"
+    check_every_file_is_complete(out)
+    return "new"
+
+
+@settings(max_examples=3, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(fraction=st.floats(min_value=0.05, max_value=1.1))
+def test_a_run_killed_at_any_point_leaves_one_run(earlier_complete_run, cifar_root, tiny_checkpoint, tmp_path,
+                                                 fraction):
+    earlier, duration = earlier_complete_run
+    out = tmp_path / f"killed_{fraction:.3f}" / "gradcam_results"
+    shutil.copytree(earlier, out, symlinks=True)
+    before = visible_files(out)
+    proc = subprocess.Popen(analyze_cmd(cifar_root, tiny_checkpoint, out, "gradcam++"), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(timeout=fraction * duration)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    # Right after the kill: index.html (when there is one) describes only this folder's files of one run.
+    if not (out / ".gradcam-commit.json").exists():
+        one_run(out, before)
+    # Whatever the next run finds, it first makes the folder one run again (finishing or discarding the dead one).
+    Outputs(out)
+    assert one_run(out, before) in ("old", "new")
+    assert not list(out.glob(".gradcam-run-*")) and not (out / ".gradcam-commit.json").exists()

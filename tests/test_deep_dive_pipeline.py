@@ -27,7 +27,8 @@ def run(params: Params) -> Analysis:
     an = Analysis(params, progress=False)
     for step in STEPS:
         getattr(an, step)()
-    an.outputs.flush()   # figures are written in the background until report(); these tests skip report()
+    an.outputs.flush()    # figures are written in the background until report(); these tests skip report(),
+    an.outputs.commit()   # which also moves the run's outputs into OUTPUT_DIR
     return an
 
 

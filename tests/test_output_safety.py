@@ -155,7 +155,7 @@ DISK_FULL = ["No space left on device", "is full: free disk space there", "set O
 @case("disk-full-write-text")
 def _(ctx):
     out = ctx.outputs()
-    out.write_text("the earlier summary", "analysis_summary.txt")
+    (ctx.out / "analysis_summary.txt").write_text("the earlier summary")   # an earlier run's file
     fail_with(ctx, Path, "write_text", errno.ENOSPC, only_under=ctx.out)
 
     def unchanged():
@@ -239,7 +239,7 @@ def _(ctx):
 def _(ctx):
     out = ctx.outputs()
     (ctx.out / "recommendations.txt").mkdir()
-    return lambda: out.write_text("x", "recommendations.txt"), \
+    return lambda: (out.write_text("x", "recommendations.txt"), out.commit()), \
         [f"{ctx.out / 'recommendations.txt'} is a folder in the way", "remove or rename it"], no_temps(ctx.out)
 
 
@@ -432,11 +432,11 @@ def test_stale_outputs_are_removed_but_never_through_a_link(ctx):
     (ctx.out / "confused_pair_8_linked.png").symlink_to(ctx.user / "picture.png")
     (ctx.out / "confused_pair_7_folder.png").mkdir()
     (ctx.out / "notes.txt").write_text("the user's")
-    out.write_text("kept", "index.html")
+    (ctx.out / "index.html").write_text("kept")   # this run's (below: also_current)
     listed = stale + ["confused_pair_8_linked.png", "confused_pair_7_folder.png", "notes.txt", "index.html"]
     (ctx.out / MANIFEST).write_text(json.dumps(listed))
     before = snapshot(ctx.tmp, skip=ctx.out)
-    assert sorted(out.remove_stale()) == sorted(stale)
+    assert sorted(out.remove_stale(also_current=("index.html",))) == sorted(stale)
     assert not any((ctx.out / rel).exists() for rel in stale)
     assert (ctx.out / "confused_pair_8_linked.png").is_symlink() and (ctx.out / "confused_pair_7_folder.png").is_dir()
     assert (ctx.out / "notes.txt").read_text() == "the user's" and (ctx.out / "index.html").read_text() == "kept"

@@ -200,6 +200,7 @@ def crafted_analysis(tmp_path, error_rate: float, within_rate: float, confidence
     an.results["deep_dive"] = dd = steps.run_deep_dive(an.run, conf, parts=(
         steps.feature_space_step, steps.superclass_step, steps.calibration_step, steps.label_suspects_step))
     an.outputs.flush()
+    an.outputs.commit()   # what report() does last: the staged outputs move into OUTPUT_DIR
     return an, report.build_evidence(an.run, conf, dd, {})
 
 

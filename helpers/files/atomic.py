@@ -92,9 +92,17 @@ def fix_for(path: Path, exc: OSError) -> str:
     return "Check the free disk space and the folder's permissions, or set OUTPUT_DIR to another folder."
 
 
+STAGE_PART = re.compile(r"^\.gradcam-run-[0-9a-f]{8}_\d+_[0-9a-f]{8}$")   # files/staging.py's staging folders
+
+
+def final_path(path: str | os.PathLike) -> Path:
+    """Where a staged output goes (the staging folder left out of the path): what messages name."""
+    return Path(*[part for part in Path(path).parts if not STAGE_PART.match(part)])
+
+
 def write_error(path: str | os.PathLike, exc: OSError, what: str = "the output file") -> OutputWriteError:
     """An OutputWriteError for an OS failure writing `path`: the file, the OS's reason and the fix."""
-    path = Path(path)
+    path = final_path(path)
     err = OutputWriteError(f"Could not write {what} {path} ({exc.strerror or exc}). {fix_for(path, exc)}")
     err.errno, err.strerror, err.filename = exc.errno, exc.strerror, str(path)
     return err
@@ -139,7 +147,7 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether a process with this id runs on this machine (any doubt counts as alive)."""
     if pid == os.getpid():
         return True
@@ -173,7 +181,7 @@ def is_orphan_temp(path: Path, target_ok: Callable[[str], bool] = lambda name: T
         return False
     if match["host"] != HOST or os.name != "posix":
         return age > FOREIGN_TEMP_AGE_S
-    return not _alive(int(match["pid"]))
+    return not process_alive(int(match["pid"]))
 
 
 def remove_orphan_temps(folder: str | os.PathLike,

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Optional
 
 from helpers.errors import OutputError
-from helpers.files import atomic
+from helpers.files import atomic, staging
 from helpers.files.background import BackgroundWriter
 
 MANIFEST = ".manifest.json"
@@ -141,11 +141,26 @@ class Outputs:
         self.drawn: dict[str, str] = {}
         self.drawn_before: dict[str, list] = {}
         self.n_kept = 0
-        self.warnings: list[str] = []   # what the clean-up left alone and why (a malformed manifest, ...)
+        self.kept: set[str] = set()     # outputs an earlier run wrote that this one keeps as they are
+        self.warnings: list[str] = []   # what the clean-up did or left alone, and why (a malformed manifest, ...)
+        self.warnings += staging.recover(self.root, self._remove_output, self.write_manifest)
+        self.stage = staging.new_stage(self.root)   # everything is written here until commit()
+        staging.ACTIVE[self.stage.name] = self
 
     def path(self, *parts: str) -> Path:
-        """The path of an output, recorded as this run's. Refused (OutputError) when it would leave the folder:
-        an absolute or ".." part, or a subfolder that is a symbolic link."""
+        """Where to write an output of this run (in the staging folder until commit()), recorded as this run's.
+        Refused (OutputError) when it would leave the folder: an absolute or ".." part, or a subfolder that is
+        a symbolic link."""
+        rel = self._checked(*parts)
+        self.written.add(self.real_root.joinpath(*rel.parts))
+        return self.stage.joinpath(*rel.parts)
+
+    def _keep(self, rel: str) -> None:
+        """An earlier run's output that this run keeps unchanged: listed as this run's, not moved."""
+        self.written.add(self.real_root.joinpath(*self._checked(*rel.split("/")).parts))
+        self.kept.add(rel)
+
+    def _checked(self, *parts: str) -> PurePosixPath:
         rel = PurePosixPath(*parts) if parts else PurePosixPath()
         if not parts or rel.is_absolute() or any(p in ("", ".", "..") for p in rel.parts):
             raise OutputError(f"Refusing to write {'/'.join(parts)!r}: outputs are named relative to "
@@ -157,8 +172,7 @@ class Outputs:
         if real != self.real_root.joinpath(*rel.parts[:-1]):
             raise OutputError(f"Refusing to write {path}: its folder resolves to {real}, not inside the output folder "
                               f"{self.real_root}. Remove or rename the link, or set OUTPUT_DIR to another folder.")
-        self.written.add(self.real_root.joinpath(*rel.parts))
-        return path
+        return rel
 
     # ------------------------------------------------------------------ saving
     def save_figure(self, fig, *parts: str, dpi: int = 100, tight: Optional[bool] = None) -> Path:
@@ -201,9 +215,10 @@ class Outputs:
                 same = path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
             except OSError:   # unreadable: write it again (an error there names the fix)
                 same = False
-            if not same:
-                atomic.write_bytes(path, data)
-            self.path(PLOTLY_JS)
+            if same:
+                self._keep(PLOTLY_JS)
+            else:
+                atomic.write_bytes(self.path(PLOTLY_JS), data)
         return "../" * len(subdir) + PLOTLY_JS
 
     def flush(self) -> None:
@@ -235,7 +250,7 @@ class Outputs:
         kept = [st.st_size, st.st_mtime_ns] == before[1:]
         self.n_kept += kept
         if kept:
-            self.path(*Path(rel).parts)   # still this run's output (kept by the manifest)
+            self._keep(rel)   # still this run's output (kept by the manifest)
         return kept
 
     def drawn_record(self) -> dict[str, list[Any]]:
@@ -261,11 +276,9 @@ class Outputs:
             removed += atomic.remove_orphan_temps(self.root / sub, _is_own_temp_target(sub))
         return removed
 
-    def remove_stale(self, also_current: tuple[str, ...] = ()) -> list[str]:
-        """Delete the files an earlier run listed in its manifest that this run did not write (and the
-        temporary files a killed run left). Only regular files with names this suite writes, inside the folder
-        and not through a link, are ever deleted; a malformed manifest is ignored (see `warnings`)."""
-        self.remove_orphan_temps()
+    def stale_outputs(self, also_current: tuple[str, ...] = ()) -> list[str]:
+        """The files an earlier run listed in its manifest that this run does not write. Only names this suite
+        writes count; a malformed manifest is ignored (see `warnings`)."""
         try:
             previous = json.loads((self.root / MANIFEST).read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -277,19 +290,52 @@ class Outputs:
         entries, warnings = manifest_entries(previous)
         self.warnings += warnings
         current = set(self.files()) | set(also_current)
-        removed = []
-        for rel in entries:
-            if rel in current:
-                continue
-            path = self.real_root.joinpath(*rel.split("/"))
-            try:
-                if path.resolve() != path or path.is_symlink() or not path.is_file():
-                    continue   # through a link, or not a plain file: not something this suite wrote there
-                path.unlink()
-            except OSError:
-                continue
-            removed.append(rel)
-        return removed
+        return [rel for rel in entries if rel not in current]
+
+    def _remove_output(self, rel: str) -> bool:
+        """Delete one earlier output: only a regular file inside the folder, not reached through a link."""
+        if not is_output_name(rel):
+            return False
+        path = self.real_root.joinpath(*rel.split("/"))
+        try:
+            if path.resolve() != path or path.is_symlink() or not path.is_file():
+                return False   # through a link, or not a plain file: not something this suite wrote there
+            path.unlink()
+        except OSError:
+            return False
+        return True
+
+    def remove_stale(self, also_current: tuple[str, ...] = ()) -> list[str]:
+        """Delete the stale outputs (and the temporary files a killed run left) now; commit() does this too."""
+        self.remove_orphan_temps()
+        return [rel for rel in self.stale_outputs(also_current) if self._remove_output(rel)]
+
+    def commit(self) -> list[str]:
+        """Move this run's outputs from the staging folder into OUTPUT_DIR, remove the earlier run's outputs
+        this one does not write, and write the manifest (journalled: see files/staging.py). Returns the stale
+        outputs removed."""
+        self.remove_orphan_temps()
+        stale = [rel for rel in self.stale_outputs() if (self.real_root / rel).is_file()]
+        files = self.files()
+        move = [rel for rel in files if rel not in self.kept]
+        for rel in move:   # a subfolder turned into a link or a file, a folder in a file's place: refused, nothing moved
+            self._checked(*rel.split("/"))
+            dst = self.real_root.joinpath(*rel.split("/"))
+            if dst.is_dir() and not dst.is_symlink():
+                raise atomic.write_error(dst, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(dst)))
+        try:
+            staging.commit(self.root, self.stage, move, stale, files, self._remove_output, self.write_manifest)
+        except OutputError:
+            raise
+        except OSError as exc:
+            raise atomic.write_error(Path(exc.filename or self.root), exc) from exc
+        staging.ACTIVE.pop(self.stage.name, None)
+        return [rel for rel in stale if not (self.real_root / rel).exists()]
+
+    def abandon(self) -> None:
+        """A failed run: its staged outputs are discarded, the folder keeps the previous complete run."""
+        staging.ACTIVE.pop(self.stage.name, None)
+        staging.discard(self.stage)
 
     def write_manifest(self, files: list[str]) -> None:
         atomic.write_text(self.root / MANIFEST, json.dumps(sorted(files), indent=1))

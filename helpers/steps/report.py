@@ -380,10 +380,9 @@ def write_reports(run: Run, conf: Confusion, pairs: Optional[PairGalleries], dee
     recs = recommend(build_evidence(run, conf, deep, faith))
     out.write_text(format_recommendations(recs), "recommendations.txt")
     out.write_text(summary_text(run, conf, deep, faith, recs, timings), "analysis_summary.txt")
-    removed = out.remove_stale(also_current=("index.html",))
     files = out.files()
     out.write_text(index_html(run, conf, deep, files, recs), "index.html")
-    out.write_manifest(files + ["index.html"])
+    removed = out.commit()   # the run's outputs move into place; the earlier run's others go
     sec = Report(recommendations=recs, removed_stale=removed,
                  files=["analysis_summary.txt", "recommendations.txt", "index.html"])
     sec.notes.append(format_recommendations(recs))
