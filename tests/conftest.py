@@ -99,3 +99,17 @@ def tiny_checkpoint(cifar_root, tmp_path_factory) -> Path:
 @pytest.fixture()
 def fresh_output(tmp_path) -> Path:
     return tmp_path / "gradcam_results"
+
+
+class InferenceCounter:
+    """Counts (and forwards) calls of the pipeline's inference pass."""
+
+    def __init__(self, monkeypatch):
+        import helpers.pipeline as pipeline
+        self.calls = 0
+        original = pipeline.run_inference
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+        monkeypatch.setattr(pipeline, "run_inference", counted)

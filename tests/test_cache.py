@@ -13,7 +13,6 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-import helpers.pipeline as pipeline
 from helpers.compute import metrics
 from helpers.model.cam_store import CamStore, GalleryActivations, gallery_selection
 from helpers.model.cams import CamEngine
@@ -23,24 +22,11 @@ from helpers.files.cache import digest
 from helpers.pipeline import Analysis
 from helpers.steps.predictions import cache_key_for
 
-from conftest import run_params
+from conftest import InferenceCounter, run_params
 
 
 def make_params(cifar_root, ckpt, out, **kw) -> Params:
     return run_params(cifar_root, ckpt, out, **{"BATCH_SIZE": 64, "EMBEDDING": "tsne", "N_PAIR_GALLERIES": 2, **kw})
-
-
-class InferenceCounter:
-    """Counts (and forwards) calls of the pipeline's inference pass."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        original = pipeline.run_inference
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return original(*args, **kwargs)
-        monkeypatch.setattr(pipeline, "run_inference", counted)
 
 
 def cache_key_of(an: Analysis) -> str:

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import helpers.pipeline as pipeline
 from helpers.compute import metrics
 from helpers.data import readers
 from helpers.data.datasets import load_dataset, superclass_mapping
@@ -26,7 +25,7 @@ from helpers.pipeline import Analysis
 from helpers.files.digest import file_digest
 from helpers.steps.predictions import arch_source_digest, cache_key_for
 
-from conftest import REPO, run_params
+from conftest import REPO, InferenceCounter, run_params
 
 LIMIT = 100
 
@@ -40,17 +39,6 @@ def prepared(p) -> Analysis:
     an.load_model()
     an.load_data()
     return an
-
-
-class InferenceCounter:
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        original = pipeline.run_inference
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return original(*args, **kwargs)
-        monkeypatch.setattr(pipeline, "run_inference", counted)
 
 
 @pytest.fixture(scope="module")

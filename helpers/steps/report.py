@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from helpers.compute.metrics import HIGH_CONFIDENCE, LABEL_SUSPECT_MAX_P_GIVEN
+from helpers.compute.metrics import HIGH_CONFIDENCE, LABEL_SUSPECT_MAX_P_GIVEN, yes_no
 from helpers.compute.recommendations import Evidence, Recommendation, format_recommendations, recommend
 from helpers.files.outputs import PLOTLY_JS
 from helpers.plots.interactive import plotly_div
@@ -202,8 +202,8 @@ def summary_text(run: Run, conf: Confusion, deep: Optional[DeepDive], faith: dic
         lines.append(f"  {r.class_id:3d} {r.class_name:<22} {r.accuracy:6.1%} ({r.correct}/{r.support}){wrong}")
     lines += ["", f"Most confused pairs (true → predicted), top {len(conf.pairs)}:"]
     for r in conf.pairs.itertuples():
-        same = same_superclass(r.same_superclass)
-        same = "" if same is None else f"  same superclass: {'yes' if same else 'no'}"
+        same = yes_no(r.same_superclass)
+        same = f"  same superclass: {same}" if same else ""
         lines.append(f"  {r.rank:2d}. {r.true_name} → {r.pred_name}: {r.count} ({r.share_of_true:.1%} of {r.true_name}){same}")
     share = conf.superclass_share
     lines.append("")
@@ -292,10 +292,9 @@ def _pairs_table(run: Run, conf: Confusion, present: set) -> str:
         cls_gallery = f"worst_predictions/{run.gallery_filename(int(r.true_id))}"
         if cls_gallery in present:
             links.append(_link(cls_gallery, f"{r.true_name} gallery"))
-        same = same_superclass(r.same_superclass)
         rows.append(f"<tr><td>{int(r.rank)}</td><td>{html.escape(str(r.true_name))}</td>"
                     f"<td>{html.escape(str(r.pred_name))}</td><td>{int(r.count)}</td><td>{r.share_of_true:.1%}</td>"
-                    f"<td>{'' if same is None else ('yes' if same else 'no')}</td><td>{' · '.join(links)}</td></tr>")
+                    f"<td>{yes_no(r.same_superclass)}</td><td>{' · '.join(links)}</td></tr>")
     return "<table id=\"pairs-table\">" + "".join(rows) + "</table>"
 
 
