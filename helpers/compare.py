@@ -202,10 +202,10 @@ class Comparison:
     text: str = ""
 
     def show(self) -> None:
-        from IPython.display import display
+        from helpers.steps.context import show_inline
         print(self.text)
         for fig in self.figures.values():
-            display(fig)
+            show_inline(fig)
         print(f"Open {(self.out / 'index.html').resolve()} for every file.")
 
 

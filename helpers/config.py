@@ -41,6 +41,8 @@ class Params:
     TOP_PAIRS: int = 15
     N_PAIR_GALLERIES: int = 5
     PAIR_EXAMPLES: int = 6
+    CELL_IMAGES: int = 6                    # index.html: images behind each confusion-matrix cell, worst first
+    CELL_IMAGES_MAX: int = 3000             # ... and in all (the largest cells first); bounds the page's size
     GROUP_SIZE: int = 3
     GROUP_CLASSES: Optional[list] = None    # e.g. ["shirt", "t-shirt/top", "pullover"]; None = found automatically
     EMBEDDING: str = "auto"                 # feature-space map: "auto" (UMAP if installed, else t-SNE), "umap", "tsne"
@@ -117,6 +119,7 @@ class Params:
 
 # The counts and their least allowed value; EMBEDDING's choices.
 COUNTS = {"BATCH_SIZE": 1, "N_WORST": 0, "N_BEST": 0, "TOP_PAIRS": 0, "N_PAIR_GALLERIES": 0, "PAIR_EXAMPLES": 0,
+          "CELL_IMAGES": 0, "CELL_IMAGES_MAX": 0,
           "GROUP_SIZE": 2, "SEED": 0}
 EMBEDDINGS = ("auto", "umap", "tsne")
 

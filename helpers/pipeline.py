@@ -23,7 +23,7 @@ from helpers.model.inference import Predictions, default_threads, resolve_device
 from helpers.model.load import LoadedModel, check_model_fits_data, load_model
 from helpers.model.sanity import check_model_behaviour
 from helpers.plots.gallery import render_gallery
-from helpers.steps import confusion, deep_dive, galleries, predictions, report
+from helpers.steps import cells, confusion, deep_dive, galleries, predictions, report
 from helpers.steps.context import Run, Section
 
 
@@ -170,11 +170,18 @@ class Analysis:
     def deep_dive(self) -> deep_dive.DeepDive:
         return self._step("deep_dive", deep_dive.run_deep_dive, self.run, self._needs("confusion"))
 
+    def cell_images(self) -> cells.CellImages:
+        """The images behind every confusion-matrix cell, for index.html (report() calls it when not yet run)."""
+        self._needs("confusion")   # the index shows them on its confusion matrix
+        return self._step("cell_images", cells.cell_images, self.run)
+
     def report(self) -> report.Report:
+        conf = self._needs("confusion")
+        cell_images = self.results.get("cell_images") or self.cell_images()
         start = time.perf_counter()
         self.outputs.flush()   # PNGs are written in the background; the index and manifest need them on disk
-        sec = report.write_reports(self.run, self._needs("confusion"), self.results.get("pair_galleries"),
-                                   self.results.get("deep_dive"), self.timings)
+        sec = report.write_reports(self.run, conf, self.results.get("pair_galleries"),
+                                   self.results.get("deep_dive"), self.timings, cell_images)
         self.results["report"] = sec
         self.save_cam_cache()
         if self.device.type == "cpu":

@@ -28,6 +28,18 @@ if TYPE_CHECKING:
 MAX_EXAMPLES = 12
 MAX_PAGES = 32      # rendered pages kept (each holds its gallery PNG); CAMs themselves stay in the CamStore
 N_WRONG_SHOWN = 5   # top wrong predictions listed for a class
+# Dropdown values of the default entries. ipywidgets reads a value of None as "nothing selected" and shows a
+# blank box, so the dropdowns use these; ExplorerState keeps None.
+OWN_GALLERY = -1                 # "confused with": the class's own gallery (class ids are >= 0)
+AUTO_LAYER = "(automatic)"       # "target layer": the automatic one (no dotted module path has parentheses)
+
+
+def _to_widget(value: Any, sentinel: Any) -> Any:
+    return sentinel if value is None else value
+
+
+def _from_widget(value: Any, sentinel: Any) -> Any:
+    return None if value == sentinel else value
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,8 @@ class ClassExplorer:
         if layers is None:
             layers = target_layer_choices(analysis.loaded.module, tuple(analysis.inputs.shape[1:]))
         # The first option is the run's own layer (TARGET_LAYER or automatic), so its cached CAMs are reused.
-        layer_options = [(f"{run_layer} ({'TARGET_LAYER' if p.TARGET_LAYER else 'automatic'})", p.TARGET_LAYER)]
+        layer_options = [(f"{run_layer} ({'TARGET_LAYER' if p.TARGET_LAYER else 'automatic'})",
+                          _to_widget(p.TARGET_LAYER, AUTO_LAYER))]
         layer_options += [(name, name) for name in layers if name != run_layer]
         self.state = ExplorerState(cls=int(np.nanargmin(np.where(support > 0, self.accuracy, np.inf)))
                                    if support.any() else 0,
@@ -91,7 +104,7 @@ class ClassExplorer:
         self.other_dropdown = w.Dropdown(description="Confused with:", **wide)
         self.method_dropdown = w.Dropdown(options=list(CAM_METHODS), value=self.state.method,
                                           description="CAM method:", **wide)
-        self.layer_dropdown = w.Dropdown(options=layer_options, value=self.state.layer,
+        self.layer_dropdown = w.Dropdown(options=layer_options, value=_to_widget(self.state.layer, AUTO_LAYER),
                                          description="Target layer:", **wide)
         self.n_slider = w.IntSlider(value=self.state.n_examples, min=1, max=MAX_EXAMPLES,
                                     description="Examples:", continuous_update=False, **wide)
@@ -135,12 +148,12 @@ class ClassExplorer:
     # ------------------------------------------------------------------ state <-> widgets
     def _set_other_options(self) -> None:
         cls = self.class_dropdown.value
-        options = [("— its own gallery —", None)]
+        options = [("— its own gallery —", OWN_GALLERY)]
         options += [(f"{self.an.names[j]} ({n} error{'s' if n != 1 else ''})", j) for j, n in confusions_of(self.cm, cls)]
         was, self._syncing = self._syncing, True
         try:
             self.other_dropdown.options = options
-            self.other_dropdown.value = None
+            self.other_dropdown.value = OWN_GALLERY
         finally:
             self._syncing = was
 
@@ -152,8 +165,10 @@ class ClassExplorer:
         self.refresh()
 
     def refresh(self) -> None:
-        self.state = ExplorerState(cls=self.class_dropdown.value, other=self.other_dropdown.value,
-                                   method=self.method_dropdown.value, layer=self.layer_dropdown.value,
+        self.state = ExplorerState(cls=self.class_dropdown.value,
+                                   other=_from_widget(self.other_dropdown.value, OWN_GALLERY),
+                                   method=self.method_dropdown.value,
+                                   layer=_from_widget(self.layer_dropdown.value, AUTO_LAYER),
                                    n_examples=self.n_slider.value)
         store = self.an.cams
         before = store.n_computed
@@ -234,9 +249,9 @@ class ClassExplorer:
             if target.cls != self.class_dropdown.value:
                 self.class_dropdown.value = target.cls
                 self._set_other_options()
-            self.other_dropdown.value = target.other
+            self.other_dropdown.value = _to_widget(target.other, OWN_GALLERY)
             self.method_dropdown.value = target.method
-            self.layer_dropdown.value = target.layer
+            self.layer_dropdown.value = _to_widget(target.layer, AUTO_LAYER)
             self.n_slider.value = target.n_examples
         finally:
             self._syncing = False

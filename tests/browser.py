@@ -24,16 +24,17 @@ PLOTS_DRAWN = """() => {
 
 
 @contextmanager
-def browser_page(width: int = 1400, height: int = 1000) -> Iterator[tuple[object, list[str]]]:
+def browser_page(width: int = 1400, height: int = 1000, javascript: bool = True) -> Iterator[tuple[object, list[str]]]:
     """Yield (page, problems): a page of a fresh headless Chromium, and a list that collects every
-    console error and uncaught page error (from the page and its frames) while it is open."""
+    console error and uncaught page error (from the page and its frames) while it is open.
+    javascript=False: scripts off, as in JupyterLab's HTML viewer before "Trust HTML"."""
     from playwright.sync_api import sync_playwright
     if not CHROMIUM.exists():
         raise FileNotFoundError(f"{CHROMIUM} is missing; install Debian's chromium (apt-get install -y chromium)")
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile, sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
             profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": width, "height": height})
+            viewport={"width": width, "height": height}, java_script_enabled=javascript)
         try:
             page = context.pages[0] if context.pages else context.new_page()
             problems: list[str] = []
@@ -49,6 +50,26 @@ def open_page(page, html_file: Path, timeout_ms: int = 60_000) -> None:
     """Load a local HTML file through file:// and wait until its Plotly graphs are drawn."""
     page.goto(Path(html_file).resolve().as_uri(), wait_until="load")
     page.wait_for_function(PLOTS_DRAWN, timeout=timeout_ms)
+
+
+def click_cell(page, true_id: int, pred_id: int) -> None:
+    """Click the confusion explorer's cell (row true_id, column pred_id) of the view shown, as a user does."""
+    ids = page.evaluate("() => window.cmView.ids")
+    click_position(page, ids.index(int(true_id)), ids.index(int(pred_id)))
+
+
+def click_position(page, row: int, col: int) -> None:
+    """Click the centre of the explorer heatmap's cell at (row, col) of the view shown."""
+    page.mouse.click(*cell_centre(page, row, col))
+
+
+def cell_centre(page, row: int, col: int) -> tuple[float, float]:
+    """Where the explorer heatmap's cell (row, col) is on screen, scrolled into view. The square heatmap sits
+    inside a wider plot area, so the cell is placed through Plotly's own axes."""
+    page.locator("#confusion-matrix").scroll_into_view_if_needed()
+    return page.evaluate("""([r, c]) => { const gd = document.getElementById('confusion-matrix');
+        const box = gd.getBoundingClientRect(), xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+        return [box.left + xa._offset + xa.l2p(c), box.top + ya._offset + ya.l2p(r)]; }""", [row, col])
 
 
 def screenshot_report(index_html: Path, png: Path, width: int = 1400, height: int = 1700,

@@ -17,6 +17,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 def pytest_configure(config):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    config.addinivalue_line("markers", "slow: a long end-to-end test (still run by default: `pytest tests`); "
+                                       "skip them with -m 'not slow'")
 
 
 @pytest.fixture(scope="session", autouse=True)

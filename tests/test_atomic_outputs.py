@@ -238,6 +238,18 @@ def analyze_cmd(cifar_root, ckpt, out: Path, method: str) -> list[str]:
             "--device", "cpu", "--cam-method", method]
 
 
+def page_links(page: str) -> set[str]:
+    """The href and src of the page's elements (not text inside its scripts: index.html inlines plotly.js)."""
+    from html.parser import HTMLParser
+    found = set()
+
+    class Links(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            found.update(v.split("#")[0] for k, v in attrs if k in ("href", "src") and v and not v.startswith("#"))
+    Links().feed(page)
+    return found
+
+
 def one_run(out: Path, before: dict[str, bytes]) -> str:
     """"old" when the folder is the earlier run byte for byte, "new" when it is wholly the new run (its manifest
     lists exactly the visible files, its summary is the new CAM method's, and its index links only those)."""
@@ -248,7 +260,7 @@ def one_run(out: Path, before: dict[str, bytes]) -> str:
     assert set(visible) <= listed | {"plotly.min.js"} and "index.html" in visible, sorted(set(visible) - listed)
     assert "gradcam++" in visible["analysis_summary.txt"].decode()
     index = visible["index.html"].decode()
-    linked = set(re.findall(r'(?:href|src)="([^"#]+)"', index))
+    linked = page_links(index)
     assert {rel for rel in linked if not rel.startswith(("http", "data:"))} <= set(visible), "index links another run"
     check_every_file_is_complete(out)
     return "new"

@@ -1,5 +1,6 @@
 """The report page as a person uses it: index.html of a small real run, opened from disk in Debian's
-headless Chromium (driven by Playwright, which never downloads a browser of its own)."""
+headless Chromium (driven by Playwright, which never downloads a browser of its own), with scripts on and off.
+tests/test_jupyterlab.py opens it inside JupyterLab."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +13,7 @@ from PIL import Image
 
 from helpers.pipeline import Analysis
 
-from browser import CHROMIUM, PLOTS_DRAWN, browser_page, open_page, screenshot_report
+from browser import CHROMIUM, PLOTS_DRAWN, browser_page, cell_centre, click_cell, click_position, open_page, screenshot_report
 from conftest import run_params
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
@@ -52,10 +53,8 @@ def _z(page) -> list:
 
 
 def _click_view(page, label: str, colorbar: str) -> None:
-    """Click one of the heatmap's view buttons and wait until Plotly has restyled the trace."""
-    page.locator("#confusion-matrix g.updatemenu-button").filter(
-        has=page.locator("text.updatemenu-item-text", has_text=label)).filter(
-        has_not=page.locator("text.updatemenu-item-text", has_text=label + ",")).click()
+    """Choose a colour in the explorer's menu and wait until Plotly has redrawn the trace."""
+    page.select_option("#cm-colour", label=label)
     page.wait_for_function("t => document.getElementById('confusion-matrix').data[0].colorbar.title.text === t",
                            arg=colorbar)
 
@@ -111,9 +110,7 @@ def test_hovering_a_cell_shows_true_pred_count_and_row_percent(run, page):
     top = conf["pairs"].iloc[0]
     pos = {int(c): k for k, c in enumerate(conf["order"])}
     r, c = pos[int(top.true_id)], pos[int(top.pred_id)]
-    page.locator("#confusion-matrix").scroll_into_view_if_needed()
-    box = page.locator("#confusion-matrix .nsewdrag").first.bounding_box()
-    page.mouse.move(box["x"] + (c + 0.5) * box["width"] / 100, box["y"] + (r + 0.5) * box["height"] / 100)
+    page.mouse.move(*cell_centre(page, r, c))
     label = page.locator("#confusion-matrix .hoverlayer .hovertext")
     label.wait_for(timeout=10_000)
     text = label.text_content()
@@ -123,12 +120,18 @@ def test_hovering_a_cell_shows_true_pred_count_and_row_percent(run, page):
     assert f"row %: {100 * int(top['count']) / support:.1f}%" in text
 
 
-def test_every_link_image_and_frame_resolves_to_a_file(run, page):
+def test_the_page_is_self_contained_and_every_link_resolves_to_a_file(run, page):
+    """JupyterLab serves user HTML from a sandbox with a null origin and refuses every file it asks for, so the
+    page loads nothing: plotly.js, the images and the numbers are inside it. Its links lead to the files."""
     index = run.out / "index.html"
     open_page(page, index)
-    urls = page.evaluate("""() => [
-        ...[...document.querySelectorAll('a[href]')].map(e => e.href),
-        ...[...document.querySelectorAll('img[src], iframe[src], script[src]')].map(e => e.src)]""")
+    loads = page.evaluate("""() => [
+        ...[...document.querySelectorAll('img[src], iframe[src], script[src], embed[src], source[src]')].map(e => e.src),
+        ...[...document.querySelectorAll('link[href]')].map(e => e.href)]""")
+    assert loads and all(u.startswith("data:image/jpeg;base64,") for u in loads), [u[:60] for u in loads]
+    resources = page.evaluate("() => performance.getEntriesByType('resource').map(e => e.name)")
+    assert [u for u in resources if not u.startswith("data:")] == []
+    urls = page.evaluate("() => [...document.querySelectorAll('a[href]')].map(e => e.href)")
     files = set()
     for url in urls:
         parsed = urlparse(url)
@@ -145,9 +148,93 @@ def test_every_link_image_and_frame_resolves_to_a_file(run, page):
     assert {f for f in written if f.endswith((".csv", ".png"))} <= files
     table_links = page.evaluate("() => [...document.querySelectorAll('#pairs-table a')].map(a => a.getAttribute('href'))")
     assert sum(h.startswith("confused_pair_") for h in table_links) == 3
-    # the embedding iframe drew its own plot (it loads ../plotly.min.js)
-    frame = page.frame_locator("iframe").first
-    frame.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
+    # each embedded preview is its PNG, shrunk: same aspect ratio
+    for rel in ("top_confused_pairs.png", "confusion_matrix_full.png"):
+        with Image.open(run.out / rel) as im:
+            ratio = im.width / im.height
+        img = page.locator(f'a[href="{rel}"] img').first
+        w, h = img.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+        assert abs(w / h - ratio) < 0.02 and w <= 1200
+
+
+def _tile_pixels(page, k: int) -> np.ndarray:
+    rgba = page.evaluate("""k => { const c = document.querySelectorAll('#cell-images canvas.cell-tile')[k];
+        return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }""", k)
+    w, h = page.evaluate("k => { const c = document.querySelectorAll('#cell-images canvas.cell-tile')[k]; "
+                         "return [c.width, c.height]; }", k)
+    return np.array(rgba, dtype=np.float64).reshape(h, w, 4)[..., :3]
+
+
+def test_clicking_a_cell_shows_its_images_worst_first_with_both_cams(run, page):
+    from helpers.compute.metrics import pair_examples
+    open_page(page, run.out / "index.html")
+    pr, conf = run.preds, run.results["confusion"]
+    top = conf.pairs.iloc[0]
+    t, p = int(top.true_id), int(top.pred_id)
+    click_cell(page, t, p)
+    page.wait_for_function("() => document.querySelectorAll('#cell-images canvas.cell-tile').length > 0 && "
+                           "[...document.querySelectorAll('#cell-images canvas.cell-tile')].every(c => c.dataset.drawn === '1')")
+    assert page.locator("#cell-images .cell-title").inner_text() == f"{run.names[t]} → {run.names[p]}"
+    expected = pair_examples(pr.labels, pr.preds, pr.probs, t, p, run.params.CELL_IMAGES)
+    captions = page.locator("#cell-images figcaption").all_inner_texts()
+    assert [int(c.split(" ")[0][1:]) for c in captions] == expected.tolist()   # worst first
+    assert f"p({run.names[p]}) {pr.probs[expected[0], p]:.2f}" in captions[0]
+    # the tile is the image, its true-class CAM and its predicted-class CAM, as the galleries draw them
+    cams_t = run.cams.get(expected[:1], [t])
+    cams_p = run.cams.get(expected[:1], [p])
+    want = np.concatenate([run.data.images[expected[0]], run.run.overlays(expected[:1], cams_t)[0],
+                           run.run.overlays(expected[:1], cams_p)[0]], axis=1).astype(np.float64)
+    got = _tile_pixels(page, 0)
+    assert got.shape == want.shape
+    assert np.abs(got - want).mean() < 8   # JPEG, quality 90, no chroma subsampling
+    wrong_order = np.concatenate([want[:, 32:64], want[:, :32], want[:, 64:]], axis=1)
+    assert np.abs(got - want).mean() < np.abs(got - wrong_order).mean() / 2
+    # a row of the pairs table opens the same panel for its pair
+    second = conf.pairs.iloc[1]
+    page.locator(f'#pairs-table tr[data-true="{int(second.true_id)}"][data-pred="{int(second.pred_id)}"] td').first.click()
+    page.wait_for_function("t => document.querySelector('#cell-images .cell-title').textContent === t",
+                           arg=f"{run.names[int(second.true_id)]} → {run.names[int(second.pred_id)]}")
+    n_shown = min(int(second["count"]), run.params.CELL_IMAGES)
+    assert page.locator("#cell-images canvas.cell-tile").count() == n_shown
+
+
+def test_collapsing_to_superclasses_then_drilling_into_a_cell(run, page):
+    open_page(page, run.out / "index.html")
+    page.select_option("#cm-scope", "groups")
+    page.wait_for_function("() => window.cmView.mode === 'groups'")
+    coarse = run.data.fine_to_coarse
+    assert len(page.evaluate("() => window.cmView.ids")) == len(set(coarse.tolist()))
+    z = np.array(_z(page))
+    cm = run.results["confusion"].cm
+    ids = page.evaluate("() => window.cmView.ids")
+    onehot = np.eye(int(coarse.max()) + 1)[coarse]
+    np.testing.assert_array_equal(z, (onehot.T @ cm @ onehot)[np.ix_(ids, ids)])
+    a, b = ids[0], ids[1]
+    click_position(page, 0, 1)
+    page.wait_for_function("() => window.cmView.mode === 'classes'")
+    shown = page.evaluate("() => window.cmView.ids")
+    assert sorted(shown) == sorted(np.flatnonzero((coarse == a) | (coarse == b)).tolist())
+
+
+def test_in_a_sandbox_without_scripts_the_static_figures_show(run, browser, tmp_path):
+    """JupyterLab's HTML viewer shows a page in an iframe sandboxed without scripts until "Trust HTML": the page
+    then shows its static figures and says how to get the interactive ones."""
+    page, problems = browser
+    problems.clear()
+    wrapper = tmp_path / "viewer.html"
+    wrapper.write_text(f'<iframe sandbox="allow-popups" style="width:1300px;height:900px" '
+                       f'src="{(run.out / "index.html").resolve().as_uri()}"></iframe>')
+    page.goto(wrapper.as_uri(), wait_until="load")
+    frame = page.frame_locator("iframe")
+    assert "Trust HTML" in frame.locator(".noscript").inner_text()
+    assert frame.locator("#confusion-matrix").is_hidden() and frame.locator("#cm-scope").is_hidden()
+    assert frame.locator('a[href="confusion_matrix_full.png"] img').is_visible()
+    decoded = frame.locator("img").evaluate_all("imgs => imgs.filter(i => i.offsetParent)"
+                                                ".map(i => i.complete && i.naturalWidth > 0)")
+    assert len(decoded) >= 3 and all(decoded)
+    # the only errors: the sandbox refusing the page's scripts
+    assert problems and all("Blocked script execution" in p for p in problems)
+    problems.clear()
 
 
 @pytest.mark.parametrize("rel", STANDALONE)

@@ -263,3 +263,20 @@ def test_group_confusion_row_pct_uses_full_row():
     # class 3 has 6 images in all (one went to class 0, outside the group)
     np.testing.assert_allclose(row_pct, [[100 * 2 / 6, 100 * 3 / 6], [0, 100]])
     assert metrics.group_objective(CM, [3, 2]) == 3
+
+
+def test_most_confused_classes_by_hand():
+    from helpers.compute.ordering import most_confused_classes
+    cm = np.array([[5, 3, 0, 0, 0],     # errors (off-diagonal row + column): 0: 3+1=4, 1: 0+3=3,
+                   [0, 9, 0, 0, 0],     # 2: 2+0=2, 3: 0+2=2, 4: 1+0=1
+                   [1, 0, 4, 1, 0],
+                   [0, 0, 0, 7, 0],
+                   [0, 0, 0, 1, 2]])
+    order = np.array([4, 3, 2, 1, 0])
+    # the top 3 are 0 and 1, then 2 (tied with 3 at 2 errors: the lower id); listed in `order`'s order
+    assert most_confused_classes(cm, order, 3).tolist() == [2, 1, 0]
+    assert most_confused_classes(cm, order, 4).tolist() == [3, 2, 1, 0]
+    assert most_confused_classes(cm, order, 1).tolist() == [0]
+    assert most_confused_classes(cm, order, 10).tolist() == order.tolist()  # at most n: every class
+    with pytest.raises(ValueError):
+        most_confused_classes(cm, [0, 1, 2], 3)

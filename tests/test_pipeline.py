@@ -39,6 +39,30 @@ def test_confusion_matrix_matches_sklearn(finished):
     np.testing.assert_array_equal(finished.results["confusion"].values["cm"], expected)
 
 
+def test_confusion_titles_say_each_fact_once(finished):
+    conf, acc = finished.results["confusion"], f"{finished.preds.accuracy:.1%}"
+    for fig in (conf.full_figure, conf.figures["confusion_matrix"]):
+        title = fig.axes[0].get_title()
+        assert title.count("accuracy") == 1 and title.count(acc) == 1, title
+
+
+def test_inline_confusion_matrix_shows_the_most_confused_classes_and_says_where_the_full_one_is(finished):
+    from helpers.compute.ordering import most_confused_classes
+    from helpers.steps.confusion import INLINE_CLASSES
+    conf, names = finished.results["confusion"], finished.names
+    shown = [names[c] for c in most_confused_classes(conf.cm, conf.order, INLINE_CLASSES)]
+    ax = conf.figures["confusion_matrix"].axes[0]
+    assert INLINE_CLASSES == 25 and len(shown) == 25
+    assert [t.get_text() for t in ax.get_xticklabels()] == shown == [t.get_text() for t in ax.get_yticklabels()]
+    where = "\n".join(conf.notes) + ax.get_title()
+    assert where.count("confusion_matrix_full.png") == 2 and where.count("confusion_matrix_interactive.html") == 2
+    assert str(finished.params.OUTPUT_DIR) in conf.notes[0]
+    assert len(conf.full_figure.axes[0].get_xticklabels()) == 100        # the saved matrix still has every class
+    from PIL import Image
+    with Image.open(finished.out / "confusion_matrix_full.png") as full:
+        assert full.size == (28 * 80, 26 * 80)
+
+
 def test_per_class_csv_agrees_with_predictions(finished):
     pr = finished.preds
     rows = read_csv(finished.out / "per_class_accuracy.csv")

@@ -58,6 +58,26 @@ def _is_green(a):
 
 # ---------------------------------------------------------------- galleries
 
+
+def test_long_gallery_titles_wrap_instead_of_losing_their_end(monkeypatch):
+    drawn = []
+    text_mask = gallery._text_mask
+    monkeypatch.setattr(gallery, "_text_mask", lambda text, font, anchor: drawn.append(text) or text_mask(text, font, anchor))
+    name = "greater spotted woodpecker in flight over the lake"
+    title = f"Class 042: {name} — accuracy 12.5% ({len(name)} characters of class name, gradcam)"
+    row_title = f"#1234 · true: {name} (0.12) · pred: lesser spotted woodpecker on a branch (0.81)"
+    rows = [GalleryRow(image=_img(), title=row_title, panels=[("CAM → pred: tiger", _img())], ok=False)]
+    img = gallery.render_gallery(title, [("1 worst predictions", rows)], tile=128)
+    title_lines = [s for s in drawn if len(s) > 5 and s in title]   # not the colour bar ticks "0", "1"
+    row_lines = [s for s in drawn if len(s) > 5 and s in row_title]
+    assert len(title_lines) >= 2 and " ".join(title_lines) == title          # whole, across lines
+    assert len(row_lines) >= 2 and " ".join(row_lines) == row_title
+    assert not any("…" in s for s in drawn)
+    L = LAYOUT
+    w, h = _expected_size([1], 2, 128, None, 1)
+    assert img.size == (w, h + (len(title_lines) - 1) * L.title_line_h + (len(row_lines) - 1) * L.row_title_line_h)
+
+
 def test_gallery_size_colour_bar_and_title_colours():
     sections = [("5 worst predictions", _rows(5, 2, ok=False)), ("3 best predictions", _rows(3, 2, ok=True))]
     img = gallery.render_gallery("Class 42: leopard", sections, tile=128, subtitle="acc 45%")

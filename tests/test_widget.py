@@ -15,7 +15,7 @@ from helpers.errors import OutputError
 from helpers.pipeline import Analysis
 from helpers.plots.gallery import LAYOUT
 from helpers.model.layers import target_layer_choices
-from helpers.widget import ClassExplorer, class_label
+from helpers.widget import AUTO_LAYER, OWN_GALLERY, ClassExplorer, class_label
 
 from conftest import run_params
 
@@ -105,7 +105,7 @@ def test_confused_with_lists_the_confusions_and_shows_the_pair_gallery(explorer,
     wrong, counts = np.unique(pr.preds[mask], return_counts=True)
     order = np.lexsort((wrong, -counts))
     expected = [(f"{names[j]} ({k} error{'s' if k != 1 else ''})", int(j)) for j, k in zip(wrong[order], counts[order])]
-    assert list(explorer.other_dropdown.options) == [("— its own gallery —", None)] + expected
+    assert list(explorer.other_dropdown.options) == [("— its own gallery —", OWN_GALLERY)] + expected
     other, count = int(wrong[order][0]), int(counts[order][0])
     store = explorer.an.cams
     explorer.n_slider.value = 12
@@ -125,7 +125,8 @@ def test_confused_with_lists_the_confusions_and_shows_the_pair_gallery(explorer,
     assert store.n_computed - before == len(needed - held)
     # changing the class resets "confused with" to the class's own gallery
     explorer.class_dropdown.value = (c + 1) % 100
-    assert explorer.other_dropdown.value is None and explorer.state.other is None
+    assert explorer.other_dropdown.value == OWN_GALLERY and explorer.state.other is None
+    assert explorer.other_dropdown.label == "— its own gallery —"
 
 
 def test_cams_are_computed_once_in_one_batch_and_cached(explorer):
@@ -175,7 +176,7 @@ def test_method_choices_match_cam_method_and_layers_go_late_to_early(explorer, s
     from helpers.model.cams import CAM_METHODS
     from helpers.model.layers import resolve_target_layer
     assert list(explorer.method_dropdown.options) == list(CAM_METHODS)
-    assert [v for _, v in explorer.layer_dropdown.options] == [None, "features.5", "features.2"]
+    assert [v for _, v in explorer.layer_dropdown.options] == [AUTO_LAYER, "features.5", "features.2"]
     assert explorer.layer_dropdown.options[0][0] == "features.8 (automatic)"
     model = saved.loaded.module
     sizes = []
@@ -245,4 +246,35 @@ def test_a_class_without_test_images_says_so(saved, tmp_path):
     assert ex.class_dropdown.options[empty][0].endswith("(no test images)")
     ex.class_dropdown.value = empty
     assert "No test images of this class." in ex.output.value and "<img" not in ex.output.value
-    assert list(ex.other_dropdown.options) == [("— its own gallery —", None)]
+    assert list(ex.other_dropdown.options) == [("— its own gallery —", OWN_GALLERY)]
+
+
+def test_default_entries_show_their_label_not_a_blank_box(explorer, saved):
+    """ipywidgets shows a blank box when a dropdown's value is None: the default entries must stay selected and
+    labelled, initially and after choosing another entry and then the default again."""
+    own, auto = "— its own gallery —", "features.8 (automatic)"
+    other, layer = explorer.other_dropdown, explorer.layer_dropdown
+    c = confused_class(saved)
+    explorer.class_dropdown.value = c
+
+    def shows_defaults():
+        assert (other.index, other.label) == (0, own) and (layer.index, layer.label) == (0, auto)
+        assert other.get_state()["index"] == 0 and layer.get_state()["index"] == 0   # what the browser is sent
+        assert explorer.state.other is None and explorer.state.layer is None
+        page = explorer.output.value
+        assert "<img" in page and f"{saved.names[c]} → " not in page    # the class's gallery, not a pair's
+        assert "gradcam at layer <code>features.8</code>" in explorer.status.value
+
+    shows_defaults()
+    own_page = explorer.output.value
+    other.index = 1                                    # a confusion ...
+    assert other.label != own and explorer.state.other == other.options[1][1]
+    layer.index = 1                                    # ... at another layer
+    assert explorer.state.layer == layer.options[1][1] != AUTO_LAYER
+    other.index, layer.index = 0, 0                    # and back to both defaults
+    shows_defaults()
+    assert explorer.output.value == own_page
+    explorer.select(other=other.options[1][1], layer=layer.options[1][1])
+    explorer.select(other=None, layer=None)            # the same through select()
+    shows_defaults()
+

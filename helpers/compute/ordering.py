@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-from scipy.cluster.hierarchy import leaves_list, linkage
+from scipy.cluster.hierarchy import fcluster, leaves_list, linkage
 from scipy.spatial.distance import squareform
 
 
@@ -98,3 +98,37 @@ def block_spans(order, fine_to_coarse) -> list[tuple[int, int, int]]:
             spans.append((start, k, int(groups[start])))
             start = k
     return spans
+
+
+def cluster_groups(cm, n_groups: int) -> np.ndarray:
+    """A group id per class (0..n_groups-1, in the order the groups first appear along cluster_order): the
+    average-linkage tree of cluster_order cut into at most n_groups clusters. For datasets without
+    superclasses, the report collapses the matrix to these groups."""
+    cm = _square(cm)
+    n = len(cm)
+    sim = confusability(cm)
+    if n <= 2 or sim.max() <= 0 or n_groups <= 1:
+        return np.zeros(n, dtype=np.int64) if n_groups <= 1 or n <= 2 else (np.arange(n) * n_groups // n)
+    dist = 1.0 - sim / sim.max()
+    np.fill_diagonal(dist, 0.0)
+    labels = fcluster(linkage(squareform(dist, checks=False), method="average"), t=n_groups, criterion="maxclust")
+    first = {}
+    for cls in cluster_order(cm):
+        first.setdefault(int(labels[cls]), len(first))
+    return np.array([first[int(g)] for g in labels], dtype=np.int64)
+
+
+def most_confused_classes(cm, order, n: int = 25) -> np.ndarray:
+    """The n classes involved in the most errors (off-diagonal counts of their row plus their column; ties: the
+    lower class id), listed in the order they have in `order`, so the selection keeps the matrix's grouping.
+    Every class when there are at most n."""
+    cm = _square(cm)
+    order = np.asarray(order, dtype=np.int64)
+    if sorted(order.tolist()) != list(range(len(cm))):
+        raise ValueError("order must be a permutation of range(num_classes)")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    off = cm - np.diag(np.diag(cm))
+    errors = off.sum(axis=0) + off.sum(axis=1)
+    top = np.lexsort((np.arange(len(cm)), -errors))[:n]
+    return order[np.isin(order, top)]

@@ -155,6 +155,12 @@ class Outputs:
         self.written.add(self.real_root.joinpath(*rel.parts))
         return self.stage.joinpath(*rel.parts)
 
+    def current(self, rel: str) -> Path:
+        """Where this run's output `rel` is now: in the staging folder until commit(), or in the folder itself
+        when the run kept an earlier run's copy unchanged."""
+        staged = self.stage.joinpath(*self._checked(*rel.split("/")).parts)
+        return staged if staged.exists() or rel not in self.kept else self.root.joinpath(*rel.split("/"))
+
     def _keep(self, rel: str) -> None:
         """An earlier run's output that this run keeps unchanged: listed as this run's, not moved."""
         self.written.add(self.real_root.joinpath(*self._checked(*rel.split("/")).parts))

@@ -103,3 +103,60 @@ def png_data_uri(image, level: int = DATA_URI_COMPRESS_LEVEL) -> str:
     """A PIL image (or uint8 pixel array) as a "data:image/png;base64,..." URI for an <img> in a page."""
     import base64
     return "data:image/png;base64," + base64.b64encode(image_png_bytes(image, level)).decode("ascii")
+
+
+# Pictures embedded in index.html: JPEG at this quality is 3-10x smaller than PNG for photos and CAM overlays,
+# and the page links each to its full-quality PNG.
+JPEG_QUALITY = 85
+
+
+def jpeg_data_uri(image, quality: int = JPEG_QUALITY, full_colour: bool = False) -> str:
+    """A PIL image (or uint8 RGB/grey pixel array) as a "data:image/jpeg;base64,..." URI (alpha dropped).
+    full_colour: no chroma subsampling (4:4:4), for thumbnails only a few pixels wide, where 4:2:0 smears
+    a CAM's colours across its edges."""
+    import base64
+    import io
+
+    from PIL import Image
+    img = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    if img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    buf = io.BytesIO()
+    # no optimize=True: Pillow then fails on large sheets written to memory ("broken data stream")
+    img.save(buf, format="JPEG", quality=int(quality), subsampling=0 if full_colour else 2)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# Figures shown inline in a notebook are saved with it on every autosave: at most this wide (a notebook column at
+# 100% zoom shows less), as the smaller of JPEG and PNG. The files under OUTPUT_DIR keep full quality.
+INLINE_MAX_WIDTH = 1000
+INLINE_JPEG_QUALITY = 80
+
+
+def inline_image(fig, max_width: int = INLINE_MAX_WIDTH) -> tuple[bytes, str]:
+    """(encoded bytes, "jpeg" or "png") of a matplotlib figure or PIL image for showing in a notebook, at most
+    max_width px wide. JPEG wins for photos and CAM overlays, PNG for flat line art with few colours."""
+    import io
+
+    from PIL import Image
+    if hasattr(fig, "savefig"):
+        buf = io.BytesIO()
+        engine = fig.get_layout_engine() if hasattr(fig, "get_layout_engine") else None
+        tight = {} if type(engine).__name__ == "ConstrainedLayoutEngine" else {"bbox_inches": "tight"}
+        fig.savefig(buf, format="png", dpi=min(100.0, max_width / fig.get_figwidth()), **tight)
+        buf.seek(0)
+        img = Image.open(buf)
+        img.load()
+    else:
+        img = fig if isinstance(fig, Image.Image) else Image.fromarray(fig)
+    if img.mode != "RGB":
+        img = img.convert("RGBA")
+        flat = Image.new("RGB", img.size, (255, 255, 255))   # transparency on white, as notebooks show it
+        flat.paste(img, mask=img.getchannel("A"))
+        img = flat
+    if img.width > max_width:
+        img = img.resize((max_width, max(1, round(img.height * max_width / img.width))), Image.LANCZOS)
+    png = image_png_bytes(img, DATA_URI_COMPRESS_LEVEL)
+    jpeg = io.BytesIO()
+    img.save(jpeg, format="JPEG", quality=INLINE_JPEG_QUALITY, optimize=True)
+    return (jpeg.getvalue(), "jpeg") if len(jpeg.getvalue()) < len(png) else (png, "png")

@@ -188,6 +188,18 @@ def _quiet_scorecam():
         score_cam.tqdm = original
 
 
+def forward_with_activations(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, `layer`'s output) of one forward pass without autograd: what the fast CAM paths need."""
+    store = {}
+    handle = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        handle.remove()
+    return logits, store["a"]
+
+
 class CamEngine:
     """Computes CAMs for one model, method and target layer, in batches.
 
@@ -395,15 +407,7 @@ class CamEngine:
         return np.asarray(result, dtype=np.float32)
 
     def _forward_with_activations(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, target-layer activations) of one forward pass without autograd (the fast paths' only pass)."""
-        store = {}
-        handle = self.layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-        try:
-            with torch.no_grad():
-                logits = self.model(xb)
-        finally:
-            handle.remove()
-        return logits, store["a"]
+        return forward_with_activations(self.model, self.layer, xb)
 
     def _fast_batch(self, xb: torch.Tensor, tb: np.ndarray) -> np.ndarray:
         _, activations = self._forward_with_activations(xb)

@@ -23,7 +23,7 @@ from helpers.plots.fonts import with_fallback_fonts
 from helpers.plots.overlay import to_rgb_uint8
 
 __all__ = [
-    "plot_confusion_matrix", "plot_group_confusion", "plot_coarse_confusion", "plot_top_pairs", "plot_head_cosine",
+    "plot_confusion_matrix", "plot_confusion_subset", "plot_group_confusion", "plot_coarse_confusion", "plot_top_pairs", "plot_head_cosine",
     "plot_embedding", "plot_occlusion", "plot_reliability_diagram", "plot_accuracy_deltas", "plot_pair_changes",
 ]
 
@@ -117,6 +117,36 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], normalize:
         if 0 < b < C:
             ax.axhline(b - 0.5, color="0.25", lw=0.7)
             ax.axvline(b - 0.5, color="0.25", lw=0.7)
+    return fig
+
+
+@with_fallback_fonts
+def plot_confusion_subset(cm: np.ndarray, class_names: Sequence[str], num_classes: int,
+                          title: str = "Confusion matrix", note: Optional[str] = None) -> Figure:
+    """The confusion among a selection of classes (e.g. ordering.most_confused_classes), sized for a notebook:
+    about 9 in wide, every class named, the count in every non-zero cell, PowerNorm(0.5) colours as in the full
+    matrix. `cm` is the selection's sub-matrix in display order; num_classes is the size of the full matrix;
+    `note` is a line under the title (where the full matrix is)."""
+    cm = np.asarray(cm)
+    names = list(class_names)
+    k = len(names)
+    if cm.shape != (k, k):
+        raise ValueError(f"confusion matrix {cm.shape} does not match {k} class names")
+    fs = 8 if k <= 30 else 6
+    fig = Figure(figsize=(9.5, 9.0), layout="constrained")
+    ax = fig.add_subplot()
+    cmap = colormap("Blues")
+    norm = mcolors.PowerNorm(gamma=0.5, vmin=0, vmax=max(float(cm.max(initial=0)), 1e-9))
+    im = ax.imshow(cm.astype(np.float64), cmap=cmap, norm=norm, interpolation="nearest", aspect="equal")
+    labels = np.where(cm > 0, cm.astype(np.int64).astype(str), "")
+    _annotated_heatmap(ax, cm.astype(np.float64), labels, cmap, norm, fontsize=6 if k <= 30 else 4.5)
+    ax.set_xticks(np.arange(k), labels=names, rotation=90, fontsize=fs)
+    ax.set_yticks(np.arange(k), labels=names, fontsize=fs)
+    ax.set_xlabel("Predicted class")
+    ax.set_ylabel("True class")
+    head = f"{title} — the {k} most confused of {num_classes} classes" if k < num_classes else title
+    ax.set_title(head + (f"\n{note}" if note else ""), fontsize=11)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label("images (square-root scale)")
     return fig
 
 

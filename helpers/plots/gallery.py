@@ -8,6 +8,7 @@ PIL.Image (RGB) or pixels; the caller saves it (helpers.files.png.save_png). The
 from __future__ import annotations
 
 import functools
+import textwrap
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -49,6 +50,9 @@ class GalleryLayout:
     cbar_strip_h: int = 12
     cbar_max_w: int = 380
     min_width: int = 460     # so the title and colour bar stay readable with a single panel
+    title_line_h: int = 22   # each further line of a title too long for one (16 px bold)
+    subtitle_line_h: int = 16
+    row_title_line_h: int = 16
 
 
 LAYOUT = GalleryLayout()
@@ -116,6 +120,26 @@ def _fit_text(text: str, font: ImageFont.FreeTypeFont, max_w: int) -> str:
         else:
             hi = mid - 1
     return text[:lo] + "…"
+
+
+@functools.lru_cache(maxsize=8192)
+def _wrap_text(text: str, font: ImageFont.FreeTypeFont, max_w: int) -> tuple[str, ...]:
+    """`text` in as few lines as fit in max_w pixels each, broken at spaces (inside a word only when the word
+    alone is too wide): titles stay whole instead of ending in an ellipsis."""
+    if font.getlength(text) <= max_w:
+        return (text,)
+    width = max(1, int(len(text) * max_w / font.getlength(text)))   # characters per line, a first guess
+    while width > 1:
+        lines = textwrap.wrap(text, width) or [text]
+        if all(font.getlength(line) <= max_w for line in lines):
+            return tuple(lines)
+        width -= 1
+    return tuple(text)
+
+
+def _wrapped(text: str, size: int, max_w: int, bold: bool = False) -> tuple[tuple[str, ...], ImageFont.FreeTypeFont]:
+    shown, font = _font_for(text, size, bold)
+    return _wrap_text(shown, font, max_w), font
 
 
 @functools.lru_cache(maxsize=4096)
@@ -215,7 +239,8 @@ def render_gallery(title: str, sections: Sequence[tuple[str, Sequence[GalleryRow
 
     Size: width = max(LAYOUT.min_width, 2*pad + ncols*tile + (ncols-1)*gap), ncols = 1 + most panels;
     height = 2*pad + title_h [+ subtitle_h] + Σ_sections (section_h + rows*(row_title_h + label_h +
-    tile + row_gap)) + cbar_h * (1 or 2)."""
+    tile + row_gap)) + cbar_h * (1 or 2), plus title_line_h, subtitle_line_h or row_title_line_h for each
+    further line of a title that wraps (titles too wide at 20 px are drawn at 16 px and wrapped at spaces)."""
     L = LAYOUT
     if tile < 16:
         raise ConfigError(f"gallery tile must be at least 16 px, got {tile}")
@@ -223,27 +248,34 @@ def render_gallery(title: str, sections: Sequence[tuple[str, Sequence[GalleryRow
     all_rows = [r for _, rows in sections for r in rows]
     ncols = 1 + max((len(r.panels) for r in all_rows), default=0)
     has_diff = any(lbl.lower().startswith("difference") for r in all_rows for lbl, _ in r.panels)
-    row_h = L.row_title_h + L.label_h + tile + L.row_gap
-
     width = max(L.min_width, 2 * L.pad + ncols * tile + (ncols - 1) * L.gap)
-    height = (2 * L.pad + L.title_h + (L.subtitle_h if subtitle else 0)
-              + sum(L.section_h + len(rows) * row_h for _, rows in sections)
+    text_w = width - 2 * L.pad
+    # titles too long for one line wrap (and the page grows by a line each) instead of losing their end
+    title_text, title_font = _font_for(title, 20, True)
+    title_lines: tuple[str, ...] = (title_text,)
+    if title_font.getlength(title_text) > text_w:
+        title_lines, title_font = _wrapped(title, 16, text_w, True)
+    sub_lines, sub_font = _wrapped(subtitle, 13, text_w) if subtitle else ((), None)
+    row_lines = {id(r): _wrapped(r.title, 13, text_w, True) for r in all_rows}
+    row_h = L.row_title_h + L.label_h + tile + L.row_gap
+    row_extra = {key: (len(lines) - 1) * L.row_title_line_h for key, (lines, _) in row_lines.items()}
+
+    height = (2 * L.pad + L.title_h + (len(title_lines) - 1) * L.title_line_h
+              + (L.subtitle_h + (len(sub_lines) - 1) * L.subtitle_line_h if subtitle else 0)
+              + sum(L.section_h + sum(row_h + row_extra[id(r)] for r in rows) for _, rows in sections)
               + L.cbar_h * (2 if has_diff else 1))
     canvas = np.full((height, width, 3), 255, dtype=np.uint8)
     # text is collected first and drawn in one ImageDraw pass after the pixels are in place
     texts: list = []  # ((x, y), text, font, colour, anchor)
-    text_w = width - 2 * L.pad
 
     y = L.pad
-    title_text, title_font = _font_for(title, 20, True)
-    if title_font.getlength(title_text) > text_w:
-        title_text, title_font = _font_for(title, 16, True)
-    texts.append(((L.pad, y + 2), _fit_text(title_text, title_font, text_w), title_font, _BLACK, "lt"))
-    y += L.title_h
+    for i, line in enumerate(title_lines):
+        texts.append(((L.pad, y + 2 + i * L.title_line_h), line, title_font, _BLACK, "lt"))
+    y += L.title_h + (len(title_lines) - 1) * L.title_line_h
     if subtitle:
-        sub_text, sub_font = _font_for(subtitle, 13)
-        texts.append(((L.pad, y + 1), _fit_text(sub_text, sub_font, text_w), sub_font, _GREY, "lt"))
-        y += L.subtitle_h
+        for i, line in enumerate(sub_lines):
+            texts.append(((L.pad, y + 1 + i * L.subtitle_line_h), line, sub_font, _GREY, "lt"))
+        y += L.subtitle_h + (len(sub_lines) - 1) * L.subtitle_line_h
 
     for heading, rows in sections:
         shown, section_font = _font_for(heading if rows else f"{heading} — none", 16, True)
@@ -252,8 +284,10 @@ def render_gallery(title: str, sections: Sequence[tuple[str, Sequence[GalleryRow
         y += L.section_h
         for row in rows:
             colour = _BLACK if row.ok is None else (_GREEN if row.ok else _RED)
-            row_title, row_font = _font_for(row.title, 13, True)
-            texts.append(((L.pad, y + 2), _fit_text(row_title, row_font, text_w), row_font, colour, "lt"))
+            lines, row_font = row_lines[id(row)]
+            for i, line in enumerate(lines):
+                texts.append(((L.pad, y + 2 + i * L.row_title_line_h), line, row_font, colour, "lt"))
+            y += row_extra[id(row)]
             tiles_y = y + L.row_title_h + L.label_h
             original = to_rgb_uint8(row.image)
             disp_h, disp_w = _display_size(*original.shape[:2], tile)

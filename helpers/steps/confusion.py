@@ -13,6 +13,9 @@ from helpers.plots import figures, interactive
 from helpers.steps.context import Run, Section
 
 
+INLINE_CLASSES = 25   # the inline matrix shows at most this many classes; the saved one shows them all
+
+
 @dataclass(kw_only=True)
 class Confusion(Section):
     title: str = "Confusion"
@@ -27,6 +30,7 @@ class Confusion(Section):
     superclass_share: Optional[dict] = None
     per_class_figure: Any = None    # Plotly figures, built once: their own pages and index.html embed them
     heatmap: Any = None
+    full_figure: Any = None         # the saved confusion_matrix_full.png; figures["confusion_matrix"] is the inline one
 
 
 def heatmap_figure(run: Run, cm: np.ndarray, row_pct: np.ndarray, order: np.ndarray, order_how: str):
@@ -64,9 +68,19 @@ def confusion(run: Run) -> Confusion:
     out.write_text(interactive.per_class_accuracy_html(table, js, fig=sec.per_class_figure),
                    "per_class_accuracy_interactive.html")
     out.write_text(interactive.confusion_heatmap_html(sec.heatmap, js), "confusion_matrix_interactive.html")
-    fig = figures.plot_confusion_matrix(cm, run.names, title=f"Confusion matrix — accuracy {pr.accuracy:.1%}")
-    sec.figures["confusion_matrix"] = fig
+    # plot_confusion_matrix writes the accuracy (with its counts) into the title itself
+    fig = figures.plot_confusion_matrix(cm, run.names, title="Confusion matrix")
+    sec.figures["confusion_matrix"] = sec.full_figure = fig
     out.save_figure(fig, "confusion_matrix_full.png", dpi=80, tight=False)   # constrained, or fixed margins
+    if data.num_classes > INLINE_CLASSES:   # 100 tick labels cannot be read at notebook width
+        shown = ordering.most_confused_classes(cm, order, INLINE_CLASSES)
+        where = (f"Full matrix: {p.OUTPUT_DIR}/confusion_matrix_full.png and "
+                 f"{p.OUTPUT_DIR}/confusion_matrix_interactive.html")
+        sec.figures["confusion_matrix"] = figures.plot_confusion_subset(
+            cm[np.ix_(shown, shown)], [run.names[c] for c in shown], data.num_classes,
+            title=f"Confusion matrix (accuracy {pr.accuracy:.1%})", note=where)
+        sec.notes.append(f"Shown inline: the {len(shown)} classes with the most errors (as true or predicted class) "
+                         f"of {data.num_classes}, in the matrix's {order_how} order. {where}.")
     fig = figures.plot_top_pairs(pairs)
     sec.figures["top_pairs"] = fig
     out.save_figure(fig, "top_confused_pairs.png")

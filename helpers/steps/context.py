@@ -17,6 +17,7 @@ from helpers.config import Params
 from helpers.data.datasets import Dataset, safe_filename
 from helpers.files.cache import RunCache
 from helpers.files.outputs import Outputs
+from helpers.files.png import inline_image
 from helpers.model.cam_store import CamStore
 from helpers.model.inference import Predictions
 from helpers.model.load import LoadedModel
@@ -42,12 +43,20 @@ class Section:
                 if f.name not in _DISPLAY_FIELDS and getattr(self, f.name) is not None}
 
     def show(self, names: Optional[list[str]] = None) -> None:
-        from IPython.display import display
         for note in self.notes:
             print(note)
         for name, fig in self.figures.items():
             if names is None or name in names:
-                display(fig)
+                show_inline(fig)
+
+
+def show_inline(fig) -> None:
+    """Display a figure or PIL image in the notebook as one inline-sized JPEG or PNG (files.png.inline_image):
+    displayed directly, a figure is a full-resolution PNG and a PIL image both a PNG and a JPEG, which autosave
+    keeps in the .ipynb (megabytes per run)."""
+    from IPython.display import Image, display
+    data, fmt = inline_image(fig)
+    display(Image(data=data, format=fmt))
 
 
 @dataclass

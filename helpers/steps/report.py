@@ -12,9 +12,13 @@ import numpy as np
 import pandas as pd
 
 from helpers.compute.metrics import HIGH_CONFIDENCE, LABEL_SUSPECT_MAX_P_GIVEN, yes_no
+from helpers.compute.ordering import cluster_groups
 from helpers.compute.recommendations import Evidence, Recommendation, format_recommendations, recommend
-from helpers.files.outputs import PLOTLY_JS
+from helpers.data.datasets import readable
+from helpers.files.png import jpeg_data_uri
+from helpers.plots.explorer import EXPLORER_CSS, explorer_data, explorer_html
 from helpers.plots.interactive import plotly_div
+from helpers.steps.cells import CellImages
 from helpers.steps.confusion import Confusion
 from helpers.steps.context import Run, Section
 from helpers.steps.deep_dive import DeepDive
@@ -31,9 +35,9 @@ DESCRIPTIONS = [
     ("confusion_matrix_full.png", "Full confusion matrix: rows are true classes, columns predictions."),
     ("per_class_accuracy.csv", "Accuracy, support, confidence and most frequent wrong prediction per class."),
     ("per_class_accuracy_interactive.html", "Interactive per-class accuracy chart (hover for details)."),
-    ("confusion_matrix_interactive.html", "Interactive confusion matrix: hover for counts and row %, "
-                                          "toggle counts / row %, confusable classes side by side."),
-    ("plotly.min.js", "plotly.js, loaded by every HTML page here, so they open offline."),
+    ("confusion_matrix_interactive.html", "The full interactive confusion matrix on its own page: hover for counts "
+                                          "and row %, toggle counts / row %, confusable classes side by side."),
+    ("plotly.min.js", "plotly.js, loaded by the other HTML pages here, so they open offline (index.html holds its own copy)."),
     ("most_confused_pairs.csv", "The most frequent true → predicted confusions."),
     ("top_confused_pairs.png", "Bar chart of the most confused pairs."),
     ("confused_pair_", "Confused-pair gallery: original, CAM for the true class, CAM for the predicted class, difference."),
@@ -246,13 +250,38 @@ table{border-collapse:collapse;width:100%}th{text-align:left;background:#f0f3f8}
 td,th{border-bottom:1px solid #ddd;padding:4px 8px;vertical-align:top}
 .figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:16px}
 figure{margin:0}figure img{max-width:100%;border:1px solid #ccc}figcaption{font-size:.85em;color:#444}
-img.wide{max-width:100%;border:1px solid #ccc}iframe{width:100%;height:820px;border:1px solid #ccc}
+img.wide{max-width:100%;border:1px solid #ccc}
 .note{color:#444}.recs li{margin-bottom:.6em}.recs .ev{color:#555;font-size:.9em}
-"""
+.noscript{border:1px solid #e0b000;background:#fff8dc;padding:8px 12px;border-radius:6px}
+html.js .static-only{display:none}html.no-js .js-only{display:none}
+""" + EXPLORER_CSS
+
+# Pictures embedded in the page are previews this wide at most; each links to its full-size file.
+PREVIEW_WIDTH = 900
+NO_SCRIPTS = ("Scripts are off, so this page shows its static figures only. In JupyterLab, click "
+              "<b>Trust HTML</b> in the toolbar above for the interactive confusion matrix and its images.")
 
 
 def _link(rel: str, text: Optional[str] = None) -> str:
     return f'<a href="{html.escape(rel)}">{html.escape(text or rel)}</a>'
+
+
+def preview_uri(path, max_width: int = PREVIEW_WIDTH) -> str:
+    """A saved PNG as a compact JPEG data: URI for the page (shrunk to max_width), or "" when unreadable."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = im.convert("RGBA") if im.mode in ("P", "LA", "RGBA") else im.convert("RGB")
+    except OSError:
+        return ""
+    if img.mode == "RGBA":   # JPEG has no alpha: flatten onto white, as the page's background
+        flat = Image.new("RGB", img.size, "white")
+        flat.paste(img, mask=img.getchannel("A"))
+        img = flat
+    if img.width > max_width:
+        img = img.resize((max_width, max(1, round(img.height * max_width / img.width))), Image.LANCZOS)
+    return jpeg_data_uri(img, quality=80)
 
 
 def _cards(run: Run, conf: Confusion, deep: Optional[DeepDive]) -> str:
@@ -292,15 +321,16 @@ def _pairs_table(run: Run, conf: Confusion, present: set) -> str:
         cls_gallery = f"worst_predictions/{run.gallery_filename(int(r.true_id))}"
         if cls_gallery in present:
             links.append(_link(cls_gallery, f"{r.true_name} gallery"))
-        rows.append(f"<tr><td>{int(r.rank)}</td><td>{html.escape(str(r.true_name))}</td>"
+        rows.append(f'<tr data-true="{int(r.true_id)}" data-pred="{int(r.pred_id)}" title="click: this pair\'s images">'
+                    f"<td>{int(r.rank)}</td><td>{html.escape(str(r.true_name))}</td>"
                     f"<td>{html.escape(str(r.pred_name))}</td><td>{int(r.count)}</td><td>{r.share_of_true:.1%}</td>"
                     f"<td>{yes_no(r.same_superclass)}</td><td>{' · '.join(links)}</td></tr>")
     return "<table id=\"pairs-table\">" + "".join(rows) + "</table>"
 
 
-def _figures(rels: list[str]) -> str:
+def _figures(run: Run, rels: list[str]) -> str:
     return '<div class="figs">' + "".join(
-        f'<figure><a href="{html.escape(r)}"><img src="{html.escape(r)}" alt="{html.escape(r)}"></a>'
+        f'<figure><a href="{html.escape(r)}"><img src="{preview_uri(run.outputs.current(r))}" alt="{html.escape(r)}"></a>'
         f"<figcaption>{html.escape(describe(r) or r)}</figcaption></figure>" for r in rels) + "</div>"
 
 
@@ -308,40 +338,68 @@ def _file_table(rels: list[str]) -> str:
     return "<table>" + "".join(f"<tr><td>{_link(r)}</td><td>{html.escape(describe(r))}</td></tr>" for r in rels) + "</table>"
 
 
+def _explorer(run: Run, conf: Confusion, cells: CellImages) -> str:
+    data = run.data
+    groups = group_names = None
+    kind = "superclass"
+    if data.fine_to_coarse is not None and data.coarse_names:
+        f2c = np.asarray(data.fine_to_coarse)
+        groups = np.where(f2c >= 0, f2c, len(data.coarse_names))
+        group_names = [readable(c) for c in data.coarse_names] + ["unknown superclass"]
+    elif data.num_classes > 12:
+        groups = cluster_groups(conf.cm, max(2, round(data.num_classes ** 0.5)))
+        group_names = [f"cluster {g + 1}: " + ", ".join(run.names[c] for c in conf.order if groups[c] == g)[:60]
+                       for g in range(int(groups.max()) + 1)]
+        kind = "cluster"
+    ex = cells.examples
+    payload = explorer_data(conf.cm, run.names, conf.order, ex.table(), ex.shown, ex.per_cell, ex.budget, cells.tiles,
+                            cells.p_pred, cells.p_true, groups, group_names, kind)
+    return explorer_html(payload, cells.tiles.sheets)
+
+
 def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[str],
-               recs: Optional[list[Recommendation]] = None) -> str:
-    """The report page: headline numbers, the interactive confusion matrix and per-class chart, the confused
-    pairs with their galleries, the deep dive, and every output with a description. Loads the plotly.min.js
-    shipped beside it; no network."""
+               recs: Optional[list[Recommendation]] = None, cells: Optional[CellImages] = None) -> str:
+    """The report page, self-contained: plotly.js, the numbers, the confusion cells' images and previews of
+    the figures are inside it, so it renders wherever it is opened (from disk, in JupyterLab's sandboxed HTML
+    viewer, in a browser tab Jupyter serves); links lead to the full-size files beside it."""
+    from plotly.offline import get_plotlyjs
+
     present = set(files)
     pair_pngs = [f for f in files if f.startswith("confused_pair_")]
     deep_pngs = [f for f in files if f.startswith("deep_dive/") and f.endswith(".png")]
-    how = ("Rows and columns are grouped by superclass (red outlines), with superclasses placed next to those "
+    how = ("Rows and columns are grouped by superclass, with superclasses placed next to those "
            "they are confused with" if conf.order_how == "superclass" else
            "Rows and columns are ordered by a hierarchical clustering of the confusion, so classes the model "
            "mixes up sit next to each other")
+    static_cm = ""
+    if "confusion_matrix_full.png" in present:
+        static_cm = (f'<p class="static-only"><a href="confusion_matrix_full.png"><img class="wide" alt="confusion matrix" '
+                     f'src="{preview_uri(run.outputs.current("confusion_matrix_full.png"), 1200)}"></a></p>')
+    explorer = _explorer(run, conf, cells) if cells is not None else ""
     sections = [
         ("summary", "Headline numbers", _cards(run, conf, deep)),
         ("confusion", "Confusion matrix",
-         f'<p class="note">{how}. Hover a cell for the true and predicted class, the count and the row %. '
-         "The buttons switch the colour between counts, row % and row % without the diagonal (errors only). "
-         f'Also as {_link("confusion_matrix_interactive.html", "its own page")} and as a '
-         f'{_link("confusion_matrix_full.png", "static PNG")}.</p>'
-         + plotly_div(conf.heatmap, "confusion-matrix")),
+         f'<p class="note">{how}. Hover a cell for the true and predicted class, the count and the row %; '
+         "<b>click a cell</b> to see its images. Choose which classes to show (the most confused, "
+         "collapsed into groups, or one class and its partners by name) and the colour: counts, row % or row % "
+         f'without the diagonal. The full matrix: {_link("confusion_matrix_interactive.html", "its own page")} and a '
+         f'{_link("confusion_matrix_full.png", "static PNG")}.</p>' + static_cm + explorer),
         ("per-class", "Per-class accuracy",
-         plotly_div(conf.per_class_figure, "per-class-accuracy")
+         '<div class="js-only">' + plotly_div(conf.per_class_figure, "per-class-accuracy") + "</div>"
          + f'<p>{_link("per_class_accuracy.csv")} · {_link("per_class_accuracy_interactive.html")}</p>'),
         ("pairs", "Most confused pairs",
-         _pairs_table(run, conf, present) + ('<p><img class="wide" src="top_confused_pairs.png" alt="top confused pairs"></p>'
-                                             if "top_confused_pairs.png" in present else "")
-         + (_figures(pair_pngs) if pair_pngs else "")),
+         '<p class="note js-only">Click a row to see its images above.</p>'
+         + _pairs_table(run, conf, present)
+         + (f'<p><a href="top_confused_pairs.png"><img class="wide" alt="top confused pairs" '
+            f'src="{preview_uri(run.outputs.current("top_confused_pairs.png"))}"></a></p>'
+            if "top_confused_pairs.png" in present else "")
+         + (_figures(run, pair_pngs) if pair_pngs else "")),
     ]
     if deep_pngs or "deep_dive/group_embedding.html" in present:
-        body = _figures(deep_pngs)
+        body = _figures(run, deep_pngs)
         if "deep_dive/group_embedding.html" in present:
-            body += ('<h3>Feature space of the group</h3><p class="note">Hover a point to see the image. '
-                     f'{_link("deep_dive/group_embedding.html", "Open on its own page")}.</p>'
-                     '<iframe src="deep_dive/group_embedding.html" title="group embedding"></iframe>')
+            body += ('<p class="note">The feature space of the group, interactive with a thumbnail of each point: '
+                     f'{_link("deep_dive/group_embedding.html", "its own page")}.</p>')
         sections.append(("deep-dive", "Deep dive", body))
     if recs is not None:
         items = "".join(f'<li><b>[{html.escape(r.rule)}]</b> {html.escape(r.text)}'
@@ -358,11 +416,13 @@ def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[
     nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
     content = "".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{body}</section>' for sid, title, body in sections)
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Grad-CAM confusion analysis</title>
+<html lang="en" class="no-js"><head><meta charset="utf-8"><title>Grad-CAM confusion analysis</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<script>document.documentElement.className = "js";</script>
 <style>{_INDEX_CSS}</style>
-<script src="{PLOTLY_JS}"></script></head>
+<script>{get_plotlyjs()}</script></head>
 <body><h1>Grad-CAM confusion analysis</h1>
+<p class="noscript static-only">{NO_SCRIPTS}</p>
 <p>Model: {html.escape(run.model.arch)} — {html.escape(run.model.source)}. Dataset: {html.escape(run.data.name)}.</p>
 <nav>{nav}</nav>
 {content}
@@ -371,7 +431,7 @@ def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[
 
 
 def write_reports(run: Run, conf: Confusion, pairs: Optional[PairGalleries], deep: Optional[DeepDive],
-                  timings: dict[str, float]) -> Report:
+                  timings: dict[str, float], cells: Optional[CellImages] = None) -> Report:
     """recommendations.txt, analysis_summary.txt, then (with every other output on disk) the stale-output
     clean-up, index.html and the manifest."""
     out = run.outputs
@@ -380,7 +440,7 @@ def write_reports(run: Run, conf: Confusion, pairs: Optional[PairGalleries], dee
     out.write_text(format_recommendations(recs), "recommendations.txt")
     out.write_text(summary_text(run, conf, deep, faith, recs, timings), "analysis_summary.txt")
     files = out.files()
-    out.write_text(index_html(run, conf, deep, files, recs), "index.html")
+    out.write_text(index_html(run, conf, deep, files, recs, cells), "index.html")
     removed = out.commit()   # the run's outputs move into place; the earlier run's others go
     sec = Report(recommendations=recs, removed_stale=removed,
                  files=["analysis_summary.txt", "recommendations.txt", "index.html"])

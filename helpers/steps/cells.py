@@ -1,0 +1,82 @@
+"""Every confusion-matrix cell's images for index.html: the cell's errors, worst first, each with the CAM for
+the true and for the predicted class, packed into JPEG sheets the page draws from when a cell is clicked."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from helpers.compute.cells import CellExamples, cell_examples
+from helpers.model.cams import forward_with_activations
+from helpers.plots.cell_tiles import TileSheets, fit_thumbnails, thumb_side, tile_sheets
+from helpers.steps.context import Run, Section
+
+CAM_BATCH = 256   # CAMs asked of the store at a time: one progress-bar step, bounded memory
+
+
+@dataclass(kw_only=True)
+class CellImages(Section):
+    title: str = "Images behind each confusion-matrix cell"
+    examples: CellExamples
+    tiles: TileSheets
+    p_pred: np.ndarray       # per shown image: confidence in the predicted class
+    p_true: np.ndarray       # and the probability left on the true class
+
+
+def cams_for(engine, x: torch.Tensor, *targets: np.ndarray) -> list[np.ndarray]:
+    """The engine's CAMs of images x for each list of targets: on the fast exact path from one forward pass
+    (the activations are shared; a second pass per target doubled this step's time), else one compute each."""
+    if engine.fast:
+        _, acts = forward_with_activations(engine.model, engine.layer, x.to(engine.device))
+        cams = [engine.compute_from_activations(x, acts, t) for t in targets]
+        if all(c is not None for c in cams):
+            return cams
+    return [engine.compute(x, t, progress=False) for t in targets]
+
+
+def draw_tiles(run: Run, engine, idx: np.ndarray, t: np.ndarray, q: np.ndarray, side: tuple[int, int]) -> TileSheets:
+    """The tiles of images idx: each image, its CAM for class t[i] and for class q[i], as thumbnails of `side`."""
+    from tqdm.auto import tqdm
+
+    # The engine, not the store: these CAMs are drawn once and kept only as thumbnails (the store would hold
+    # every full-size map in memory and in the cache).
+    thumbs: list[list[np.ndarray]] = [[], [], []]
+    with tqdm(total=len(idx), desc="Confusion-cell CAMs", unit="img", disable=not run.progress) as bar:
+        for s in range(0, len(idx), CAM_BATCH):
+            b = idx[s:s + CAM_BATCH]
+            x = run.inputs[torch.as_tensor(b)]
+            thumbs[0] += fit_thumbnails([run.data.images[i] for i in b], side)
+            for k, cams in enumerate(cams_for(engine, x, t[s:s + CAM_BATCH], q[s:s + CAM_BATCH]), 1):
+                thumbs[k] += fit_thumbnails(run.overlays(b, cams), side)
+            bar.update(len(b))
+    return tile_sheets(*thumbs)
+
+
+def cell_images(run: Run) -> CellImages:
+    """CELL_IMAGES images per non-empty off-diagonal cell (at most CELL_IMAGES_MAX in all), each with its true-
+    and predicted-class CAMs (the run's CAM method and layer)."""
+    pr, p = run.preds, run.params
+    ex = cell_examples(pr.labels, pr.preds, pr.probs, p.CELL_IMAGES, p.CELL_IMAGES_MAX)
+    idx = ex.shown
+    t, q = pr.labels[idx], pr.preds[idx]
+    side = thumb_side(*run.data.images.shape[1:3])
+    tiles = tile_sheets([], [], [])
+    if len(idx) and run.cams is not None:
+        engine = run.cams.engine()
+
+        def draw() -> list:
+            t_ = draw_tiles(run, engine, idx, t, q, side)
+            return [list(t_.side), t_.per_row, t_.per_sheet, t_.sheets]
+        # an identical re-run takes the sheets from the cache: no CAM is computed again
+        (w, h), per_row, per_sheet, sheets = run.cache.cached("cell_tiles", draw, engine.method, engine.layer_name,
+                                                              idx, t, q, list(side))
+        tiles = TileSheets(side=(int(w), int(h)), per_row=int(per_row), per_sheet=int(per_sheet), sheets=list(sheets))
+    sec = CellImages(examples=ex, tiles=tiles, p_pred=pr.probs[idx, q].astype(np.float32) if len(idx) else
+                     np.zeros(0, np.float32), p_true=pr.probs[idx, t].astype(np.float32) if len(idx) else
+                     np.zeros(0, np.float32))
+    if ex.n_cells_without_images:
+        sec.notes.append(f"{ex.n_cells_without_images} of {ex.n_cells} confused cells have no images in index.html "
+                         f"(CELL_IMAGES_MAX={ex.budget} images were spent on the larger cells); raise CELL_IMAGES_MAX "
+                         "to include them.")
+    return sec
