@@ -115,3 +115,23 @@ class InferenceCounter:
             self.calls += 1
             return original(*args, **kwargs)
         monkeypatch.setattr(pipeline, "run_inference", counted)
+
+
+FMNIST_ARCH = f"{REPO / 'tests' / 'fmnist_model.py'}:FashionCNN"
+N_TRAIN = 16000      # a seeded subset of the 60k train images: ~84% test accuracy after 3 epochs
+
+
+@pytest.fixture(scope="session")
+def fmnist_checkpoint(tmp_path_factory) -> Path:
+    """FashionCNN trained for 3 epochs on 16k train images (~12 s on one CPU core), saved as a state_dict."""
+    from fmnist_model import train_fashion_cnn
+    from helpers.data.datasets import load_dataset
+    from helpers.data.readers import SYSTEM_FASHION_MNIST
+    from helpers.model.inference import default_threads
+    torch.set_num_threads(default_threads())   # as Analysis does: busy shared cores make extra threads stall
+    train = load_dataset("fashion_mnist", root=SYSTEM_FASHION_MNIST, split="train", download=False)
+    idx = np.sort(np.random.default_rng(0).choice(len(train.labels), N_TRAIN, replace=False))
+    model = train_fashion_cnn(train.images[idx], train.labels[idx], train.mean, train.std, epochs=3, seed=0)
+    path = tmp_path_factory.mktemp("fmnist") / "fmnist_cnn.pt"
+    torch.save(model.state_dict(), path)
+    return path

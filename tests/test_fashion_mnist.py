@@ -5,19 +5,16 @@ Coat and Shirt, so the automatically found group of 3 must be drawn from them.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import sklearn.metrics
-import torch
 
 from helpers.config import Params
-from helpers.data.datasets import load_dataset
 from helpers.data.readers import SYSTEM_FASHION_MNIST
 from helpers.pipeline import Analysis
 
-from conftest import REPO
+from conftest import FMNIST_ARCH, REPO
 from output_checks import check_outputs, check_png, parse_html, read_csv
 
 FILES = [f"{s}-{k}-idx{d}-ubyte.gz" for s in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))]
@@ -26,25 +23,9 @@ pytestmark = pytest.mark.skipif(
     bool(MISSING), reason=f"Fashion-MNIST is not installed in {SYSTEM_FASHION_MNIST} (missing {', '.join(MISSING)}): "
                           "apt-get install dataset-fashion-mnist")
 
-FMNIST_ARCH = f"{REPO / 'tests' / 'fmnist_model.py'}:FashionCNN"
 UPPER_BODY = {"T-shirt/top", "Pullover", "Coat", "Shirt"}
-N_TRAIN = 16000      # a seeded subset of the 60k train images: ~84% test accuracy after 3 epochs
 N_TEST = 5000        # the first 5000 test images (about 500 per class)
 EMBED_POINTS = 600   # t-SNE subsample of the group's ~1500 images (the full 3000 would take ~30 s)
-
-
-@pytest.fixture(scope="session")
-def fmnist_checkpoint(tmp_path_factory) -> Path:
-    """FashionCNN trained for 3 epochs on 16k train images (~12 s on one CPU core), saved as a state_dict."""
-    from fmnist_model import train_fashion_cnn
-    from helpers.model.inference import default_threads
-    torch.set_num_threads(default_threads())   # as Analysis does: busy shared cores make extra threads stall
-    train = load_dataset("fashion_mnist", root=SYSTEM_FASHION_MNIST, split="train", download=False)
-    idx = np.sort(np.random.default_rng(0).choice(len(train.labels), N_TRAIN, replace=False))
-    model = train_fashion_cnn(train.images[idx], train.labels[idx], train.mean, train.std, epochs=3, seed=0)
-    path = tmp_path_factory.mktemp("fmnist") / "fmnist_cnn.pt"
-    torch.save(model.state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ works both in JupyterLab's HTML viewer (sandboxed iframe, after "Trust HTML") an
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import sys
 import time
@@ -66,8 +67,22 @@ def lab_root(tmp_path_factory) -> Path:
     return root
 
 
+# JUPYTERLAB_TEST_IMAGES=2000 (with the real ResNet-56 in TORCH_HOME): the same test on that many generated
+# images with the default model and galleries, for the Run All time a user sees (`-s` prints it).
+MEASURE_IMAGES = int(os.environ.get("JUPYTERLAB_TEST_IMAGES", "0"))
+
+
 @pytest.fixture(scope="module")
-def lab(lab_root, cifar_root, tiny_checkpoint, torch_home):
+def lab(lab_root, cifar_root, tiny_checkpoint, torch_home, tmp_path_factory):
+    if MEASURE_IMAGES:
+        from helpers.data.synthetic import write_cifar100
+        data = write_cifar100(tmp_path_factory.mktemp("measure"), n_test=MEASURE_IMAGES, n_train=10, seed=0).parent
+        env = {"GRADCAM_DATA_ROOT": str(data), "GRADCAM_DOWNLOAD": "false", "GRADCAM_OUTPUT_DIR": OUTPUT_DIR,
+               "GRADCAM_DEVICE": "cpu", "GRADCAM_EMBEDDING": "tsne", "TORCH_HOME": os.environ["TORCH_HOME"],
+               "MPLBACKEND": "Agg"}
+        with jupyterlab_server(lab_root, env=env) as server:
+            yield server
+        return
     env = {"GRADCAM_MODEL_PATH": str(tiny_checkpoint), "GRADCAM_ARCH": TINY_ARCH,
            "GRADCAM_DATA_ROOT": str(cifar_root), "GRADCAM_DOWNLOAD": "false", "GRADCAM_OUTPUT_DIR": OUTPUT_DIR,
            "GRADCAM_DEVICE": "cpu", "GRADCAM_EMBEDDING": "tsne", "GRADCAM_N_PAIR_GALLERIES": "2",

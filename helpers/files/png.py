@@ -160,3 +160,22 @@ def inline_image(fig, max_width: int = INLINE_MAX_WIDTH) -> tuple[bytes, str]:
     jpeg = io.BytesIO()
     img.save(jpeg, format="JPEG", quality=INLINE_JPEG_QUALITY, optimize=True)
     return (jpeg.getvalue(), "jpeg") if len(jpeg.getvalue()) < len(png) else (png, "png")
+
+
+def preview_data_uri(path, max_width: int = 900) -> str:
+    """A saved picture as a compact JPEG data: URI for a page (shrunk to max_width, transparency flattened onto
+    white), or "" when it cannot be read."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = im.convert("RGBA") if im.mode in ("P", "LA", "RGBA") else im.convert("RGB")
+    except OSError:
+        return ""
+    if img.mode == "RGBA":   # JPEG has no alpha
+        flat = Image.new("RGB", img.size, "white")
+        flat.paste(img, mask=img.getchannel("A"))
+        img = flat
+    if img.width > max_width:
+        img = img.resize((max_width, max(1, round(img.height * max_width / img.width))), Image.LANCZOS)
+    return jpeg_data_uri(img, quality=80)

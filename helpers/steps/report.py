@@ -15,7 +15,7 @@ from helpers.compute.metrics import HIGH_CONFIDENCE, LABEL_SUSPECT_MAX_P_GIVEN, 
 from helpers.compute.ordering import cluster_groups
 from helpers.compute.recommendations import Evidence, Recommendation, format_recommendations, recommend
 from helpers.data.datasets import readable
-from helpers.files.png import jpeg_data_uri
+from helpers.files.png import preview_data_uri
 from helpers.plots.explorer import EXPLORER_CSS, explorer_data, explorer_html
 from helpers.plots.interactive import plotly_div
 from helpers.steps.cells import CellImages
@@ -256,32 +256,12 @@ img.wide{max-width:100%;border:1px solid #ccc}
 html.js .static-only{display:none}html.no-js .js-only{display:none}
 """ + EXPLORER_CSS
 
-# Pictures embedded in the page are previews this wide at most; each links to its full-size file.
-PREVIEW_WIDTH = 900
 NO_SCRIPTS = ("Scripts are off, so this page shows its static figures only. In JupyterLab, click "
               "<b>Trust HTML</b> in the toolbar above for the interactive confusion matrix and its images.")
 
 
 def _link(rel: str, text: Optional[str] = None) -> str:
     return f'<a href="{html.escape(rel)}">{html.escape(text or rel)}</a>'
-
-
-def preview_uri(path, max_width: int = PREVIEW_WIDTH) -> str:
-    """A saved PNG as a compact JPEG data: URI for the page (shrunk to max_width), or "" when unreadable."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            im.load()
-            img = im.convert("RGBA") if im.mode in ("P", "LA", "RGBA") else im.convert("RGB")
-    except OSError:
-        return ""
-    if img.mode == "RGBA":   # JPEG has no alpha: flatten onto white, as the page's background
-        flat = Image.new("RGB", img.size, "white")
-        flat.paste(img, mask=img.getchannel("A"))
-        img = flat
-    if img.width > max_width:
-        img = img.resize((max_width, max(1, round(img.height * max_width / img.width))), Image.LANCZOS)
-    return jpeg_data_uri(img, quality=80)
 
 
 def _cards(run: Run, conf: Confusion, deep: Optional[DeepDive]) -> str:
@@ -330,7 +310,7 @@ def _pairs_table(run: Run, conf: Confusion, present: set) -> str:
 
 def _figures(run: Run, rels: list[str]) -> str:
     return '<div class="figs">' + "".join(
-        f'<figure><a href="{html.escape(r)}"><img src="{preview_uri(run.outputs.current(r))}" alt="{html.escape(r)}"></a>'
+        f'<figure><a href="{html.escape(r)}"><img src="{preview_data_uri(run.outputs.current(r))}" alt="{html.escape(r)}"></a>'
         f"<figcaption>{html.escape(describe(r) or r)}</figcaption></figure>" for r in rels) + "</div>"
 
 
@@ -374,7 +354,7 @@ def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[
     static_cm = ""
     if "confusion_matrix_full.png" in present:
         static_cm = (f'<p class="static-only"><a href="confusion_matrix_full.png"><img class="wide" alt="confusion matrix" '
-                     f'src="{preview_uri(run.outputs.current("confusion_matrix_full.png"), 1200)}"></a></p>')
+                     f'src="{preview_data_uri(run.outputs.current("confusion_matrix_full.png"), 1200)}"></a></p>')
     explorer = _explorer(run, conf, cells) if cells is not None else ""
     sections = [
         ("summary", "Headline numbers", _cards(run, conf, deep)),
@@ -391,7 +371,7 @@ def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[
          '<p class="note js-only">Click a row to see its images above.</p>'
          + _pairs_table(run, conf, present)
          + (f'<p><a href="top_confused_pairs.png"><img class="wide" alt="top confused pairs" '
-            f'src="{preview_uri(run.outputs.current("top_confused_pairs.png"))}"></a></p>'
+            f'src="{preview_data_uri(run.outputs.current("top_confused_pairs.png"))}"></a></p>'
             if "top_confused_pairs.png" in present else "")
          + (_figures(run, pair_pngs) if pair_pngs else "")),
     ]
