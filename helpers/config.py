@@ -49,6 +49,10 @@ class Params:
     FORCE_RECOMPUTE: bool = False           # ignore the cache next to the outputs
     SEED: int = 0
     COMPARE_WITH: Optional[str] = None      # a second checkpoint (same ARCH and data): before/after in OUTPUT_DIR/compare/
+    LABEL_ERRORS: Optional[str] = "auto"    # human-validated wrong test labels: "auto" (CIFAR: cleanlab/label-errors,
+                                            # downloaded once into DATA_ROOT), a path to a *_mturk.json, or None
+    TRAIN_EVIDENCE: bool = False            # one pass over the training split: nearest training images, near-duplicates
+    TRAIN_ROOT: Optional[str] = None        # image folders: the training images (one sub-folder per class); implies it
 
     @classmethod
     def names(cls) -> list[str]:
@@ -76,7 +80,7 @@ class Params:
     def validate(self) -> "Params":
         """Check every value that can be checked without the model or the data, so that a wrong one stops the
         run before any compute (ConfigError naming the parameter and what it accepts). Returns self."""
-        for name in ("ALLOW_UNSAFE_PICKLE", "DOWNLOAD", "FORCE_RECOMPUTE"):
+        for name in ("ALLOW_UNSAFE_PICKLE", "DOWNLOAD", "FORCE_RECOMPUTE", "TRAIN_EVIDENCE"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False (got {getattr(self, name)!r}).")
         for name, low in COUNTS.items():
@@ -111,7 +115,7 @@ class Params:
         for name in ("OUTPUT_DIR", "DATA_ROOT", "DATASET", "DEVICE", "CAM_METHOD"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"{name} must be a non-empty string (got {getattr(self, name)!r}).")
-        for name in ("MODEL_PATH", "ARCH", "TARGET_LAYER", "COMPARE_WITH"):
+        for name in ("MODEL_PATH", "ARCH", "TARGET_LAYER", "COMPARE_WITH", "LABEL_ERRORS", "TRAIN_ROOT"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
                 raise ConfigError(f"{name} must be None or a string (got {getattr(self, name)!r}).")
         return self

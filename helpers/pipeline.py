@@ -23,7 +23,7 @@ from helpers.model.inference import Predictions, default_threads, resolve_device
 from helpers.model.load import LoadedModel, check_model_fits_data, load_model
 from helpers.model.sanity import check_model_behaviour
 from helpers.plots.gallery import render_gallery
-from helpers.steps import cells, confusion, deep_dive, galleries, predictions, report
+from helpers.steps import cells, confusion, data_causes, deep_dive, galleries, predictions, report
 from helpers.steps.context import Run, Section
 
 
@@ -170,6 +170,11 @@ class Analysis:
     def deep_dive(self) -> deep_dive.DeepDive:
         return self._step("deep_dive", deep_dive.run_deep_dive, self.run, self._needs("confusion"))
 
+    def data_causes(self) -> data_causes.DataCauses:
+        """Is it the data? Wrong test labels, the kinds of image that go wrong, and (opt-in) the training set."""
+        return self._step("data_causes", data_causes.data_causes, self.run, self._needs("confusion"),
+                          self.results.get("deep_dive"), self.timings.get("inference"))
+
     def cell_images(self) -> cells.CellImages:
         """The images behind every confusion-matrix cell, for index.html (report() calls it when not yet run)."""
         self._needs("confusion")   # the index shows them on its confusion matrix
@@ -181,7 +186,8 @@ class Analysis:
         start = time.perf_counter()
         self.outputs.flush()   # PNGs are written in the background; the index and manifest need them on disk
         sec = report.write_reports(self.run, conf, self.results.get("pair_galleries"),
-                                   self.results.get("deep_dive"), self.timings, cell_images)
+                                   self.results.get("deep_dive"), self.timings, cell_images,
+                                   self.results.get("data_causes"))
         self.results["report"] = sec
         self.save_cam_cache()
         if self.device.type == "cpu":
@@ -206,6 +212,7 @@ class Analysis:
             self.class_galleries()
             self.pair_galleries()
             self.deep_dive()
+            self.data_causes()
             self.report()
         except BaseException:
             self.outputs.close(raise_errors=False)   # the step's own error is the one to report

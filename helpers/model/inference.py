@@ -93,6 +93,52 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise ConfigError(f"DEVICE {device!r} is not a device. Use 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'.") from None
 
 
+def head_input_hook(model: torch.nn.Module, probe: torch.Tensor, sink: list,
+                    dtype: torch.dtype = torch.float32):
+    """Hook that appends the input of the model's final Linear (the penultimate features, flattened, on the CPU,
+    as `dtype`) to `sink` at every forward; None when the model has no such head. `probe` (one input on the
+    model's device) finds the head by the model's output size. Remove the returned handle when done."""
+    with torch.inference_mode():
+        out = model(probe)
+    head = final_linear(model, int(out.shape[-1]))
+    if head is None:
+        return None
+    return head.register_forward_hook(lambda _m, inp, _out: sink.append(inp[0].detach().flatten(1).to("cpu", dtype)))
+
+
+def feature_pass(model: torch.nn.Module, images: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                 batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = True,
+                 desc: str = "Train features", dtype: torch.dtype = torch.float16) -> Optional[np.ndarray]:
+    """Penultimate features (N, D) of uint8 (N, H, W, C) `images`, normalised one batch at a time so that
+    memory holds only the images given, one batch of inputs and the features (`dtype`, float16 by default:
+    half the memory, ample for cosine neighbours). None when the model has no final Linear. The same hook as
+    run_inference; the logits are not kept."""
+    from tqdm.auto import tqdm
+    device = torch.device(device)
+    n = len(images)
+    if not n:
+        return None
+    first = to_tensor(images[:1], mean, std).to(device)
+    model, _ = float32_model(model, [first])
+    channels_last = device.type != "mps"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    parts: list = []
+    hook = head_input_hook(model, first, parts, dtype)
+    if hook is None:
+        return None
+    try:
+        with torch.inference_mode():
+            for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
+                batch = to_tensor(images[start:start + batch_size], mean, std).to(device, non_blocking=True)
+                if channels_last:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                model(batch)
+    finally:
+        hook.remove()
+    return torch.cat(parts).numpy()
+
+
 def run_inference(
     model: torch.nn.Module,
     inputs: torch.Tensor,
@@ -125,16 +171,7 @@ def run_inference(
         model = model.to(memory_format=torch.channels_last)
     n = len(inputs)
     logits_parts, feature_parts = [], []
-    head = None
-    hook = None
-    if capture_features:
-        with torch.inference_mode():
-            probe = model(inputs[:1].to(device)) if n else None
-        head = final_linear(model, int(probe.shape[-1])) if probe is not None else None
-        if head is not None:
-            hook = head.register_forward_hook(
-                lambda _m, inp, _out: feature_parts.append(inp[0].detach().float().flatten(1).cpu())
-            )
+    hook = head_input_hook(model, inputs[:1].to(device), feature_parts) if capture_features and n else None
     labels = np.asarray(labels, dtype=np.int64)
     prob_parts = []
     capture = gallery.capture() if gallery is not None else contextlib.nullcontext()

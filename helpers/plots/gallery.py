@@ -231,23 +231,25 @@ def _draw_colour_bar(canvas: np.ndarray, texts: list, y0: int, width: int, cmap_
 
 
 def render_gallery(title: str, sections: Sequence[tuple[str, Sequence[GalleryRow]]], tile: int = 128,
-                   subtitle: Optional[str] = None) -> Image.Image:
+                   subtitle: Optional[str] = None, colour_bar: bool = True) -> Image.Image:
     """A gallery picture (RGB PIL.Image): big title, optional subtitle, then for each section a
     heading and its rows; each row is a coloured title line, the original image and its panels
     (tiles of `tile` px; rows with fewer panels leave blanks). At the bottom, the JET colour bar of
-    the CAM overlays, plus a RdBu_r bar when any panel label starts with "difference".
+    the CAM overlays, plus a RdBu_r bar when any panel label starts with "difference" (colour_bar=False: no
+    bars, for pages of plain images).
 
     Size: width = max(LAYOUT.min_width, 2*pad + ncols*tile + (ncols-1)*gap), ncols = 1 + most panels;
     height = 2*pad + title_h [+ subtitle_h] + Σ_sections (section_h + rows*(row_title_h + label_h +
-    tile + row_gap)) + cbar_h * (1 or 2), plus title_line_h, subtitle_line_h or row_title_line_h for each
-    further line of a title that wraps (titles too wide at 20 px are drawn at 16 px and wrapped at spaces)."""
+    tile + row_gap)) + cbar_h * (1 or 2; 0 without colour_bar), plus title_line_h, subtitle_line_h or
+    row_title_line_h for each further line of a title that wraps (titles too wide at 20 px are drawn at 16 px and
+    wrapped at spaces)."""
     L = LAYOUT
     if tile < 16:
         raise ConfigError(f"gallery tile must be at least 16 px, got {tile}")
     sections = [(str(h), list(rows)) for h, rows in sections]
     all_rows = [r for _, rows in sections for r in rows]
     ncols = 1 + max((len(r.panels) for r in all_rows), default=0)
-    has_diff = any(lbl.lower().startswith("difference") for r in all_rows for lbl, _ in r.panels)
+    has_diff = colour_bar and any(lbl.lower().startswith("difference") for r in all_rows for lbl, _ in r.panels)
     width = max(L.min_width, 2 * L.pad + ncols * tile + (ncols - 1) * L.gap)
     text_w = width - 2 * L.pad
     # titles too long for one line wrap (and the page grows by a line each) instead of losing their end
@@ -263,7 +265,7 @@ def render_gallery(title: str, sections: Sequence[tuple[str, Sequence[GalleryRow
     height = (2 * L.pad + L.title_h + (len(title_lines) - 1) * L.title_line_h
               + (L.subtitle_h + (len(sub_lines) - 1) * L.subtitle_line_h if subtitle else 0)
               + sum(L.section_h + sum(row_h + row_extra[id(r)] for r in rows) for _, rows in sections)
-              + L.cbar_h * (2 if has_diff else 1))
+              + L.cbar_h * ((2 if has_diff else 1) if colour_bar else 0))
     canvas = np.full((height, width, 3), 255, dtype=np.uint8)
     # text is collected first and drawn in one ImageDraw pass after the pixels are in place
     texts: list = []  # ((x, y), text, font, colour, anchor)
@@ -300,8 +302,9 @@ def render_gallery(title: str, sections: Sequence[tuple[str, Sequence[GalleryRow
                 _place_tile(canvas, _resize(img, (disp_h, disp_w), smooth), x, tiles_y, tile)
             y += row_h
 
-    _draw_colour_bar(canvas, texts, y, width, "jet", "CAM: low → high importance", ("0", "0.5", "1"))
-    y += L.cbar_h
+    if colour_bar:
+        _draw_colour_bar(canvas, texts, y, width, "jet", "CAM: low → high importance", ("0", "0.5", "1"))
+        y += L.cbar_h
     if has_diff:
         _draw_colour_bar(canvas, texts, y, width, "RdBu_r", "difference panel — true − pred: −1 … +1",
                          ("−1 (drives pred)", "0", "+1 (drives true)"))

@@ -18,6 +18,7 @@ from helpers.data.datasets import readable
 from helpers.files.png import preview_data_uri
 from helpers.plots.explorer import EXPLORER_CSS, explorer_data, explorer_html
 from helpers.plots.interactive import plotly_div
+from helpers.steps import data_causes
 from helpers.steps.cells import CellImages
 from helpers.steps.confusion import Confusion
 from helpers.steps.context import Run, Section
@@ -58,6 +59,16 @@ DESCRIPTIONS = [
     ("deep_dive/overconfident_classes.csv", f"Classes with the most errors made at confidence ≥ {HIGH_CONFIDENCE}."),
     ("deep_dive/label_suspects.png", "Test images whose label the model contradicts most confidently."),
     ("deep_dive/label_suspects.csv", "The label suspects as a table."),
+    ("deep_dive/label_errors.csv", "Wrong test labels per confused pair and per class: human-validated where people "
+                                   "checked them (CIFAR), else an unvalidated estimate; accuracy on corrected labels."),
+    ("deep_dive/property_slices.csv", "Which kinds of image go wrong: per pair, image and CAM properties of the errors "
+                                      "against the true class's correct images (effect size, corrected p, quartiles)."),
+    ("deep_dive/property_slices.png", "The properties that separate each pair's errors from correct images."),
+    ("deep_dive/train_neighbours_", "Nearest training images of each pair-gallery error, from the true and the "
+                                    "predicted class, and ambiguous training images of the true class."),
+    ("deep_dive/near_duplicates.csv", "Test images with a near-duplicate in the training set (feature search, "
+                                      "confirmed in pixels)."),
+    ("deep_dive/near_duplicates.png", "The near-duplicates side by side: test image and its training copy."),
 ]
 
 
@@ -178,7 +189,8 @@ def _deep_dive_lines(deep: DeepDive) -> list[str]:
 
 
 def summary_text(run: Run, conf: Confusion, deep: Optional[DeepDive], faith: dict[str, float],
-                 recs: list[Recommendation], timings: dict[str, float]) -> str:
+                 recs: list[Recommendation], timings: dict[str, float],
+                 causes: Optional[data_causes.DataCauses] = None) -> str:
     pr, data, p, table = run.preds, run.data, run.params, conf.table
     n = len(pr.labels)
     top5 = float(np.mean([lbl in row for lbl, row in zip(pr.labels, np.argsort(-pr.probs, axis=1)[:, :5])])) \
@@ -231,6 +243,8 @@ def summary_text(run: Run, conf: Confusion, deep: Optional[DeepDive], faith: dic
                      + " A score at or above its random-map baseline says the map is no better than chance.")
     if deep is not None:
         lines += _deep_dive_lines(deep)
+    if causes is not None:
+        lines += data_causes.summary_lines(causes)
     lines += ["", f"Recommendations: {len(recs)} (see recommendations.txt)", "",
               "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
               f"Inference cache: {'reused' if run.cache.hit else 'computed'} (key {run.cache.key})"]
@@ -338,7 +352,8 @@ def _explorer(run: Run, conf: Confusion, cells: CellImages) -> str:
 
 
 def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[str],
-               recs: Optional[list[Recommendation]] = None, cells: Optional[CellImages] = None) -> str:
+               recs: Optional[list[Recommendation]] = None, cells: Optional[CellImages] = None,
+               causes: Optional[data_causes.DataCauses] = None) -> str:
     """The report page, self-contained: plotly.js, the numbers, the confusion cells' images and previews of
     the figures are inside it, so it renders wherever it is opened (from disk, in JupyterLab's sandboxed HTML
     viewer, in a browser tab Jupyter serves); links lead to the full-size files beside it."""
@@ -381,6 +396,8 @@ def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[
             body += ('<p class="note">The feature space of the group, interactive with a thumbnail of each point: '
                      f'{_link("deep_dive/group_embedding.html", "its own page")}.</p>')
         sections.append(("deep-dive", "Deep dive", body))
+    if causes is not None:
+        sections.append(("data", "Is it the data?", data_causes.index_section(run, causes)))
     if recs is not None:
         items = "".join(f'<li><b>[{html.escape(r.rule)}]</b> {html.escape(r.text)}'
                         f'<div class="ev">Evidence: {html.escape(r.evidence)}</div></li>' for r in recs)
@@ -411,16 +428,17 @@ def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[
 
 
 def write_reports(run: Run, conf: Confusion, pairs: Optional[PairGalleries], deep: Optional[DeepDive],
-                  timings: dict[str, float], cells: Optional[CellImages] = None) -> Report:
+                  timings: dict[str, float], cells: Optional[CellImages] = None,
+                  causes: Optional[data_causes.DataCauses] = None) -> Report:
     """recommendations.txt, analysis_summary.txt, then (with every other output on disk) the stale-output
     clean-up, index.html and the manifest."""
     out = run.outputs
     faith = faithfulness_scores(pairs, deep)
     recs = recommend(build_evidence(run, conf, deep, faith))
     out.write_text(format_recommendations(recs), "recommendations.txt")
-    out.write_text(summary_text(run, conf, deep, faith, recs, timings), "analysis_summary.txt")
+    out.write_text(summary_text(run, conf, deep, faith, recs, timings, causes), "analysis_summary.txt")
     files = out.files()
-    out.write_text(index_html(run, conf, deep, files, recs, cells), "index.html")
+    out.write_text(index_html(run, conf, deep, files, recs, cells, causes), "index.html")
     removed = out.commit()   # the run's outputs move into place; the earlier run's others go
     sec = Report(recommendations=recs, removed_stale=removed,
                  files=["analysis_summary.txt", "recommendations.txt", "index.html"])
