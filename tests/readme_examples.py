@@ -1,6 +1,8 @@
 """Regenerate the README's figures from a real run: a small CNN trained on real Fashion-MNIST (Debian's
 dataset-fashion-mnist), the whole analysis on its 10,000 test images, then the top pair gallery and a
-headless-Chromium screenshot of index.html copied into gradcam_results/examples/.
+headless-Chromium screenshot of index.html (and of one confusion-matrix cell's images), and the "Is it the data?"
+figures (property slices, nearest training images, near-duplicates; TRAIN_EVIDENCE on) copied into
+gradcam_results/examples/.
 
     .venv/bin/python tests/readme_examples.py [--work /tmp/fmnist_example]
 
@@ -18,6 +20,21 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(HERE)]
 EXAMPLES = REPO / "gradcam_results" / "examples"
+
+
+def cell_screenshot(out: Path, an, png: Path) -> None:
+    """index.html after a click on the top pair's confusion-matrix cell: the panel of that cell's images."""
+    from browser import browser_page, click_cell, open_page
+    top = an.results["confusion"].pairs.iloc[0]
+    with browser_page(width=1400, height=1000) as (page, problems):
+        open_page(page, out / "index.html")
+        click_cell(page, int(top.true_id), int(top.pred_id))
+        page.wait_for_function("() => [...document.querySelectorAll('#cell-images canvas.cell-tile')]"
+                               ".every(c => c.dataset.drawn === '1')")
+        page.locator("#cell-images").screenshot(path=str(png))
+    if problems:
+        raise RuntimeError(f"index.html logged errors: {problems}")
+    print(f"wrote {png}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.work / "gradcam_results"
     params = Params(MODEL_PATH=str(ckpt), ARCH=f"{HERE / 'fmnist_model.py'}:FashionCNN", DATASET="fashion_mnist",
-                    DATA_ROOT=str(SYSTEM_FASHION_MNIST), DOWNLOAD=False, OUTPUT_DIR=str(out), DEVICE="cpu", SEED=0)
+                    DATA_ROOT=str(SYSTEM_FASHION_MNIST), DOWNLOAD=False, OUTPUT_DIR=str(out), DEVICE="cpu", SEED=0,
+                    TRAIN_EVIDENCE=True)
     start = time.perf_counter()
     an = Analysis(params)
     an.run_all()
@@ -61,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copyfile(pair, EXAMPLES / "confused_pair_example.png")
     shot = screenshot_report(out / "index.html", EXAMPLES / "report_screenshot.png", width=1400, height=1500)
     print(f"wrote {EXAMPLES / 'confused_pair_example.png'} (from {pair.name}) and {shot}")
+    cell_screenshot(out, an, EXAMPLES / "cell_images_example.png")
+    for rel, name in (("deep_dive/property_slices.png", "property_slices_example.png"),
+                      ("deep_dive/near_duplicates.png", "near_duplicates_example.png")):
+        shutil.copyfile(out / rel, EXAMPLES / name)
+    neighbours = sorted((out / "deep_dive").glob("train_neighbours_1_*.png"))
+    if neighbours:
+        shutil.copyfile(neighbours[0], EXAMPLES / "train_neighbours_example.png")
+    print((out / "deep_dive" / "label_errors.csv").read_text(encoding="utf-8")[:2000])
     print((out / "analysis_summary.txt").read_text(encoding="utf-8"))
     return 0
 

@@ -95,10 +95,22 @@ def label_evidence(run: Run, conf: Confusion, group_ids: Optional[Sequence[int]]
         n_correctable=int((wrong & (suggested >= 0)).sum()) if validated else 0,
         n_excluded=int((~keep).sum()) if validated else 0, accuracy=official, accuracy_corrected=corrected,
         n_in_sample_suspects=in_sample, cleanlab_issues=cleanlab)
-    run.outputs.save_csv(pd.concat([pairs, classes], ignore_index=True), SUB, CSV)
+    run.outputs.save_csv(csv_table(pairs, classes), SUB, CSV)
     sec.files.append(f"{SUB}/{CSV}")
     sec.notes += notes + summary_lines(sec)
     return sec
+
+
+def csv_table(pairs: pd.DataFrame, classes: pd.DataFrame) -> pd.DataFrame:
+    """The pair and class rows in one table: counts and ids stay integers (nullable, blank where a row has
+    none) rather than the floats a plain concat would give them."""
+    table = pd.concat([pairs, classes], ignore_index=True)
+    for col in table.columns:
+        values = table[col].dropna()
+        if col != "share_wrong" and not col.startswith("accuracy") and pd.api.types.is_numeric_dtype(table[col]) \
+                and len(values) and (values == values.round()).all():
+            table[col] = table[col].astype("Int64")
+    return table
 
 
 def _pct(x: Optional[float]) -> str:
