@@ -172,8 +172,15 @@ class Analysis:
 
     def data_causes(self) -> data_causes.DataCauses:
         """Is it the data? Wrong test labels, the kinds of image that go wrong, and (opt-in) the training set."""
-        return self._step("data_causes", data_causes.data_causes, self.run, self._needs("confusion"),
-                          self.results.get("deep_dive"), self.timings.get("inference"))
+        cpu = self.device.type == "cpu"
+        if cpu and (self.params.TRAIN_EVIDENCE or self.params.TRAIN_ROOT):
+            torch.set_num_threads(self.threads)   # the training pass is a second inference pass: every core
+        try:
+            return self._step("data_causes", data_causes.data_causes, self.run, self._needs("confusion"),
+                              self.results.get("deep_dive"), self.timings.get("inference"))
+        finally:
+            if cpu:
+                torch.set_num_threads(max(1, self.threads // 2))   # as after inference: a core for the writer
 
     def cell_images(self) -> cells.CellImages:
         """The images behind every confusion-matrix cell, for index.html (report() calls it when not yet run)."""

@@ -146,3 +146,45 @@ def test_explorer_at_1000_classes_top_n_groups_and_search(thousand_class_page):
         page.evaluate(f"() => window.cmShowCell({int(ex.true[last])}, {int(ex.pred[last])})")
         assert "CELL_IMAGES_MAX" in page.locator("#cell-images").inner_text()
         assert problems == []
+
+
+def test_explorer_says_when_cell_images_are_off(tmp_path):
+    """CELL_IMAGES=0: a clicked cell says the images are off, not that a budget went to larger cells."""
+    from plotly.offline import get_plotlyjs
+
+    from browser import CHROMIUM, browser_page, click_cell, open_page
+    from helpers.plots.cell_tiles import tile_sheets
+    from helpers.plots.explorer import EXPLORER_CSS, explorer_data, explorer_html
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing")
+    labels = np.repeat(np.arange(5), 10)
+    preds = labels.copy()
+    preds[:4] = 1
+    probs = _probs(labels, preds, 5, 0.9)
+    cm = np.zeros((5, 5), np.int64)
+    np.add.at(cm, (labels, preds), 1)
+    ex = cell_examples(labels, preds, probs, per_cell=0, budget=3000)
+    assert ex.n_cells == 1 and ex.n_shown.tolist() == [0]
+    tiles = tile_sheets([], [], [])
+    data = explorer_data(cm, [f"c{i}" for i in range(5)], np.arange(5), ex.table(), ex.shown, 0, 3000, tiles,
+                         np.zeros(0), np.zeros(0))
+    page_file = tmp_path / "off.html"
+    page_file.write_text(f"<!DOCTYPE html><html class='js'><head><meta charset='utf-8'><style>{EXPLORER_CSS}</style>"
+                         f"<script>{get_plotlyjs()}</script></head><body>{explorer_html(data, [])}</body></html>",
+                         encoding="utf-8")
+    with browser_page() as (page, problems):
+        open_page(page, page_file)
+        click_cell(page, 0, 1)
+        page.wait_for_function("() => document.querySelector('#cell-images .cell-title')")
+        text = page.locator("#cell-images").inner_text()
+        assert "c0 → c1" in text and "Cell images are off" in text and "went to larger cells" not in text
+        assert page.locator("#cell-images canvas").count() == 0
+        page.wait_for_timeout(600)   # two clicks closer than Plotly's double-click time are a double-click
+        click_cell(page, 2, 2)   # the diagonal: correct predictions, no images
+        page.wait_for_function("() => document.querySelector('#cell-images .cell-title').textContent.startsWith('c2:')")
+        assert "10 of 10 correct" in page.locator("#cell-images .cell-title").inner_text()
+        page.fill("#cm-search", "no such class")
+        page.press("#cm-search", "Enter")
+        page.wait_for_function("() => document.getElementById('cm-showing').textContent.startsWith('no class name')")
+        assert page.evaluate("() => window.cmView.ids.length") == 5   # the view stays
+        assert problems == []

@@ -270,7 +270,9 @@ def test_step_on_a_synthetic_run_writes_csv_png_and_asks_cams_only_for_tested_cl
     sec = property_slices(run, SimpleNamespace(pairs=pairs))
     assert set(labels[cams.asked]) == {0, 2} and sec.n_cam_images == 200   # never class 1's images
     top = sec.findings.set_index("comparison").loc["class 0 → class 1"]
-    assert top["property"] == "brightness" or "brightness" in top["close"], sec.findings
+    assert top["property"] == "brightness" or "brightness" in top["close"].split(", "), sec.findings
+    bright = sec.tests.set_index(["comparison", "property"]).loc[("class 0 → class 1", "brightness")]
+    assert bright["cliffs_delta"] < 0 and bright["p_bh"] < 0.01   # the dark images are the errors
     assert any("class 2 → class 0: skipped" in s for s in sec.skipped)
     assert "Colourfulness: not measured (grayscale images)." in sec.notes
     lines = summary_lines(sec)

@@ -161,3 +161,19 @@ def test_not_asked_or_not_available():
                           data=SimpleNamespace(name="imagefolder"))
     train, why = data_train._train_data(run)
     assert train is None and "TRAIN_ROOT" in why
+
+
+def test_asked_for_but_skipped_says_why_in_the_summary_and_the_page():
+    """TRAIN_EVIDENCE on an image folder without TRAIN_ROOT: the report says it was skipped and why, not "off"."""
+    from types import SimpleNamespace
+
+    from helpers.steps import data_causes, data_train
+    run = SimpleNamespace(params=Params(DATASET="imagefolder", TRAIN_EVIDENCE=True),
+                          preds=SimpleNamespace(features=np.zeros((2, 3))), data=SimpleNamespace(name="imagefolder"))
+    sec, why = data_train.train_evidence_or_reason(run, None)
+    assert sec is None and "TRAIN_ROOT" in why
+    causes = data_causes.DataCauses(train_skipped=why)
+    text = "\n".join(data_causes.summary_lines(causes))
+    assert "asked for but skipped" in text and "TRAIN_ROOT" in text and "off (" not in text
+    page = data_causes.index_section(run, causes)
+    assert "asked for but skipped" in page and "TRAIN_ROOT" in page

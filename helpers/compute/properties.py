@@ -16,7 +16,7 @@ from scipy import stats
 
 IMAGE_PROPERTIES = ("brightness", "contrast", "colourfulness", "sharpness", "edge_density")
 CAM_PROPERTIES = ("cam_area", "cam_border_share")
-BATCH = 512                 # images per batch: a 224x224 RGB batch of float32 stays near 300 MB
+BATCH_BYTES = 64 << 20      # float32 working set per batch (about four copies of it are alive at once)
 EDGE_THRESHOLD = 0.5        # Sobel magnitude (luminance in [0, 1]) counted as an edge: a step of 1/8 of full range
 CAM_AREA_LEVEL = 0.5        # share of the map's max above which a pixel counts as "looked at"
 BORDER_FRACTION = 1 / 8     # the outer ring, as a share of each side: "looks at the background"
@@ -67,7 +67,7 @@ def _colourfulness(batch: np.ndarray) -> np.ndarray:
     return sigma + 0.3 * mu
 
 
-def image_properties(images: np.ndarray, batch: int = BATCH) -> pd.DataFrame:
+def image_properties(images: np.ndarray, batch: Optional[int] = None) -> pd.DataFrame:
     """One row per image: brightness (mean luminance, 0..1), contrast (its std), colourfulness (RGB only:
     gray images have no column), sharpness (variance of the Laplacian of the luminance) and edge density
     (share of Sobel edge pixels)."""
@@ -75,6 +75,8 @@ def image_properties(images: np.ndarray, batch: int = BATCH) -> pd.DataFrame:
     if images.ndim == 3:
         images = images[..., None]
     rgb = images.shape[-1] == 3
+    if batch is None:   # images per batch from their size: 2,000 CIFAR images, 85 at 224x224 RGB
+        batch = max(1, BATCH_BYTES // (4 * int(np.prod(images.shape[1:]))))
     cols: dict[str, list[np.ndarray]] = {k: [] for k in IMAGE_PROPERTIES if rgb or k != "colourfulness"}
     for s in range(0, len(images), batch):
         part = images[s:s + batch]
@@ -196,7 +198,8 @@ def slice_tests(props: pd.DataFrame, labels: np.ndarray, preds: np.ndarray, comp
             v = props[col].to_numpy(np.float64)
             e, c = v[err], v[ok]
             e, c = e[~np.isnan(e)], c[~np.isnan(c)]
-            if len(e) < min_errors or len(c) < min_errors:
+            # one value for every image (all-black images, a map too small for a border): nothing to test
+            if len(e) < min_errors or len(c) < min_errors or np.ptp(np.concatenate([e, c])) == 0:
                 continue
             auc, p = auc_and_p(e, c)
             rows.append(dict(comparison=comp.label(names), kind=comp.kind, true_id=comp.true,

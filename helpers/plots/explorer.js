@@ -144,7 +144,9 @@
         var img = new Image();
         img.onload = function () { resolve(img); };
         img.onerror = reject;
-        img.src = document.getElementById('cell-sheet-' + s).textContent.trim();
+        var holder = document.getElementById('cell-sheet-' + s);
+        if (!holder) { reject(new Error('no tile sheet ' + s)); return; }
+        img.src = holder.textContent.trim();
       });
     }
     return sheets[s];
@@ -156,7 +158,7 @@
     sheet(s).then(function (img) {
       canvas.getContext('2d').drawImage(img, sx, sy, tw, T.h, 0, 0, tw, T.h);
       canvas.setAttribute('data-drawn', '1');
-    });
+    }).catch(function () { canvas.setAttribute('data-drawn', 'failed'); });
   }
   function el(tag, cls, text) {
     var e = document.createElement(tag);
@@ -176,7 +178,8 @@
     var cnt = D.cells[5 * i + 2], off = D.cells[5 * i + 3], shown = D.cells[5 * i + 4];
     var share = D.support[t] ? ' (' + (100 * cnt / D.support[t]).toFixed(1) + '% of ' + D.names[t] + ')' : '';
     var note = cnt + ' image' + (cnt === 1 ? '' : 's') + share + '. ';
-    if (!shown) note += 'Not in this page: the ' + D.budget + ' images of CELL_IMAGES_MAX went to larger cells; raise it to include this one.';
+    if (!shown && !(D.per_cell && D.budget && T.h)) note += 'Cell images are off in this run (CELL_IMAGES=0, CELL_IMAGES_MAX=0, or no CAMs).';
+    else if (!shown) note += 'Not in this page: the ' + D.budget + ' images of CELL_IMAGES_MAX went to larger cells; raise it to include this one.';
     else note += (shown < cnt ? 'The ' + shown + ' worst' : 'All') + ', most confident in ' + D.names[p] +
                  ' first. Each: the image, the CAM for the true class, the CAM for the predicted class.';
     panel.appendChild(el('p', 'note', note));

@@ -75,7 +75,11 @@ def cell_images(run: Run) -> CellImages:
     sec = CellImages(examples=ex, tiles=tiles, p_pred=pr.probs[idx, q].astype(np.float32) if len(idx) else
                      np.zeros(0, np.float32), p_true=pr.probs[idx, t].astype(np.float32) if len(idx) else
                      np.zeros(0, np.float32))
-    if ex.n_cells_without_images:
+    if not len(tiles.sheets) and ex.n_cells:
+        sec.notes.append("The confusion-matrix cells have no images in index.html: "
+                         + ("CELL_IMAGES=0 or CELL_IMAGES_MAX=0 turns them off." if not (p.CELL_IMAGES and p.CELL_IMAGES_MAX)
+                            else "this run has no CAMs."))
+    elif ex.n_cells_without_images:
         sec.notes.append(f"{ex.n_cells_without_images} of {ex.n_cells} confused cells have no images in index.html "
                          f"(CELL_IMAGES_MAX={ex.budget} images were spent on the larger cells); raise CELL_IMAGES_MAX "
                          "to include them.")

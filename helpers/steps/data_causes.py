@@ -3,6 +3,7 @@ and (opt-in) what the training set says, per confused pair. Each part is its own
 them in order and gives the report one summary block and one page section."""
 from __future__ import annotations
 
+import html
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -19,6 +20,7 @@ class DataCauses(Section):
     labels: Optional[data_labels.LabelEvidence] = None
     properties: Optional[data_properties.PropertySlices] = None
     train: Optional[data_train.TrainEvidence] = None       # None unless TRAIN_EVIDENCE or TRAIN_ROOT
+    train_skipped: str = ""                                 # asked for but could not run: why
     seconds: dict = field(default_factory=dict)            # part -> seconds, beside the inference pass's
 
     @property
@@ -44,10 +46,10 @@ def data_causes(run: Run, conf: Confusion, deep: Optional[DeepDive] = None,
     sec.properties = data_properties.property_slices(run, conf, group)
     sec.seconds["properties"] = time.perf_counter() - start
     start = time.perf_counter()
-    sec.train = data_train.train_evidence(run, conf, test_pass_s)
+    sec.train, sec.train_skipped = data_train.train_evidence_or_reason(run, conf, test_pass_s)
     sec.seconds["train"] = time.perf_counter() - start
-    if sec.train is None and (run.params.TRAIN_EVIDENCE or run.params.TRAIN_ROOT):
-        sec.notes.append("Training-set evidence was asked for but could not run (see the note above).")
+    if sec.train_skipped:
+        sec.notes.append(f"Training-set evidence was asked for but skipped: {sec.train_skipped}.")
     for part in sec.parts:
         sec.files += part.files
     return sec
@@ -62,6 +64,8 @@ def summary_lines(sec: DataCauses) -> list[str]:
         lines += [""] + data_properties.summary_lines(sec.properties)
     if sec.train is not None:
         lines += [""] + data_train.summary_lines(sec.train)
+    elif sec.train_skipped:
+        lines += ["", f"Training-set evidence: asked for but skipped: {sec.train_skipped}."]
     else:
         lines += ["", "Training-set evidence: off (TRAIN_EVIDENCE=True, or TRAIN_ROOT for image folders, turns it on)."]
     return lines
@@ -76,6 +80,9 @@ def index_section(run: Run, sec: DataCauses) -> str:
         body.append(data_properties.index_section(run, sec.properties))
     if sec.train is not None:
         body.append(data_train.index_section(run, sec.train))
+    elif sec.train_skipped:
+        body.append(f'<p class="note">Training-set evidence was asked for but skipped: '
+                    f"{html.escape(sec.train_skipped)}.</p>")
     else:
         body.append('<p class="note">Training-set evidence is off: <code>TRAIN_EVIDENCE=True</code> (or '
                     "<code>TRAIN_ROOT</code> for image folders) adds the nearest training images of each error, "

@@ -1,5 +1,5 @@
-"""Training-set evidence (opt-in: TRAIN_EVIDENCE, or TRAIN_ROOT for image folders): one streamed pass over the
-training split keeps its penultimate features; then, by cosine neighbours in that space, the training images
+"""Training-set evidence (opt-in: TRAIN_EVIDENCE, or TRAIN_ROOT for image folders): the training split is
+loaded and one batched pass keeps its penultimate features; then, by cosine neighbours in that space, the training images
 nearest to each error in the pair galleries, the training images of a confused class whose neighbours are
 mostly the other class, and the test images that have a near-duplicate in the training set (candidates by
 features, confirmed in pixel space)."""
@@ -186,13 +186,21 @@ def _duplicates_page(run: Run, train: Dataset, dups: pd.DataFrame):
 # ---------------------------------------------------------------------- the step
 def train_evidence(run: Run, conf: Confusion, test_pass_s: Optional[float] = None) -> Optional[TrainEvidence]:
     """The training-set evidence section, or None when it was not asked for (TRAIN_EVIDENCE / TRAIN_ROOT) or
-    cannot run (then a note says why). `test_pass_s`: the test inference pass's seconds, for the cost ratio."""
+    cannot run (then it prints why). `test_pass_s`: the test inference pass's seconds, for the cost ratio."""
+    sec, why = train_evidence_or_reason(run, conf, test_pass_s)
+    if why:
+        print(f"Training-set evidence skipped: {why}.")
+    return sec
+
+
+def train_evidence_or_reason(run: Run, conf: Confusion,
+                             test_pass_s: Optional[float] = None) -> tuple[Optional[TrainEvidence], str]:
+    """(the section, "") ; (None, "") when not asked for; (None, why it could not run) when asked for."""
     p, pr = run.params, run.preds
     if not (p.TRAIN_EVIDENCE or p.TRAIN_ROOT):
-        return None
+        return None, ""
     if pr.features is None:
-        print("Training-set evidence skipped: the model has no final Linear, so no penultimate features.")
-        return None
+        return None, "the model has no final Linear, so no penultimate features"
     t0 = time.perf_counter()
     with peak_memory() as load_mem:
         train, why = _train_data(run)
@@ -202,8 +210,7 @@ def train_evidence(run: Run, conf: Confusion, test_pass_s: Optional[float] = Non
                               device=run.device, progress=run.progress) if train is not None else None)
     t2 = time.perf_counter()
     if train is None or feats is None:
-        print(f"Training-set evidence skipped: {why or 'the model gave no penultimate features'}.")
-        return None
+        return None, why or "the model gave no penultimate features"
     sec = TrainEvidence(search="", n_train=len(train.labels), train_source=", ".join(train.source_files) or "",
                         load_seconds=t1 - t0, pass_seconds=t2 - t1, test_pass_seconds=test_pass_s,
                         pass_ratio=(t2 - t1) / test_pass_s if test_pass_s else None,
@@ -219,7 +226,7 @@ def train_evidence(run: Run, conf: Confusion, test_pass_s: Optional[float] = Non
     _near_duplicates(run, conf, train, feats, test_feats, sec, searches)
     sec.search = " and ".join(sorted(searches))
     sec.notes += summary_lines(sec)
-    return sec
+    return sec, ""
 
 
 def _pairs(run: Run, conf: Confusion, train: Dataset, feats: np.ndarray, test_feats: np.ndarray, sec: TrainEvidence,

@@ -322,9 +322,18 @@ def _pairs_table(run: Run, conf: Confusion, present: set) -> str:
     return "<table id=\"pairs-table\">" + "".join(rows) + "</table>"
 
 
+def _img(uri: str, alt: str, cls: str = "") -> str:
+    """An embedded preview, or the link text alone when the picture could not be read (an empty src would
+    make the browser load the page itself)."""
+    if not uri:
+        return html.escape(alt)
+    cls_attr = f' class="{cls}"' if cls else ""
+    return f'<img{cls_attr} alt="{html.escape(alt)}" src="{uri}">'
+
+
 def _figures(run: Run, rels: list[str]) -> str:
     return '<div class="figs">' + "".join(
-        f'<figure><a href="{html.escape(r)}"><img src="{preview_data_uri(run.outputs.current(r))}" alt="{html.escape(r)}"></a>'
+        f'<figure><a href="{html.escape(r)}">{_img(preview_data_uri(run.outputs.current(r)), r)}</a>'
         f"<figcaption>{html.escape(describe(r) or r)}</figcaption></figure>" for r in rels) + "</div>"
 
 
@@ -346,7 +355,10 @@ def _explorer(run: Run, conf: Confusion, cells: CellImages) -> str:
                        for g in range(int(groups.max()) + 1)]
         kind = "cluster"
     ex = cells.examples
-    payload = explorer_data(conf.cm, run.names, conf.order, ex.table(), ex.shown, ex.per_cell, ex.budget, cells.tiles,
+    table = ex.table()
+    if not cells.tiles.sheets:   # no tiles drawn (no CAMs, or turned off): no cell claims images
+        table[:, 4] = 0
+    payload = explorer_data(conf.cm, run.names, conf.order, table, ex.shown, ex.per_cell, ex.budget, cells.tiles,
                             cells.p_pred, cells.p_true, groups, group_names, kind)
     return explorer_html(payload, cells.tiles.sheets)
 
@@ -368,8 +380,9 @@ def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[
            "mixes up sit next to each other")
     static_cm = ""
     if "confusion_matrix_full.png" in present:
-        static_cm = (f'<p class="static-only"><a href="confusion_matrix_full.png"><img class="wide" alt="confusion matrix" '
-                     f'src="{preview_data_uri(run.outputs.current("confusion_matrix_full.png"), 1200)}"></a></p>')
+        static_cm = ('<p class="static-only"><a href="confusion_matrix_full.png">'
+                     f'{_img(preview_data_uri(run.outputs.current("confusion_matrix_full.png"), 1200), "confusion matrix", "wide")}'
+                     '</a></p>')
     explorer = _explorer(run, conf, cells) if cells is not None else ""
     sections = [
         ("summary", "Headline numbers", _cards(run, conf, deep)),
@@ -385,8 +398,8 @@ def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[
         ("pairs", "Most confused pairs",
          '<p class="note js-only">Click a row to see its images above.</p>'
          + _pairs_table(run, conf, present)
-         + (f'<p><a href="top_confused_pairs.png"><img class="wide" alt="top confused pairs" '
-            f'src="{preview_data_uri(run.outputs.current("top_confused_pairs.png"))}"></a></p>'
+         + ('<p><a href="top_confused_pairs.png">'
+            f'{_img(preview_data_uri(run.outputs.current("top_confused_pairs.png")), "top confused pairs", "wide")}</a></p>'
             if "top_confused_pairs.png" in present else "")
          + (_figures(run, pair_pngs) if pair_pngs else "")),
     ]
