@@ -10,6 +10,7 @@ notebook's kernel is this venv's python whatever else is installed on the machin
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -21,7 +22,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
@@ -76,7 +76,7 @@ _SETTINGS = {
 }
 
 
-@contextmanager
+@contextlib.contextmanager
 def jupyterlab_server(root_dir: Path, env: Optional[Mapping[str, str]] = None,
                       startup_timeout: float = 90.0) -> Iterator[LabServer]:
     """Run `jupyter lab` serving `root_dir` until the block ends; the process group is always terminated."""
@@ -150,24 +150,14 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     and of its kernels is left."""
     leftovers = children(proc.pid) if proc.poll() is None else []
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     for pid in leftovers:   # kernels that outlived the server
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass

@@ -2,27 +2,19 @@
 as JSON and the tile sheets, plus explorer.js, which draws it all in the page (no request is made)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from helpers.plots.cell_tiles import TileSheets
-from helpers.plots.interactive import PLOTLY_CONFIG, plotly_text
+from helpers.plots.interactive import PLOTLY_CONFIG, plotly_text, script_json
 
 EXPLORER_JS = Path(__file__).with_name("explorer.js")
 TOP_N = (20, 50, 100, 200)   # the "top N most confused" views offered (those below the class count)
 ALL_MAX = 300                # up to this many classes, "all classes" is offered; above, a full matrix is unreadable
 DEFAULT_ALL = 100            # up to this many, it is the default view; above, the top 50
 PARTNERS = 15                # a searched class is shown with this many of the classes it is confused with
-
-
-def script_json(value) -> str:
-    """JSON for a <script type="application/json">: <, > and & as \\u escapes, so no name can end the script
-    early or read as markup anywhere in the page's text."""
-    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def colorscale(name: str) -> list:

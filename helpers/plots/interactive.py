@@ -12,15 +12,15 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 from matplotlib import colors as mcolors
-from PIL import Image
 
 from helpers.files.png import png_data_uri
+from helpers.plots.cell_tiles import fit_thumbnails, thumb_side
 from helpers.plots.common import class_colours, embedding_inputs, name_lookup, require_columns
 from helpers.plots.overlay import to_rgb_uint8
 
 __all__ = ["per_class_accuracy_figure", "per_class_accuracy_html", "confusion_heatmap_figure", "confusion_heatmap_html",
-           "embedding_html", "thumbnail_data_uri", "plotly_div", "include_plotlyjs", "plotly_text", "PLOTLY_CONFIG",
-           "CONFUSION_VIEWS"]
+           "embedding_html", "thumbnail_data_uri", "plotly_div", "script_json", "include_plotlyjs", "plotly_text",
+           "PLOTLY_CONFIG", "CONFUSION_VIEWS"]
 
 # The optional columns of metrics.per_class_table that the chart shows when the table has them.
 _PER_CLASS_OPTIONAL = ("superclass", "support", "correct", "mean_confidence", "top_wrong_prediction", "top_wrong_count")
@@ -32,6 +32,13 @@ def plotly_text(value) -> str:
     Escaping <, > and & makes it literal; Plotly decodes &lt; &gt; &amp; back for display. Quotes stay as they
     are: they mean nothing outside a tag, and Plotly would show &quot; literally."""
     return html.escape(str(value), quote=False)
+
+
+def script_json(value) -> str:
+    """JSON for a page's <script> (data or code): <, > and & as \\u escapes, so no name can end the script
+    early or read as markup anywhere in the page's text."""
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _present(v) -> bool:
@@ -116,11 +123,7 @@ def thumbnail_data_uri(image: np.ndarray, size: int = 64) -> str:
     keep their own pixels, which the page scales up crisply (image-rendering: pixelated), so a 32×32 CIFAR
     image costs a quarter of the bytes and encoding time of a 64×64 copy and shows exactly the same."""
     img = to_rgb_uint8(image)
-    h, w = img.shape[:2]
-    if max(h, w) > size:
-        s = size / max(h, w)
-        img = np.asarray(Image.fromarray(img).resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR))
-    return png_data_uri(img)
+    return png_data_uri(fit_thumbnails([img], thumb_side(*img.shape[:2], size))[0])
 
 
 # Shows the hovered point's thumbnail in the fixed side panel (Plotly hover labels cannot show
@@ -182,8 +185,7 @@ def embedding_html(coords: np.ndarray, labels: np.ndarray, preds: np.ndarray, cl
                       legend=dict(title="true class"), template="plotly_white", hovermode="closest")
     plot_div = fig.to_html(include_plotlyjs=include_plotlyjs(plotlyjs), full_html=False, post_script=_HOVER_JS,
                            default_height="700px", config=PLOTLY_CONFIG)
-    # "</" inside a <script> would end it early; JSON allows the escaped form
-    thumbs_js = json.dumps(thumbnails).replace("</", "<\\/")
+    thumbs_js = script_json(thumbnails)
     title = html.escape(f"{method} embedding")
     return f"""<!DOCTYPE html>
 <html lang="en">
