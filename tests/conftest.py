@@ -121,17 +121,31 @@ FMNIST_ARCH = f"{REPO / 'tests' / 'fmnist_model.py'}:FashionCNN"
 N_TRAIN = 16000      # a seeded subset of the 60k train images: ~84% test accuracy after 3 epochs
 
 
-@pytest.fixture(scope="session")
-def fmnist_checkpoint(tmp_path_factory) -> Path:
-    """FashionCNN trained for 3 epochs on 16k train images (~12 s on one CPU core), saved as a state_dict."""
-    from fmnist_model import train_fashion_cnn
+def _train_fmnist(tmp_path_factory, arch_name: str) -> Path:
+    import fmnist_model
     from helpers.data.datasets import load_dataset
     from helpers.data.readers import SYSTEM_FASHION_MNIST
     from helpers.model.inference import default_threads
     torch.set_num_threads(default_threads())   # as Analysis does: busy shared cores make extra threads stall
     train = load_dataset("fashion_mnist", root=SYSTEM_FASHION_MNIST, split="train", download=False)
     idx = np.sort(np.random.default_rng(0).choice(len(train.labels), N_TRAIN, replace=False))
-    model = train_fashion_cnn(train.images[idx], train.labels[idx], train.mean, train.std, epochs=3, seed=0)
-    path = tmp_path_factory.mktemp("fmnist") / "fmnist_cnn.pt"
+    model = fmnist_model.train_fashion_cnn(train.images[idx], train.labels[idx], train.mean, train.std, epochs=3,
+                                           seed=0, arch=getattr(fmnist_model, arch_name))
+    path = tmp_path_factory.mktemp("fmnist") / f"fmnist_{arch_name}.pt"
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def fmnist_checkpoint(tmp_path_factory) -> Path:
+    """FashionCNN trained for 3 epochs on 16k train images (~12 s on one CPU core), saved as a state_dict."""
+    return _train_fmnist(tmp_path_factory, "FashionCNN")
+
+
+PLAIN_ARCH = f"{REPO / 'tests' / 'fmnist_model.py'}:PlainCNN"
+
+
+@pytest.fixture(scope="session")
+def fmnist_plain_checkpoint(tmp_path_factory) -> Path:
+    """PlainCNN (FashionCNN without BatchNorm: darker images reach the head weaker), trained the same way."""
+    return _train_fmnist(tmp_path_factory, "PlainCNN")

@@ -44,6 +44,21 @@ def test_step_edge_density_by_hand():
     assert P.image_properties(gray(img))["edge_density"][0] == pytest.approx(16 / 64)
 
 
+def test_only_brightness_sees_a_darkened_copy():
+    # A darkened copy has the same structure: contrast, sharpness and edges are read from the luminance over
+    # its 99th percentile, so only brightness (the mean) moves, by the factor (up to uint8 rounding).
+    rng = np.random.default_rng(3)
+    img = np.clip(rng.normal(150, 60, (1, 24, 24, 1)), 0, 255).astype(np.uint8)
+    img[0, 8:16, 8:16] = 255
+    dark = np.round(img * 0.5).astype(np.uint8)
+    a, b = P.image_properties(img).iloc[0], P.image_properties(dark).iloc[0]
+    assert b["brightness"] == pytest.approx(0.5 * a["brightness"], rel=0.01)
+    for k in ("contrast", "sharpness", "edge_density"):
+        assert b[k] == pytest.approx(a[k], rel=0.02), k
+    # by hand: the 99th percentile is 255 here (64 of 576 pixels), so contrast is the std of luminance itself
+    assert a["contrast"] == pytest.approx((img / 255.0).std())
+
+
 def test_colourfulness_hasler_suesstrunk_by_hand():
     red = np.zeros((1, 8, 8, 3), np.uint8)
     red[..., 0] = 255
@@ -124,9 +139,10 @@ def test_quartile_rates_and_skips_on_a_planted_toy():
 
 
 # ---------------------------------------------------------------------------------------------- real data
-# The issue asked for x0.35. With this FashionCNN (bias-free convs + BatchNorm, black backgrounds) x0.35 does not
-# cause errors: 21% of the darkened Pullovers go wrong against 26% of the rest (fewer go to Coat, a few more to
-# Shirt), so there is no cause to find, and the step must not claim one. x0.1 does: 57% against 26%.
+# Darkening 30% of the Pullovers x0.35 is a cause only where the model fails on dark images. PlainCNN (no
+# BatchNorm) does: 48% of the darkened Pullovers go wrong against 29% of the rest, mostly to Shirt. FashionCNN
+# (bias-free convs + BatchNorm) does not: 21% against 26%, so there is no cause to find and the step must not
+# claim one.
 PULLOVER, LIMIT, SHARE = 2, 5000, 0.30
 
 
@@ -162,17 +178,19 @@ def _check_outputs(an, sec) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("factor", [0.10, 0.35])
-def test_planted_darkening_is_found_on_real_fashion_mnist(fmnist_checkpoint, tmp_path, factor):
-    from conftest import FMNIST_ARCH
+@pytest.mark.parametrize("arch, causes_errors", [("PlainCNN", True), ("FashionCNN", False)])
+def test_planted_darkening_is_found_on_real_fashion_mnist(request, tmp_path, arch, causes_errors):
+    from conftest import FMNIST_ARCH, PLAIN_ARCH
     from helpers.config import Params
     from helpers.data.readers import SYSTEM_FASHION_MNIST
     from helpers.pipeline import Analysis
     from helpers.steps.data_properties import property_slices, summary_lines
     if not (SYSTEM_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    factor = 0.35
+    checkpoint = request.getfixturevalue("fmnist_plain_checkpoint" if arch == "PlainCNN" else "fmnist_checkpoint")
     root, dark = _darkened_root(tmp_path, factor)
-    params = Params(MODEL_PATH=str(fmnist_checkpoint), ARCH=FMNIST_ARCH, DATASET="fashion_mnist",
+    params = Params(MODEL_PATH=str(checkpoint), ARCH=PLAIN_ARCH if arch == "PlainCNN" else FMNIST_ARCH, DATASET="fashion_mnist",
                     DATA_ROOT=str(root), DOWNLOAD=False, LIMIT=LIMIT, OUTPUT_DIR=str(tmp_path / "out"),
                     DEVICE="cpu", SEED=0)
     an = Analysis(params, progress=False)
@@ -198,20 +216,21 @@ def test_planted_darkening_is_found_on_real_fashion_mnist(fmnist_checkpoint, tmp
     truth_p = scipy.stats.fisher_exact(wrong, alternative="greater").pvalue
     tests = sec.tests.set_index(["comparison", "property"])
     overall = tests.loc[("Pullover → any other class", "brightness")]
-    print(f"x{factor}: darkened wrong {err_dark:.1%} vs rest; Fisher p {truth_p:.2g}; step: brightness δ "
+    print(f"{arch} x{factor}: darkened wrong {err_dark:.1%} vs rest; Fisher p {truth_p:.2g}; step: brightness δ "
           f"{overall['cliffs_delta']:+.2f}, BH p {overall['p_bh']:.2g}")
     # the step calls brightness a cause of Pullover's errors exactly when it is one
     assert (truth_p < 0.01) == (overall["p_bh"] < 0.01 and overall["cliffs_delta"] < 0), (truth_p, overall)
-    if factor == 0.35:
+    assert (truth_p < 0.01) == causes_errors, truth_p
+    if not causes_errors:
         return
-    # Brightness leads Pullover's errors overall, or is within P.TIE of the leader: darkening scales contrast,
-    # sharpness and edges with it, so those move together (the finding lists them as close behind).
+    # Brightness is the top image property of Pullover's errors, overall and towards Shirt (where the darkened
+    # ones go), with a BH-corrected p < 0.01.
     assert err_dark > 0.4 > np.mean(pr.preds[rest] != PULLOVER)   # the planted cause does cause errors
-    for comp in ("Pullover → any other class", "Pullover → T-shirt/top"):
+    for comp in ("Pullover → any other class", "Pullover → Shirt"):
         top = sec.findings.set_index("comparison").loc[comp]
-        assert top["property"] == "brightness" or "brightness" in top["close"].split(", "), (comp, top)
+        assert top["property"] == "brightness", (comp, top)
         b = tests.loc[(comp, "brightness")]
-        assert b["cliffs_delta"] < -0.3 and b["p_bh"] < 0.01 and b["rate_ratio"] > 1.5, (comp, b)
+        assert b["cliffs_delta"] < -0.15 and b["p_bh"] < 0.01 and b["rate_ratio"] > 1.5, (comp, b)
         print(f"{comp}: top image property {top['property']} (close behind: {top['close'] or '-'}); brightness "
               f"δ {b['cliffs_delta']:+.2f}, AUC {b['auc']:.2f}, BH p {b['p_bh']:.2g}, darkest/brightest quartile "
               f"error rate {b['rate_low']:.1%}/{b['rate_high']:.1%} = {b['rate_ratio']:.1f}x")
@@ -231,12 +250,12 @@ def test_step_layering_files_stay_small():
 
 
 
-def _fake_run(tmp_path, images, labels, preds, cams=None):
+def _fake_run(tmp_path, images, labels, preds, cams=None, original_sizes=None):
     """The parts of a Run the step reads, around a real Outputs."""
     from types import SimpleNamespace
     from helpers.files.outputs import Outputs
     names = [f"class {i}" for i in range(int(max(labels.max(), preds.max())) + 1)]
-    return SimpleNamespace(data=SimpleNamespace(images=images, num_classes=len(names)),
+    return SimpleNamespace(data=SimpleNamespace(images=images, num_classes=len(names), original_sizes=original_sizes),
                            preds=SimpleNamespace(labels=labels, preds=preds), cams=cams, names=names,
                            params=SimpleNamespace(SEED=0), outputs=Outputs(tmp_path / "out"))
 
@@ -295,4 +314,41 @@ def test_step_with_no_pairs_and_no_cams(tmp_path):
     assert len(sec.tests) == 0 and len(sec.findings) == 0 and sec.n_cam_images == 0
     assert "colourfulness" in sec.properties and sec.properties["cam_area"].isna().all()
     assert len(summary_lines(sec)) == 1 and "<table>" in index_section(run, sec)
+    run.outputs.close()
+
+
+def test_image_folder_original_sizes_are_kept_and_tested(tmp_path):
+    # Real files of mixed sizes, resized on load: the Dataset keeps each file's own (height, width).
+    from types import SimpleNamespace
+    from PIL import Image
+    from helpers.data.datasets import load_dataset
+    from helpers.steps.data_properties import property_slices, summary_lines
+    rng = np.random.default_rng(0)
+    shapes = {"cat": [(20, 40), (32, 32)], "dog": [(64, 16), (32, 32)]}
+    for cls, sizes in shapes.items():
+        (tmp_path / "folder" / cls).mkdir(parents=True)
+        for k, (h, w) in enumerate(sizes):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "folder" / cls / f"{k}.png")
+    data = load_dataset("imagefolder", root=tmp_path / "folder", image_size=16)
+    assert data.images.shape == (4, 16, 16, 3)
+    np.testing.assert_array_equal(data.original_sizes, [[20, 40], [32, 32], [64, 16], [32, 32]])
+    got = P.source_properties(data.original_sizes)
+    np.testing.assert_allclose(got["original_size"], [np.sqrt(800), 32, 32, 32])
+    np.testing.assert_allclose(got["aspect_ratio"], [2.0, 1.0, 0.25, 1.0])
+
+    # A planted cause: class 0's images from small files go to class 1.
+    n = 300
+    labels = np.repeat([0, 1, 2], n // 3)
+    images = rng.integers(0, 256, (n, 12, 12, 1), dtype=np.uint8)
+    side = rng.integers(40, 400, n)
+    preds = labels.copy()
+    small = (labels == 0) & (side < 120)
+    preds[small & (rng.random(n) < 0.8)] = 1
+    run = _fake_run(tmp_path, images, labels, preds, original_sizes=np.stack([side, side], axis=1))
+    pairs = pd.DataFrame({"true_id": [0], "pred_id": [1], "count": [int((preds[labels == 0] == 1).sum())]})
+    sec = property_slices(run, SimpleNamespace(pairs=pairs))
+    top = sec.findings.set_index("comparison").loc["class 0 → class 1"]
+    assert top["property"] == "original_size" and top["cliffs_delta"] < -0.5 and top["p_bh"] < 0.01
+    assert "aspect_ratio" not in set(sec.tests["property"])   # square files: a constant is not tested
+    assert any("smallest original" in line for line in summary_lines(sec))
     run.outputs.close()

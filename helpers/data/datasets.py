@@ -41,6 +41,7 @@ class Dataset:
     fine_to_coarse_table: Optional[np.ndarray] = None
     source_files: tuple[str, ...] = ()   # absolute paths of the files the images and labels were read from
     resize_note: str = ""              # image folders: what was resized, from which sizes to which ("" = none)
+    original_sizes: Optional[np.ndarray] = None   # image folders: int64 (N, 2) height, width of each file
 
     def __post_init__(self) -> None:
         check_unique_names(self.class_names)
@@ -251,7 +252,8 @@ def load_dataset(name: str = "cifar100", root: Optional[str | os.PathLike] = Non
     return Dataset(images=images, labels=labels, class_names=parts["class_names"], name=name, mean=mean, std=std,
                    coarse_labels=parts["coarse_labels"], coarse_names=parts["coarse_names"],
                    fingerprint=_fingerprint(images, labels), fine_to_coarse_table=parts.get("fine_to_coarse"),
-                   source_files=tuple(sources), resize_note=parts.get("resize_note", ""))
+                   source_files=tuple(sources), resize_note=parts.get("resize_note", ""),
+                   original_sizes=parts.get("original_sizes"))
 
 
 def model_input_size(model) -> Optional[tuple[int, int]]:

@@ -445,9 +445,11 @@ def load_imagefolder(root: Optional[Path], image_size, limit: Optional[int],
     samples = folder.samples[:limit] if limit is not None else folder.samples
 
     sizes: dict[tuple[int, int], int] = {}
-    for path, _ in samples:
+    original = np.zeros((len(samples), 2), dtype=np.int64)   # (height, width) of each file, before any resize
+    for i, (path, _) in enumerate(samples):
         with _open_image(path) as im:  # opening reads only the header
             sizes[(im.size[1], im.size[0])] = sizes.get((im.size[1], im.size[0]), 0) + 1
+            original[i] = im.size[1], im.size[0]
     note = ""
     if target is not None:
         why = "IMAGE_SIZE"
@@ -475,4 +477,4 @@ def load_imagefolder(root: Optional[Path], image_size, limit: Optional[int],
             raise DataError(f"{path} cannot be decoded ({exc}). Delete or replace it.") from exc
     labels = np.array([t for _, t in samples], dtype=np.int64)
     return dict(images=images, labels=labels, class_names=list(folder.classes), coarse_labels=None, coarse_names=None,
-                resize_note=note)
+                resize_note=note, original_sizes=original)

@@ -63,6 +63,8 @@ def _cam_columns(run: Run, idx: np.ndarray) -> pd.DataFrame:
 def _image_table(run: Run, comps: Sequence[P.Comparison], sec_notes: list[str]) -> tuple[pd.DataFrame, int]:
     pr, data = run.preds, run.data
     props = P.image_properties(data.images)
+    if data.original_sizes is not None:   # image folders: the files' own sizes, before resizing
+        props = pd.concat([props, P.source_properties(data.original_sizes)], axis=1)
     if "colourfulness" not in props:
         sec_notes.append("Colourfulness: not measured (grayscale images).")
     props.insert(0, "pred", pr.preds)
@@ -112,7 +114,7 @@ def _panels(sec: PropertySlices) -> list[SlicePanel]:
     for comp in order[:N_PLOT_ROWS]:
         rows = t[t["comparison"] == comp]
         rows = rows.reindex(rows["cliffs_delta"].abs().sort_values(ascending=False, kind="stable").index)
-        image = rows[rows["property"].isin(P.IMAGE_PROPERTIES)].head(N_PLOT_PROPS)
+        image = rows[rows["property"].isin(P.TESTED_IMAGE_PROPERTIES)].head(N_PLOT_PROPS)
         for r in pd.concat([image, rows[rows["property"].isin(P.CAM_PROPERTIES)].head(1)]).itertuples():
             true, targets = int(r.true_id), [int(x) for x in r.pred_ids.split()]
             v = props[r.property].to_numpy(np.float64)
@@ -132,10 +134,10 @@ def property_slices(run: Run, conf: Confusion, group_ids: Optional[Sequence[int]
     comps = P.comparisons(conf.pairs, group, run.data.num_classes)
     notes: list[str] = []
     props, n_cam = _image_table(run, comps, notes)
-    columns = [c for c in (*P.IMAGE_PROPERTIES, *P.CAM_PROPERTIES) if c in props and props[c].notna().any()]
+    columns = [c for c in (*P.TESTED_IMAGE_PROPERTIES, *P.CAM_PROPERTIES) if c in props and props[c].notna().any()]
     tests, quant, skipped = P.slice_tests(props, run.preds.labels, run.preds.preds, comps, run.names, columns)
     sec = PropertySlices(properties=props, tests=tests, quantiles=quant,
-                         findings=P.top_findings(tests, P.IMAGE_PROPERTIES),
+                         findings=P.top_findings(tests, P.TESTED_IMAGE_PROPERTIES),
                          cam_findings=P.top_findings(tests, P.CAM_PROPERTIES), skipped=skipped, group=group,
                          n_cam_images=n_cam, property_names=columns)
     sec.notes += notes + summary_lines(sec)
