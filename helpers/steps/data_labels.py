@@ -46,6 +46,8 @@ class LabelEvidence(Section):
     accuracy_corrected: Optional[float]   # on the corrected labels (validated only: never the model's own guess)
     n_in_sample_suspects: int             # metrics.label_suspect_mask, as the deep dive's label suspects
     cleanlab_issues: Optional[int] = None  # cleanlab.find_label_issues (unvalidated only; None: not installed)
+    wrong: Optional[np.ndarray] = None      # (N,) bool per test image: validated wrong label, or estimated one
+    suggested: Optional[np.ndarray] = None  # (N,) int: the right label (workers', or the estimate's), -1 unknown
 
 
 def _evidence(run: Run) -> tuple[Optional[tuple[np.ndarray, np.ndarray, int]], list[str]]:
@@ -94,7 +96,8 @@ def label_evidence(run: Run, conf: Confusion, group_ids: Optional[Sequence[int]]
         n_images=int(len(pr.labels)), n_checked=checked, n_wrong=int(wrong.sum()),
         n_correctable=int((wrong & (suggested >= 0)).sum()) if validated else 0,
         n_excluded=int((~keep).sum()) if validated else 0, accuracy=official, accuracy_corrected=corrected,
-        n_in_sample_suspects=in_sample, cleanlab_issues=cleanlab)
+        n_in_sample_suspects=in_sample, cleanlab_issues=cleanlab, wrong=np.asarray(wrong, bool),
+        suggested=np.asarray(suggested, np.int64))
     run.outputs.save_csv(csv_table(pairs, classes), SUB, CSV)
     sec.files.append(f"{SUB}/{CSV}")
     sec.notes += notes + summary_lines(sec)

@@ -1,0 +1,187 @@
+"""The diagnosis (compute/diagnosis.py, steps/diagnosis.py): each cause's share by hand, the ranking and "no clear
+cause", and causes planted into the real Fashion-MNIST test set that the diagnosis must name for the right pair,
+first or second."""
+from __future__ import annotations
+
+import gzip
+import shutil
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers.compute import diagnosis as D
+from helpers.data.readers import SYSTEM_FASHION_MNIST as FMNIST_DIR
+
+TSHIRT, TROUSER, PULLOVER, DRESS, SHIRT = 0, 1, 2, 3, 6
+N_IMAGES = 5000
+needs_fmnist = pytest.mark.skipif(not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+                                  reason="Debian's Fashion-MNIST is not installed")
+
+
+# ---------------------------------------------------------------------------------------------- by hand
+def test_attributable_share_by_hand():
+    # 4 quartiles of 100 images with 40, 20, 10, 10 errors; errors lean low (δ < 0), so the rate to beat is
+    # the top quartile's 10%: excess 30 + 10 + 0 + 0 = 40 of 80 errors.
+    q = pd.DataFrame({"quantile": [1, 2, 3, 4], "n_images": [100] * 4, "n_errors": [40, 20, 10, 10]})
+    assert D.attributable_share(q, lean_high=False) == (pytest.approx(0.5), 40)
+    # leaning high against the same counts: the first quartile's 40% is the rate to beat, nothing is above it
+    assert D.attributable_share(q, lean_high=True) == (0.0, 0)
+
+
+def test_wrong_label_share_and_images():
+    wrong = np.zeros(20, bool)
+    wrong[[3, 5, 9]] = True
+    c = D.wrong_label_cause(np.array([1, 3, 5, 7]), wrong, validated=True)
+    assert c.share == 0.5 and c.n_errors == 2 and c.images == (3, 5) and "validated by people" in c.evidence
+    # unvalidated: only flagged images the model gives their label < 5% count
+    p_given = np.full(20, 0.5)
+    p_given[3] = 0.01
+    c = D.wrong_label_cause(np.array([1, 3, 5, 7]), wrong, validated=False, p_given=p_given)
+    assert c.images == (3,) and c.share == 0.25 and "not validated" in c.evidence
+
+
+def test_property_cause_needs_significance_and_size():
+    q = pd.DataFrame({"quantile": [1, 2, 3, 4], "n_images": [100] * 4, "n_errors": [40, 20, 10, 10]})
+    row = pd.Series({"property": "brightness", "cliffs_delta": -0.4, "p_bh": 1e-5, "rate_low": 0.4,
+                     "rate_high": 0.1})
+    c = D.property_cause(row, q, ("darkest", "brightest"))
+    assert c.kind == "kind_of_image" and c.share == pytest.approx(0.5)
+    assert "darkest quartile goes this way 40.0%" in c.evidence and "brightest 10.0%" in c.evidence
+    assert D.property_cause(row.copy().replace({1e-5: 0.02}), q, ("darkest", "brightest")) is None   # p too large
+    small = row.copy()
+    small["cliffs_delta"] = -0.1
+    assert D.property_cause(small, q, ("darkest", "brightest")) is None                           # too small
+
+
+def test_ambiguity_by_hand():
+    p_true, p_pred = np.array([0.4, 0.3, 0.05, 0.45]), np.array([0.5, 0.6, 0.9, 0.5])
+    c = D.ambiguity_cause(p_true, p_pred, separability=0.7)
+    # both probable: 0.4/0.5 and 0.45/0.5 (0.3/0.6 is 0.3 apart, 0.05 is not probable)
+    assert c.n_errors == 2 and c.share == 0.5 and "70.0%" in c.evidence
+    # features that separate the pair: uncertain errors, not ambiguous images
+    assert D.ambiguity_cause(p_true, p_pred, separability=0.95).share == 0
+    assert D.ambiguity_cause(p_true, p_pred, separability=None) is None
+
+
+def test_context_by_hand():
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(0.1, 0.3, 100)         # B's own images: B's CAM stays inside
+    errors = np.r_[rng.uniform(0.6, 0.9, 15), rng.uniform(0.1, 0.3, 5)]
+    c = D.context_cause(errors, reference)
+    assert c.kind == "context" and c.n_errors >= 15 and c.share >= 0.75
+    assert D.context_cause(rng.uniform(0.1, 0.3, 20), reference) is None   # no difference: no cause
+
+
+def test_rank_orders_by_share_and_says_no_clear_cause():
+    a = D.Cause("wrong_labels", 0.4, 8, "")
+    b = D.Cause("ambiguous", 0.6, 12, "")
+    weak = D.Cause("kind_of_image", 0.05, 1, "")
+    named, short = D.rank([a, None, b, weak])
+    assert [c.kind for c in named] == ["ambiguous", "wrong_labels"] and short == [weak]
+    d = D.PairDiagnosis("A → B", 0, (1,), 20, causes=[])
+    assert d.verdict == D.NO_CLEAR_CAUSE
+
+
+def test_few_images_share():
+    counts = np.array([1000, 1000, 200, 1000])
+    rates = np.array([0.1, 0.1, 0.4, 0.1])
+    c = D.few_images_cause(counts, 2, rates, n_errors=40)
+    assert c.share == pytest.approx(0.75) and c.n_errors == 30
+    assert D.few_images_cause(counts, 0, rates, n_errors=10) is None
+
+
+# ---------------------------------------------------------------------------------------------- planted, real data
+def _write_idx(path, array, magic):
+    with gzip.open(path, "wb", compresslevel=1) as fh:
+        fh.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) + array.tobytes())
+
+
+def _planted_root(tmp_path, images=None, labels=None):
+    """A DATA_ROOT with the real Fashion-MNIST test files, or the given (changed) images / labels."""
+    root = tmp_path / "data"
+    root.mkdir(parents=True)
+    for name, new, magic in (("t10k-images-idx3-ubyte.gz", images, 2051), ("t10k-labels-idx1-ubyte.gz", labels, 2049)):
+        if new is None:
+            shutil.copy(FMNIST_DIR / name, root)
+        else:
+            _write_idx(root / name, np.ascontiguousarray(new, np.uint8), magic)
+    return root
+
+
+def _fmnist_test():
+    from helpers.data.datasets import load_dataset
+    d = load_dataset("fashion_mnist", root=FMNIST_DIR, split="test", download=False)
+    return d.images[..., 0].copy(), d.labels.astype(np.uint8)
+
+
+def _diagnose(tmp_path, root, checkpoint, arch, show=True):
+    from helpers.config import Params
+    from helpers.pipeline import Analysis
+    from helpers.steps.data_causes import data_causes
+    from helpers.steps.diagnosis import diagnosis, pair_sentence
+    params = Params(MODEL_PATH=str(checkpoint), ARCH=arch, DATASET="fashion_mnist", DATA_ROOT=str(root),
+                    DOWNLOAD=False, LIMIT=N_IMAGES, OUTPUT_DIR=str(tmp_path / "out"), DEVICE="cpu", SEED=0)
+    an = Analysis(params, progress=False)
+    an.load_model()
+    an.load_data()
+    an.predict()
+    conf = an.confusion()
+    data = data_causes(an.run, conf)
+    sec = diagnosis(an.run, conf, data)
+    for d in sec.pairs[:6 if show else 0]:
+        print(pair_sentence(d))
+    an.outputs.flush()
+    csv = pd.read_csv(an.run.outputs.current("deep_dive/diagnosis.csv"))
+    assert set(csv["pair"]) == {d.pair for d in sec.pairs}
+    an.outputs.close(raise_errors=False)
+    return an, sec
+
+
+def _rank_of(sec, true_id, pred_id, kind) -> int:
+    d = sec.of(true_id, pred_id)
+    assert d is not None, f"pair {true_id} → {pred_id} was not diagnosed"
+    kinds = [c.kind for c in d.causes]
+    return kinds.index(kind) + 1 if kind in kinds else 0
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_relabelled_shirts_are_diagnosed_as_wrong_labels(tmp_path, fmnist_checkpoint):
+    from conftest import FMNIST_ARCH
+    images, labels = _fmnist_test()
+    shirts = np.flatnonzero(labels[:N_IMAGES] == SHIRT)
+    moved = np.sort(np.random.default_rng(0).choice(shirts, len(shirts) // 10, replace=False))
+    labels[moved] = TSHIRT
+    an, sec = _diagnose(tmp_path, _planted_root(tmp_path, labels=labels), fmnist_checkpoint, FMNIST_ARCH)
+    rank = _rank_of(sec, TSHIRT, SHIRT, "wrong_labels")
+    print(f"relabelled Shirts: wrong labels named at rank {rank} for T-shirt/top → Shirt")
+    assert rank in (1, 2)
+    # the same model on the untouched test set: the pair's wrong labels are not named
+    _, untouched = _diagnose(tmp_path / "untouched", _planted_root(tmp_path / "untouched"), fmnist_checkpoint,
+                             FMNIST_ARCH, show=False)
+    assert _rank_of(untouched, TSHIRT, SHIRT, "wrong_labels") == 0
+    cause = next(c for c in sec.of(TSHIRT, SHIRT).causes if c.kind == "wrong_labels")
+    assert len(set(cause.images) & set(moved.tolist())) >= 0.7 * len(cause.images)   # most named are planted
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_darkened_pullovers_are_diagnosed_as_a_kind_of_image(tmp_path, fmnist_plain_checkpoint):
+    from conftest import PLAIN_ARCH
+    images, labels = _fmnist_test()
+    pull = np.flatnonzero(labels[:N_IMAGES] == PULLOVER)
+    dark = np.sort(np.random.default_rng(0).choice(pull, int(round(0.3 * len(pull))), replace=False))
+    images[dark] = np.round(images[dark] * 0.35).astype(np.uint8)
+    an, sec = _diagnose(tmp_path, _planted_root(tmp_path, images=images), fmnist_plain_checkpoint, PLAIN_ARCH)
+    rank = _rank_of(sec, PULLOVER, SHIRT, "kind_of_image")
+    print(f"darkened Pullovers: a kind of image named at rank {rank} for Pullover → Shirt")
+    assert rank in (1, 2)
+    cause = next(c for c in sec.of(PULLOVER, SHIRT).causes if c.kind == "kind_of_image")
+    assert cause.detail == "brightness"
+    # the same model on the untouched test set: brightness is not what sends Pullovers to Shirt
+    _, untouched = _diagnose(tmp_path / "untouched", _planted_root(tmp_path / "untouched"), fmnist_plain_checkpoint,
+                             PLAIN_ARCH, show=False)
+    d = untouched.of(PULLOVER, SHIRT)
+    assert d is None or not any(c.kind == "kind_of_image" and c.detail == "brightness" for c in d.causes)
