@@ -23,11 +23,15 @@ needs_fmnist = pytest.mark.skipif(not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz")
 # ---------------------------------------------------------------------------------------------- by hand
 def test_attributable_share_by_hand():
     # 4 quartiles of 100 images with 40, 20, 10, 10 errors; errors lean low (δ < 0), so the rate to beat is
-    # the top quartile's 10%: excess 30 + 10 + 0 + 0 = 40 of 80 errors.
+    # the top half's (10 + 10) / 200 = 10%: excess 30 + 10 + 0 + 0 = 40 of 80 errors.
     q = pd.DataFrame({"quantile": [1, 2, 3, 4], "n_images": [100] * 4, "n_errors": [40, 20, 10, 10]})
     assert D.attributable_share(q, lean_high=False) == (pytest.approx(0.5), 40)
-    # leaning high against the same counts: the first quartile's 40% is the rate to beat, nothing is above it
-    assert D.attributable_share(q, lean_high=True) == (0.0, 0)
+    # leaning high against the same counts: the low half's 30% is the rate to beat; only q1's 40 exceed it
+    assert D.attributable_share(q, lean_high=True) == (pytest.approx(10 / 80), 10)
+    # a far quartile without errors does not make every error attributable: 0, 2, 3, 10 -> low half 1%,
+    # excess 0 + 1 + 2 + 9
+    q2 = q.assign(n_errors=[0, 2, 3, 10])
+    assert D.attributable_share(q2, lean_high=True) == (pytest.approx(12 / 15), 12)
 
 
 def test_wrong_label_share_and_images():
@@ -63,6 +67,17 @@ def test_ambiguity_by_hand():
     # features that separate the pair: uncertain errors, not ambiguous images
     assert D.ambiguity_cause(p_true, p_pred, separability=0.95).share == 0
     assert D.ambiguity_cause(p_true, p_pred, separability=None) is None
+
+
+def test_probe_accuracy_against_logistic_regression():
+    from sklearn.datasets import make_classification
+    from helpers.compute.deep_dive import separability
+    for sep, dims in ((2.0, 32), (0.3, 32), (1.0, 300)):
+        x, y = make_classification(600, dims, n_informative=8, class_sep=sep, random_state=0)
+        assert D.probe_accuracy(x, y) == pytest.approx(separability(x, y)["accuracy"], abs=0.06), (sep, dims)
+    rng = np.random.default_rng(0)
+    assert D.probe_accuracy(rng.normal(size=(400, 16)), np.repeat([0, 1], 200)) == pytest.approx(0.5, abs=0.08)
+    assert np.isnan(D.probe_accuracy(rng.normal(size=(5, 3)), np.array([0, 0, 0, 0, 1])))
 
 
 def test_context_by_hand():

@@ -1,6 +1,11 @@
 """Evidence-driven recommendations: each rule fires only when a measured value crosses a named
 threshold, and its text cites the numbers and classes that tripped it.
 
+With a diagnosis (compute/diagnosis.py), the pair-level advice comes from it: one recommendation per named
+cause of a top pair (relabel these images, augment against this property, ...), each citing the cause's
+numbers; a pair with no clear cause gets none. The generic pair rules (fine_grained, dominant_pair, verify),
+which fire for nearly every model with a confused pair, are then left out; the model-level rules stay.
+
 Build an Evidence (by hand, or from a finished analysis with helpers.steps.report.build_evidence), call
 recommend(), print format_recommendations(). The label-suspect rule itself (which images count) is
 helpers.compute.metrics.label_suspect_mask; the thresholds here only phrase and gate the recommendation.
@@ -314,16 +319,73 @@ def _verify(ev: Evidence, t: dict) -> Optional[Recommendation]:
 
 RULES = [_fine_grained, _dominant_pair, _low_separability, _head_similarity, _calibration,
          _label_noise, _weak_classes, _cam_untrustworthy, _verify]
+GENERIC_PAIR_RULES = (_fine_grained, _dominant_pair, _verify)
+MAX_LISTED_IMAGES = 20
 
 
-def recommend(ev: Evidence, thresholds: Optional[dict] = None) -> list[Recommendation]:
-    """The recommendations whose thresholds trip, in a fixed order, "verify" last.
+def _cause_advice(d, c) -> str:
+    """What to do about cause `c` of pair diagnosis `d` (compute.diagnosis.PairDiagnosis / Cause)."""
+    a, b = d.pair.split(" → ", 1) if " → " in d.pair else (d.pair, "the predicted class")
+    if c.kind == "wrong_labels":
+        shown = ", ".join(f"#{i}" for i in c.images[:MAX_LISTED_IMAGES])
+        more = f" and {len(c.images) - MAX_LISTED_IMAGES} more" if len(c.images) > MAX_LISTED_IMAGES else ""
+        check = "" if c.detail == "validated" else " (check them first: the estimate is not validated)"
+        return (f"Relabel these {len(c.images)} test images of {a} taken for {b}{check}: {shown}{more} "
+                f"(all in deep_dive/diagnosis.csv).")
+    if c.kind == "kind_of_image":
+        prop = c.detail.replace("_", " ")
+        return (f"Augment class {a} against {prop} (train with random {prop} changes covering the range its "
+                f"errors come from), or collect more {a} images of that kind.")
+    if c.kind == "context":
+        return (f"The model finds {b} in the surround of {a} images: check the {a} errors for a shared background "
+                f"or corner cue, and train with backgrounds or borders randomised (cut-and-paste, random erasing "
+                f"near the edges).")
+    if c.kind == "training_data":
+        return (f"Collect {a} training images unlike their {b} neighbours (deep_dive/train_neighbours_*), and remove "
+                f"or relabel training images of {a} whose neighbours are mostly {b} and test images duplicated in "
+                f"the training set (deep_dive/near_duplicates.csv).")
+    if c.kind == "shared_concept":
+        return (f"{a} and {b} share the evidence that decides these errors ({c.detail}): re-train the head with a "
+                f"contrastive or margin loss for this pair, with hard negatives from its errors.")
+    if c.kind == "ambiguous":
+        return (f"Many {a} → {b} errors are ambiguous images: review the class definitions (merge, split or add "
+                f"an 'either' label) before spending effort on the model.")
+    if c.kind == "few_training_images":
+        return f"Collect more training images of {a}, or reweight it in the loss."
+    return ""
+
+
+def from_diagnosis(pairs: Sequence) -> list[Recommendation]:
+    """One recommendation per named cause of each pair (compute.diagnosis.PairDiagnosis, in order), citing its
+    numbers. Pairs without a clear cause get none; a group row whose cause repeats one already given for the
+    same class and kind is left out."""
+    recs, given = [], set()
+    for d in pairs:
+        for c in d.causes:
+            key = (d.true_id, c.kind, c.detail)
+            if key in given:
+                continue
+            given.add(key)
+            text = _cause_advice(d, c)
+            if text:
+                recs.append(Recommendation(c.kind, f"{d.pair} ({d.n_errors} errors): {c.name}, "
+                                                   f"{_pct(c.share)} of them. {text}", c.evidence))
+    return recs
+
+
+def recommend(ev: Evidence, thresholds: Optional[dict] = None, diagnosis: Optional[Sequence] = None
+              ) -> list[Recommendation]:
+    """The recommendations whose thresholds trip, in a fixed order, "verify" last. With `diagnosis` (the
+    PairDiagnosis list), its causes' recommendations come first and the generic pair rules are left out.
 
     Rule names: fine_grained, dominant_pair, low_separability, head_similarity, overconfident
-    (or underconfident), label_noise, weak_classes, cam_untrustworthy, verify.
+    (or underconfident), label_noise, weak_classes, cam_untrustworthy, verify; from a diagnosis, the cause
+    kinds of compute.diagnosis.CAUSE_NAMES.
     """
     t = dict(THRESHOLDS, **(thresholds or {}))
-    return [rec for rule in RULES if (rec := rule(ev, t)) is not None]
+    rules = RULES if diagnosis is None else [r for r in RULES if r not in GENERIC_PAIR_RULES]
+    first = from_diagnosis(diagnosis) if diagnosis is not None else []
+    return first + [rec for rule in rules if (rec := rule(ev, t)) is not None]
 
 
 def format_recommendations(recs: Sequence[Recommendation]) -> str:

@@ -79,13 +79,12 @@ def _context_cause(run: Run, t: int, q: int, errors: np.ndarray, cam_untrusted: 
 
 def _pair_separability(run: Run, t: int, q: int) -> Optional[float]:
     """Cross-validated linear accuracy on the features of the images labelled A or B."""
-    from helpers.compute.deep_dive import separability
     pr = run.preds
     if pr.features is None:
         return None
     idx = _sample(np.flatnonzero(np.isin(pr.labels, [t, q])), MAX_PROBE_IMAGES, run.params.SEED)
-    acc = run.cache.cached("diagnosis_separability", lambda: separability(pr.features[idx], pr.labels[idx])["accuracy"],
-                           idx, t, q)
+    acc = run.cache.cached("diagnosis_probe", lambda: D.probe_accuracy(pr.features[idx], pr.labels[idx],
+                                                                        seed=run.params.SEED), idx, t, q)
     return float(acc)
 
 

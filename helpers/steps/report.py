@@ -18,7 +18,7 @@ from helpers.data.datasets import readable
 from helpers.files.png import preview_data_uri
 from helpers.plots.explorer import EXPLORER_CSS, explorer_data, explorer_html
 from helpers.plots.interactive import plotly_div
-from helpers.steps import data_causes
+from helpers.steps import data_causes, diagnosis as diagnosis_step
 from helpers.steps.cells import CellImages
 from helpers.steps.confusion import Confusion
 from helpers.steps.context import Run, Section
@@ -69,6 +69,8 @@ DESCRIPTIONS = [
     ("deep_dive/near_duplicates.csv", "Test images with a near-duplicate in the training set (feature search, "
                                       "confirmed in pixels)."),
     ("deep_dive/near_duplicates.png", "The near-duplicates side by side: test image and its training copy."),
+    ("deep_dive/diagnosis.csv", "Why each top pair is confused: its candidate causes ranked by the share of its "
+                                "errors they account for, with the numbers, the figure and the images named."),
 ]
 
 
@@ -190,7 +192,8 @@ def _deep_dive_lines(deep: DeepDive) -> list[str]:
 
 def summary_text(run: Run, conf: Confusion, deep: Optional[DeepDive], faith: dict[str, float],
                  recs: list[Recommendation], timings: dict[str, float],
-                 causes: Optional[data_causes.DataCauses] = None) -> str:
+                 causes: Optional[data_causes.DataCauses] = None,
+                 diagnosis: Optional[diagnosis_step.Diagnosis] = None) -> str:
     pr, data, p, table = run.preds, run.data, run.params, conf.table
     n = len(pr.labels)
     top5 = float(np.mean([lbl in row for lbl, row in zip(pr.labels, np.argsort(-pr.probs, axis=1)[:, :5])])) \
@@ -209,6 +212,8 @@ def summary_text(run: Run, conf: Confusion, deep: Optional[DeepDive], faith: dic
     ]
     if not np.isnan(top5):
         lines.append(f"Top-5 accuracy:   {top5:.2%}")
+    if diagnosis is not None:
+        lines += [""] + diagnosis_step.summary_lines(diagnosis)
     lines += ["", "Best 10 classes:"]
     for r in table.sort_values(["accuracy", "class_id"], ascending=[False, True]).head(10).itertuples():
         lines.append(f"  {r.class_id:3d} {r.class_name:<22} {r.accuracy:6.1%} ({r.correct}/{r.support})")
@@ -365,7 +370,8 @@ def _explorer(run: Run, conf: Confusion, cells: CellImages) -> str:
 
 def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[str],
                recs: Optional[list[Recommendation]] = None, cells: Optional[CellImages] = None,
-               causes: Optional[data_causes.DataCauses] = None) -> str:
+               causes: Optional[data_causes.DataCauses] = None,
+               diagnosis: Optional[diagnosis_step.Diagnosis] = None) -> str:
     """The report page, self-contained: plotly.js, the numbers, the confusion cells' images and previews of
     the figures are inside it, so it renders wherever it is opened (from disk, in JupyterLab's sandboxed HTML
     viewer, in a browser tab Jupyter serves); links lead to the full-size files beside it."""
@@ -384,7 +390,9 @@ def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[
                      f'{_img(preview_data_uri(run.outputs.current("confusion_matrix_full.png"), 1200), "confusion matrix", "wide")}'
                      '</a></p>')
     explorer = _explorer(run, conf, cells) if cells is not None else ""
-    sections = [
+    sections = [("why", "Why these classes are confused", diagnosis_step.index_section(run, diagnosis))] \
+        if diagnosis is not None else []
+    sections += [
         ("summary", "Headline numbers", _cards(run, conf, deep)),
         ("confusion", "Confusion matrix",
          f'<p class="note">{how}. Hover a cell for the true and predicted class, the count and the row %; '
@@ -442,16 +450,18 @@ def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[
 
 def write_reports(run: Run, conf: Confusion, pairs: Optional[PairGalleries], deep: Optional[DeepDive],
                   timings: dict[str, float], cells: Optional[CellImages] = None,
-                  causes: Optional[data_causes.DataCauses] = None) -> Report:
+                  causes: Optional[data_causes.DataCauses] = None,
+                  diagnosis: Optional[diagnosis_step.Diagnosis] = None) -> Report:
     """recommendations.txt, analysis_summary.txt, then (with every other output on disk) the stale-output
     clean-up, index.html and the manifest."""
     out = run.outputs
     faith = faithfulness_scores(pairs, deep)
-    recs = recommend(build_evidence(run, conf, deep, faith))
+    recs = recommend(build_evidence(run, conf, deep, faith),
+                     diagnosis=diagnosis.pairs if diagnosis is not None else None)
     out.write_text(format_recommendations(recs), "recommendations.txt")
-    out.write_text(summary_text(run, conf, deep, faith, recs, timings, causes), "analysis_summary.txt")
+    out.write_text(summary_text(run, conf, deep, faith, recs, timings, causes, diagnosis), "analysis_summary.txt")
     files = out.files()
-    out.write_text(index_html(run, conf, deep, files, recs, cells, causes), "index.html")
+    out.write_text(index_html(run, conf, deep, files, recs, cells, causes, diagnosis), "index.html")
     removed = out.commit()   # the run's outputs move into place; the earlier run's others go
     sec = Report(recommendations=recs, removed_stale=removed,
                  files=["analysis_summary.txt", "recommendations.txt", "index.html"])
