@@ -23,7 +23,8 @@ from helpers.model.inference import Predictions, default_threads, resolve_device
 from helpers.model.load import LoadedModel, check_model_fits_data, load_model
 from helpers.model.sanity import check_model_behaviour
 from helpers.plots.gallery import render_gallery
-from helpers.steps import cells, confusion, data_causes, deep_dive, diagnosis, galleries, predictions, report
+from helpers.steps import (cells, confusion, data_causes, deep_dive, diagnosis, galleries, model_causes, predictions,
+                           report)
 from helpers.steps.context import Run, Section
 
 
@@ -182,11 +183,17 @@ class Analysis:
             if cpu:
                 torch.set_num_threads(max(1, self.threads // 2))   # as after inference: a core for the writer
 
+    def model_causes(self) -> model_causes.ModelCauses:
+        """Is it the model? Failure modes inside each pair, concepts and their share of the margin, CAM trust."""
+        return self._step("model_causes", model_causes.model_causes, self.run, self._needs("confusion"),
+                          self.results.get("deep_dive"), self.results.get("data_causes"))
+
     def diagnosis(self) -> diagnosis.Diagnosis:
         """Why these classes are confused: each top pair's candidate causes, ranked by the share of its errors
         they account for (uses whatever of the deep dive and "Is it the data?" ran before it)."""
         return self._step("diagnosis", diagnosis.diagnosis, self.run, self._needs("confusion"),
-                          self.results.get("data_causes"), self.results.get("deep_dive"))
+                          self.results.get("data_causes"), self.results.get("deep_dive"),
+                          self.results.get("model_causes"))
 
     def cell_images(self) -> cells.CellImages:
         """The images behind every confusion-matrix cell, for index.html (report() calls it when not yet run)."""
@@ -200,7 +207,8 @@ class Analysis:
         self.outputs.flush()   # PNGs are written in the background; the index and manifest need them on disk
         sec = report.write_reports(self.run, conf, self.results.get("pair_galleries"),
                                    self.results.get("deep_dive"), self.timings, cell_images,
-                                   self.results.get("data_causes"), self.results.get("diagnosis"))
+                                   self.results.get("data_causes"), self.results.get("diagnosis"),
+                                   self.results.get("model_causes"))
         self.results["report"] = sec
         self.save_cam_cache()
         if self.device.type == "cpu":
@@ -226,6 +234,7 @@ class Analysis:
             self.pair_galleries()
             self.deep_dive()
             self.data_causes()
+            self.model_causes()
             self.diagnosis()
             self.report()
         except BaseException:

@@ -137,9 +137,11 @@ def diagnose_pair(run: Run, t: int, preds: Sequence[int], data: Any = None, deep
     return diag
 
 
-def diagnosis(run: Run, conf: Confusion, data: Any = None, deep: Any = None, concepts: Any = None,
-              trust: Any = None) -> Diagnosis:
-    """The diagnosis of every top pair (conf.pairs) and of each member of the deep-dive group."""
+def diagnosis(run: Run, conf: Confusion, data: Any = None, deep: Any = None, model: Any = None) -> Diagnosis:
+    """The diagnosis of every top pair (conf.pairs) and of each member of the deep-dive group. `data` and
+    `model`: the "Is it the data?" and "Is it the model?" results, when they ran."""
+    concepts = getattr(model, "concepts", None)
+    trust = getattr(model, "trust", None)
     sec = Diagnosis()
     for t, q in zip(conf.pairs["true_id"].astype(int), conf.pairs["pred_id"].astype(int)):
         sec.pairs.append(diagnose_pair(run, t, (q,), data, deep, concepts, trust))

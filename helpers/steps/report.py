@@ -18,7 +18,7 @@ from helpers.data.datasets import readable
 from helpers.files.png import preview_data_uri
 from helpers.plots.explorer import EXPLORER_CSS, explorer_data, explorer_html
 from helpers.plots.interactive import plotly_div
-from helpers.steps import data_causes, diagnosis as diagnosis_step
+from helpers.steps import data_causes, diagnosis as diagnosis_step, model_causes
 from helpers.steps.cells import CellImages
 from helpers.steps.confusion import Confusion
 from helpers.steps.context import Run, Section
@@ -69,6 +69,9 @@ DESCRIPTIONS = [
     ("deep_dive/near_duplicates.csv", "Test images with a near-duplicate in the training set (feature search, "
                                       "confirmed in pixels)."),
     ("deep_dive/near_duplicates.png", "The near-duplicates side by side: test image and its training copy."),
+    ("deep_dive/failure_modes.csv", "Failure modes inside each top pair: its errors clustered on features and CAM "
+                                    "difference, with each mode's size, confidence, wrong labels and properties."),
+    ("deep_dive/failure_modes_", "One row per failure mode of a pair: its mean CAM difference and typical errors."),
     ("deep_dive/diagnosis.csv", "Why each top pair is confused: its candidate causes ranked by the share of its "
                                 "errors they account for, with the numbers, the figure and the images named."),
 ]
@@ -193,7 +196,8 @@ def _deep_dive_lines(deep: DeepDive) -> list[str]:
 def summary_text(run: Run, conf: Confusion, deep: Optional[DeepDive], faith: dict[str, float],
                  recs: list[Recommendation], timings: dict[str, float],
                  causes: Optional[data_causes.DataCauses] = None,
-                 diagnosis: Optional[diagnosis_step.Diagnosis] = None) -> str:
+                 diagnosis: Optional[diagnosis_step.Diagnosis] = None,
+                 model: Optional[model_causes.ModelCauses] = None) -> str:
     pr, data, p, table = run.preds, run.data, run.params, conf.table
     n = len(pr.labels)
     top5 = float(np.mean([lbl in row for lbl, row in zip(pr.labels, np.argsort(-pr.probs, axis=1)[:, :5])])) \
@@ -250,6 +254,8 @@ def summary_text(run: Run, conf: Confusion, deep: Optional[DeepDive], faith: dic
         lines += _deep_dive_lines(deep)
     if causes is not None:
         lines += data_causes.summary_lines(causes)
+    if model is not None:
+        lines += model_causes.summary_lines(model)
     lines += ["", f"Recommendations: {len(recs)} (see recommendations.txt)", "",
               "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
               f"Inference cache: {'reused' if run.cache.hit else 'computed'} (key {run.cache.key})"]
@@ -371,7 +377,8 @@ def _explorer(run: Run, conf: Confusion, cells: CellImages) -> str:
 def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[str],
                recs: Optional[list[Recommendation]] = None, cells: Optional[CellImages] = None,
                causes: Optional[data_causes.DataCauses] = None,
-               diagnosis: Optional[diagnosis_step.Diagnosis] = None) -> str:
+               diagnosis: Optional[diagnosis_step.Diagnosis] = None,
+               model: Optional[model_causes.ModelCauses] = None) -> str:
     """The report page, self-contained: plotly.js, the numbers, the confusion cells' images and previews of
     the figures are inside it, so it renders wherever it is opened (from disk, in JupyterLab's sandboxed HTML
     viewer, in a browser tab Jupyter serves); links lead to the full-size files beside it."""
@@ -419,6 +426,8 @@ def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[
         sections.append(("deep-dive", "Deep dive", body))
     if causes is not None:
         sections.append(("data", "Is it the data?", data_causes.index_section(run, causes)))
+    if model is not None:
+        sections.append(("model", "Is it the model?", model_causes.index_section(run, model)))
     if recs is not None:
         items = "".join(f'<li><b>[{html.escape(r.rule)}]</b> {html.escape(r.text)}'
                         f'<div class="ev">Evidence: {html.escape(r.evidence)}</div></li>' for r in recs)
@@ -451,7 +460,8 @@ def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[
 def write_reports(run: Run, conf: Confusion, pairs: Optional[PairGalleries], deep: Optional[DeepDive],
                   timings: dict[str, float], cells: Optional[CellImages] = None,
                   causes: Optional[data_causes.DataCauses] = None,
-                  diagnosis: Optional[diagnosis_step.Diagnosis] = None) -> Report:
+                  diagnosis: Optional[diagnosis_step.Diagnosis] = None,
+                  model: Optional[model_causes.ModelCauses] = None) -> Report:
     """recommendations.txt, analysis_summary.txt, then (with every other output on disk) the stale-output
     clean-up, index.html and the manifest."""
     out = run.outputs
@@ -459,9 +469,10 @@ def write_reports(run: Run, conf: Confusion, pairs: Optional[PairGalleries], dee
     recs = recommend(build_evidence(run, conf, deep, faith),
                      diagnosis=diagnosis.pairs if diagnosis is not None else None)
     out.write_text(format_recommendations(recs), "recommendations.txt")
-    out.write_text(summary_text(run, conf, deep, faith, recs, timings, causes, diagnosis), "analysis_summary.txt")
+    out.write_text(summary_text(run, conf, deep, faith, recs, timings, causes, diagnosis, model),
+                   "analysis_summary.txt")
     files = out.files()
-    out.write_text(index_html(run, conf, deep, files, recs, cells, causes, diagnosis), "index.html")
+    out.write_text(index_html(run, conf, deep, files, recs, cells, causes, diagnosis, model), "index.html")
     removed = out.commit()   # the run's outputs move into place; the earlier run's others go
     sec = Report(recommendations=recs, removed_stale=removed,
                  files=["analysis_summary.txt", "recommendations.txt", "index.html"])
