@@ -150,6 +150,9 @@ def diagnosis(run: Run, conf: Confusion, data: Any = None, deep: Any = None, mod
         others = [g for g in group if g != t]
         if others:
             sec.pairs.append(diagnose_pair(run, t, others, data, deep, concepts, trust, group=True))
+    if trust is not None and trust.untrusted_reason:
+        sec.cam_warning = (f"CAM-based causes (context) are marked approximate: {trust.untrusted_reason} "
+                           f"(deep_dive/cam_trust.csv).")
     sec.table = table(sec.pairs)
     run.outputs.save_csv(sec.table, SUB, CSV)
     sec.files.append(f"{SUB}/{CSV}")

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from helpers.steps import model_modes
+from helpers.steps import cam_trust, model_modes
 from helpers.steps.confusion import Confusion
 from helpers.steps.context import Run, Section
 from helpers.steps.deep_dive import DeepDive
@@ -17,12 +17,13 @@ from helpers.steps.deep_dive import DeepDive
 @dataclass(kw_only=True)
 class ModelCauses(Section):
     title: str = "Is it the model?"
+    trust: Optional[cam_trust.CamTrust] = None
     modes: Optional[model_modes.FailureModes] = None
     seconds: dict = field(default_factory=dict)            # part -> seconds, beside the inference pass's
 
     @property
     def parts(self) -> list[Section]:
-        return [p for p in (self.modes,) if p is not None]
+        return [p for p in (self.trust, self.modes) if p is not None]
 
     def show(self, names: Optional[list[str]] = None) -> None:
         for note in self.notes:
@@ -35,6 +36,9 @@ def model_causes(run: Run, conf: Confusion, deep: Optional[DeepDive] = None, dat
     """The parts, each timed. `data`: the "Is it the data?" results, when that step ran."""
     sec = ModelCauses()
     start = time.perf_counter()
+    sec.trust = cam_trust.cam_trust(run, conf)
+    sec.seconds["trust"] = time.perf_counter() - start
+    start = time.perf_counter()
     sec.modes = model_modes.failure_modes(run, conf, data)
     sec.seconds["modes"] = time.perf_counter() - start
     for part in sec.parts:
@@ -45,6 +49,8 @@ def model_causes(run: Run, conf: Confusion, deep: Optional[DeepDive] = None, dat
 def summary_lines(sec: ModelCauses) -> list[str]:
     """The block of analysis_summary.txt."""
     lines = ["", "IS IT THE MODEL?", "-" * 60]
+    if sec.trust is not None:
+        lines += cam_trust.summary_lines(sec.trust) + [""]
     if sec.modes is not None:
         lines += model_modes.summary_lines(sec.modes)
     return lines
@@ -52,6 +58,8 @@ def summary_lines(sec: ModelCauses) -> list[str]:
 
 def index_section(run: Run, sec: ModelCauses) -> str:
     body = []
+    if sec.trust is not None:
+        body.append(cam_trust.index_section(run, sec.trust))
     if sec.modes is not None:
         body.append(model_modes.index_section(run, sec.modes))
     return "".join(body)

@@ -69,6 +69,10 @@ DESCRIPTIONS = [
     ("deep_dive/near_duplicates.csv", "Test images with a near-duplicate in the training set (feature search, "
                                       "confirmed in pixels)."),
     ("deep_dive/near_duplicates.png", "The near-duplicates side by side: test image and its training copy."),
+    ("deep_dive/cam_trust.csv", "Can the pair galleries' CAMs be trusted: class sensitivity, randomisation "
+                                "(Adebayo et al.) and ROAD against random and Sobel-edge maps."),
+    ("deep_dive/cam_trust.png", "One error's CAM beside the randomised model's and the Sobel map; every check's "
+                                "numbers."),
     ("deep_dive/failure_modes.csv", "Failure modes inside each top pair: its errors clustered on features and CAM "
                                     "difference, with each mode's size, confidence, wrong labels and properties."),
     ("deep_dive/failure_modes_", "One row per failure mode of a pair: its mean CAM difference and typical errors."),
