@@ -1,8 +1,8 @@
 """Regenerate the README's figures from a real run: a small CNN trained on real Fashion-MNIST (Debian's
 dataset-fashion-mnist), the whole analysis on its 10,000 test images, then the top pair gallery and a
 headless-Chromium screenshot of index.html (and of one confusion-matrix cell's images), and the "Is it the data?"
-figures (property slices, nearest training images, near-duplicates; TRAIN_EVIDENCE on) copied into
-gradcam_results/examples/.
+figures (property slices, nearest training images, near-duplicates; TRAIN_EVIDENCE on) and the "Is it the
+model?" ones (CAM trust, failure modes, concepts) copied into gradcam_results/examples/, then the diagnosis.
 
     .venv/bin/python tests/readme_examples.py [--work /tmp/fmnist_example]
 
@@ -83,9 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     for rel, name in (("deep_dive/property_slices.png", "property_slices_example.png"),
                       ("deep_dive/near_duplicates.png", "near_duplicates_example.png")):
         shutil.copyfile(out / rel, EXAMPLES / name)
-    neighbours = sorted((out / "deep_dive").glob("train_neighbours_1_*.png"))
-    if neighbours:
-        shutil.copyfile(neighbours[0], EXAMPLES / "train_neighbours_example.png")
+    for pattern, name in (("train_neighbours_1_*.png", "train_neighbours_example.png"),
+                          ("failure_modes_1_*.png", "failure_modes_example.png"),
+                          ("cam_trust.png", "cam_trust_example.png"), ("concepts.png", "concepts_example.png")):
+        found = sorted((out / "deep_dive").glob(pattern))
+        if found:
+            shutil.copyfile(found[0], EXAMPLES / name)
+    print((out / "deep_dive" / "diagnosis.csv").read_text(encoding="utf-8")[:3000])
     print((out / "deep_dive" / "label_errors.csv").read_text(encoding="utf-8")[:2000])
     print((out / "analysis_summary.txt").read_text(encoding="utf-8"))
     return 0

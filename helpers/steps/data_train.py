@@ -78,6 +78,7 @@ class TrainEvidence(Section):
     duplicate_candidates: pd.DataFrame = field(default_factory=pd.DataFrame)   # all of them, with pixel distances
     dup_feature_min: float = DUP_FEATURE_MIN
     dup_pixel_max: float = DUP_PIXEL_MAX
+    class_counts: Optional[np.ndarray] = None   # training images per class
 
 
 # ---------------------------------------------------------------------- loading and measuring
@@ -215,7 +216,8 @@ def train_evidence_or_reason(run: Run, conf: Confusion,
                         load_seconds=t1 - t0, pass_seconds=t2 - t1, test_pass_seconds=test_pass_s,
                         pass_ratio=(t2 - t1) / test_pass_s if test_pass_s else None,
                         peak_memory_mb=float(mem["mb"]), load_memory_mb=float(load_mem["mb"]), memory_how=mem["how"],
-                        features_mb=feats.nbytes / 2**20)
+                        features_mb=feats.nbytes / 2**20,
+                        class_counts=np.bincount(train.labels, minlength=run.data.num_classes))
     # centred on the training mean: post-ReLU features all share one positive direction, which puts every
     # cosine near 1 and drowns the ranking (uncentred, a planted copy's original is often not in its top 5)
     centre = feats.astype(np.float32).mean(axis=0)

@@ -129,6 +129,12 @@ def diagnose_pair(run: Run, t: int, preds: Sequence[int], data: Any = None, deep
         p_true = pr.probs[errors, t]
         p_pred = pr.probs[errors, q]
         causes.append(D.ambiguity_cause(p_true, p_pred, _pair_separability(run, t, q)))
+    train = getattr(data, "train", None)
+    if train is not None and train.class_counts is not None:
+        k = run.data.num_classes
+        rates = np.bincount(pr.labels, weights=pr.preds != pr.labels, minlength=k) / np.maximum(
+            np.bincount(pr.labels, minlength=k), 1)
+        causes.append(D.few_images_cause(train.class_counts, t, rates, len(errors)))
     if concepts is not None and hasattr(concepts, "cause_inputs"):
         causes.append(concepts.cause_inputs(t, tuple(preds)))
     named, short = D.rank(causes)
