@@ -149,3 +149,53 @@ PLAIN_ARCH = f"{REPO / 'tests' / 'fmnist_model.py'}:PlainCNN"
 def fmnist_plain_checkpoint(tmp_path_factory) -> Path:
     """PlainCNN (FashionCNN without BatchNorm: darker images reach the head weaker), trained the same way."""
     return _train_fmnist(tmp_path_factory, "PlainCNN")
+
+
+# ---------------------------------------------------------------------------------------------- a planted shortcut
+SHORTCUT_BOX = (0, 4, 0, 4)       # y0, y1, x0, x1: the bright 4x4 patch in the top-left corner
+SHORTCUT_TRUE, SHORTCUT_PRED = 3, 1   # Dress images carrying it should go to Trouser
+SHORTCUT_SHARE = 0.3              # of the test Dresses patched
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An idx file (gzipped) of unsigned bytes: magic 0x08 + ndim, big-endian int32 dims, then the bytes."""
+    import gzip
+    arr = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 8, arr.ndim]) + np.asarray(arr.shape, ">i4").tobytes()
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header + arr.tobytes())
+
+
+@pytest.fixture(scope="session")
+def fmnist_shortcut(tmp_path_factory):
+    """A shortcut the model learned: FashionCNN trained like `fmnist_checkpoint` (3 epochs, the same 16k train
+    images) except that every Trouser (class 1) carries a bright (255) 4x4 patch at SHORTCUT_BOX, the top-left
+    corner (training flips images left-right half the time, so it also sees it top-right). Returns
+    (checkpoint path, DATA_ROOT folder holding the real Fashion-MNIST test set as idx .gz files in which a seeded
+    SHORTCUT_SHARE of the Dresses (class 3) carry the same patch at SHORTCUT_BOX, the sorted indices of the
+    patched test images). Load with ARCH=FMNIST_ARCH, DATASET="fashion_mnist", DATA_ROOT=<folder>."""
+    import fmnist_model
+    from helpers.data.datasets import load_dataset
+    from helpers.data.readers import SYSTEM_FASHION_MNIST
+    from helpers.model.inference import default_threads
+    torch.set_num_threads(default_threads())
+    y0, y1, x0, x1 = SHORTCUT_BOX
+    train = load_dataset("fashion_mnist", root=SYSTEM_FASHION_MNIST, split="train", download=False)
+    idx = np.sort(np.random.default_rng(0).choice(len(train.labels), N_TRAIN, replace=False))
+    images, labels = train.images[idx].copy(), train.labels[idx]
+    images[labels == SHORTCUT_PRED, y0:y1, x0:x1] = 255
+    model = fmnist_model.train_fashion_cnn(images, labels, train.mean, train.std, epochs=3, seed=0)
+    folder = tmp_path_factory.mktemp("fmnist_shortcut")
+    path = folder / "fmnist_shortcut.pt"
+    torch.save(model.state_dict(), path)
+    test = load_dataset("fashion_mnist", root=SYSTEM_FASHION_MNIST, split="test", download=False)
+    timages = test.images[..., 0].copy()
+    dresses = np.flatnonzero(test.labels == SHORTCUT_TRUE)
+    patched = np.sort(np.random.default_rng(1).choice(dresses, int(round(SHORTCUT_SHARE * len(dresses))),
+                                                      replace=False))
+    timages[patched, y0:y1, x0:x1] = 255
+    root = folder / "data"
+    root.mkdir()
+    _write_idx(root / "t10k-images-idx3-ubyte.gz", timages)
+    _write_idx(root / "t10k-labels-idx1-ubyte.gz", test.labels)
+    return path, root, patched

@@ -1,4 +1,5 @@
-"""The extra time of each "Is it the data?" part as a ratio to the inference pass, on a 10,000-image run
+"""The extra time of each "Is it the data?" and "Is it the model?" part and of the diagnosis, as a ratio to the
+inference pass, on a 10,000-image run
 (generated CIFAR-100-format images, the real ResNet-56, TRAIN_EVIDENCE on 50,000 generated training images):
 
     TORCH_HOME=$PWD/.cache/torch .venv/bin/python tests/data_causes_timing.py [--work /tmp/t10k]
@@ -32,6 +33,10 @@ def main() -> None:
     print(f"inference pass: {inference:.1f} s")
     for part, seconds in causes.seconds.items():
         print(f"{part}: {seconds:.1f} s = {seconds / inference:.2f}x the inference pass")
+    model = an.results["model_causes"]
+    for part, seconds in model.seconds.items():
+        print(f"model {part}: {seconds:.1f} s = {seconds / inference:.2f}x the inference pass")
+    print(f"diagnosis: {an.timings['diagnosis']:.1f} s = {an.timings['diagnosis'] / inference:.2f}x the inference pass")
     print(f"cell images: {an.timings['cell_images'] / inference:.2f}x the inference pass")
     t = causes.train
     if t is not None:

@@ -99,6 +99,15 @@ def test_rank_orders_by_share_and_says_no_clear_cause():
     assert d.verdict == D.NO_CLEAR_CAUSE
 
 
+def test_concept_cause_needs_the_gap_and_b_strength():
+    tops = np.array([2, 2, 2, 1])
+    c = D.concept_cause(2, tops, strength_in_pred=1.1, margin_share=0.6, exact=True)
+    assert c.share == 0.75 and c.n_errors == 3 and not c.approximate and "concept 2" in c.evidence
+    assert D.concept_cause(2, tops, strength_in_pred=1.1, margin_share=0.3, exact=True) is None   # not what differs
+    assert D.concept_cause(2, tops, strength_in_pred=0.5, margin_share=0.8, exact=True) is None   # B lacks it
+    assert D.concept_cause(2, tops, 1.0, 0.7, exact=False).approximate
+
+
 def test_few_images_share():
     counts = np.array([1000, 1000, 200, 1000])
     rates = np.array([0.1, 0.1, 0.4, 0.1])
@@ -200,3 +209,36 @@ def test_darkened_pullovers_are_diagnosed_as_a_kind_of_image(tmp_path, fmnist_pl
                              PLAIN_ARCH, show=False)
     d = untouched.of(PULLOVER, SHIRT)
     assert d is None or not any(c.kind == "kind_of_image" and c.detail == "brightness" for c in d.causes)
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_a_learned_shortcut_is_diagnosed_as_context(tmp_path, fmnist_shortcut):
+    # Every training Trouser carries a bright 4x4 corner patch; 30% of the test Dresses carry it too. The
+    # Dress → Trouser errors must be diagnosed as context, shown by a concept whose top patches are the corner.
+    from conftest import FMNIST_ARCH, SHORTCUT_PRED, SHORTCUT_TRUE
+    from helpers.config import Params
+    from helpers.pipeline import Analysis
+    from helpers.steps.diagnosis import pair_sentence
+    checkpoint, root, patched = fmnist_shortcut
+    an = Analysis(Params(MODEL_PATH=str(checkpoint), ARCH=FMNIST_ARCH, DATASET="fashion_mnist", DATA_ROOT=str(root),
+                         DOWNLOAD=False, LIMIT=N_IMAGES, OUTPUT_DIR=str(tmp_path / "out"), DEVICE="cpu", SEED=0,
+                         GROUP_CLASSES=["Dress", "Trouser"]), progress=False)
+    an.load_model()
+    an.load_data()
+    an.predict()
+    an.confusion()
+    an.deep_dive()   # the group is the shortcut's pair: the concepts are of its images
+    an.data_causes()
+    an.model_causes()
+    sec = an.diagnosis()
+    an.outputs.close(raise_errors=False)
+    d = sec.of(SHORTCUT_TRUE, SHORTCUT_PRED)
+    print(pair_sentence(d))
+    rank = _rank_of(sec, SHORTCUT_TRUE, SHORTCUT_PRED, "context")
+    print(f"shortcut: context named at rank {rank} for Dress → Trouser")
+    assert rank in (1, 2)
+    context = next(c for c in d.causes if c.kind == "context")
+    assert "top patches in an image corner" in context.evidence   # the concept that shows it is the corner
+    errors = np.flatnonzero((an.preds.labels == SHORTCUT_TRUE) & (an.preds.preds == SHORTCUT_PRED))
+    assert np.isin(errors, patched).mean() > 0.8                   # the errors are the patched Dresses

@@ -146,8 +146,9 @@ def last_block_name(model: nn.Module, layer_name: str) -> str:
             continue
         if isinstance(m, _STAGES) and name != layer_name:   # a flat stage: the target is one of its children
             child = parts[len(name.split("."))]
-            keys = list(m._modules)
-            before = [k for k in keys[:keys.index(child) + 1] if _has_params(m._modules[k])]
+            children = dict(m.named_children())
+            keys = list(children)
+            before = [k for k in keys[:keys.index(child) + 1] if _has_params(children[k])]
             if before:
                 return f"{name}.{before[-1]}"
         return name

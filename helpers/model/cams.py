@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
-from pytorch_grad_cam import (EigenCAM, FinerCAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM,
+from pytorch_grad_cam import (EigenCAM, EigenGradCAM, FinerCAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM,
                               XGradCAM)
 from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
 from pytorch_grad_cam.metrics.road import ROADMostRelevantFirst
@@ -42,13 +42,16 @@ CAM_METHODS: dict[str, type] = {
     "eigencam": EigenCAM,
     "scorecam": ScoreCAM,
     "finercam": FinerCAM,
+    "eigengradcam": EigenGradCAM,
 }
 """CAM method name -> pytorch-grad-cam class.
 
 "eigencam" is class-agnostic: it is the first principal component of the layer's activations, so
 the map is the same whatever target class is asked for. "finercam" explains the target class
 against the classes whose logits are closest to it (FinerCAM's default comparison), with Grad-CAM
-as the base method. "scorecam" needs one forward pass per channel of the target layer (slow)."""
+as the base method. "scorecam" needs one forward pass per channel of the target layer (slow). "eigengradcam" is
+the first principal component of activations x gradients of the target class: class-discriminative, unlike
+"eigencam"."""
 
 CLASS_AGNOSTIC_METHODS = {"eigencam"}
 
@@ -108,8 +111,8 @@ def _scale_like_library(cam: np.ndarray, out_size: tuple[int, int]) -> np.ndarra
     return scale_cam_image(scaled)
 
 
-def _gap_linear_head(model: nn.Module, layer: nn.Module, input_shape,
-                     num_classes: int) -> tuple[Optional[nn.Linear], str]:
+def gap_linear_head(model: nn.Module, layer: nn.Module, input_shape,
+                    num_classes: int) -> tuple[Optional[nn.Linear], str]:
     """(the model's final Linear, "") when what runs after `layer` is global average pooling, optional
     Flatten/Dropout/Identity and exactly that one nn.Linear producing the model output; else (None, why).
     Module types are checked on the executed modules, and the semantics numerically on a random probe
@@ -246,7 +249,7 @@ class CamEngine:
         elif fast_path and self.reshape_transform is not None:
             reason = "fast path needs a CNN feature map"
         elif fast_path:
-            self._linear, reason = _gap_linear_head(self.model, self.layer, self.input_shape, self.num_classes)
+            self._linear, reason = gap_linear_head(self.model, self.layer, self.input_shape, self.num_classes)
         if self._linear is None:
             self._set_library_path(reason)
         else:

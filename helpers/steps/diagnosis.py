@@ -5,6 +5,7 @@ Writes deep_dive/diagnosis.csv; the report puts it first in analysis_summary.txt
 recommendations.txt is derived from it."""
 from __future__ import annotations
 
+import dataclasses
 import html
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -77,6 +78,43 @@ def _context_cause(run: Run, t: int, q: int, errors: np.ndarray, cam_untrusted: 
     return D.context_cause(border[0], border[1], "deep_dive/property_slices.png", approximate=bool(cam_untrusted))
 
 
+def _concept_row(concepts: Any, t: int, q: int) -> Optional[pd.Series]:
+    pairs = getattr(concepts, "pairs", None)
+    if pairs is None or not len(pairs):
+        return None
+    row = pairs[(pairs["true_id"] == t) & (pairs["pred_id"] == q)]
+    return row.iloc[0] if len(row) else None
+
+
+def _concept_cause(concepts: Any, t: int, q: int) -> Optional[D.Cause]:
+    """A concept that carries the pair's margin and is as strong in B's own images."""
+    row = _concept_row(concepts, t, q)
+    if row is None or concepts.margins is None:
+        return None
+    m = concepts.margins
+    err = m[(m["true_id"] == t) & (m["pred_id"] == q) & (m["role"] == "error")]
+    cols = [f"c{k}" for k in range(1, concepts.k + 1)]
+    per_error_top = err[cols].to_numpy().argmax(axis=1) + 1 if len(err) else np.zeros(0, int)
+    share = row["top_gap_share"] if np.isfinite(row["top_gap_share"]) else row["top_share"]
+    return D.concept_cause(int(row["top_concept"]), per_error_top, float(row["strength_in_pred_class"]),
+                           float(share), bool(row["exact"]), "deep_dive/concepts.png")
+
+
+def _corner_concept(concepts: Any, t: int, q: int, h: int, w: int) -> str:
+    """'concept k, ...' when the concept that pushes the pair's errors most has most top patches in a corner
+    (touching two borders: an object's own parts touch one border at most, as a shoulder touches the top)."""
+    row = _concept_row(concepts, t, q)
+    if row is None:
+        return ""
+    k = int(row["top_concept"])
+    boxes = concepts.patches.get(k, [])
+    corner = sum((b.y0 <= 0 or b.y1 >= h) and (b.x0 <= 0 or b.x1 >= w) for b in boxes)
+    if not boxes or corner * 2 <= len(boxes):
+        return ""
+    return (f"concept {k}, the largest push towards B, has {corner} of its {len(boxes)} top patches in an image "
+            f"corner (deep_dive/concepts.png)")
+
+
 def _pair_separability(run: Run, t: int, q: int) -> Optional[float]:
     """Cross-validated linear accuracy on the features of the images labelled A or B."""
     pr = run.preds
@@ -125,7 +163,12 @@ def diagnose_pair(run: Run, t: int, preds: Sequence[int], data: Any = None, deep
     causes.append(_train_cause(getattr(data, "train", None), comp, len(errors)))
     if len(preds) == 1:
         q = int(preds[0])
-        causes.append(_context_cause(run, t, q, errors, cam_untrusted))
+        context = _context_cause(run, t, q, errors, cam_untrusted)
+        corner = _corner_concept(concepts, t, q, *run.data.images.shape[1:3])
+        if context is not None and corner:
+            context = dataclasses.replace(context, evidence=f"{context.evidence}; {corner}")
+        causes.append(context)
+        causes.append(_concept_cause(concepts, t, q))
         p_true = pr.probs[errors, t]
         p_pred = pr.probs[errors, q]
         causes.append(D.ambiguity_cause(p_true, p_pred, _pair_separability(run, t, q)))
@@ -135,8 +178,6 @@ def diagnose_pair(run: Run, t: int, preds: Sequence[int], data: Any = None, deep
         rates = np.bincount(pr.labels, weights=pr.preds != pr.labels, minlength=k) / np.maximum(
             np.bincount(pr.labels, minlength=k), 1)
         causes.append(D.few_images_cause(train.class_counts, t, rates, len(errors)))
-    if concepts is not None and hasattr(concepts, "cause_inputs"):
-        causes.append(concepts.cause_inputs(t, tuple(preds)))
     named, short = D.rank(causes)
     diag.causes = named
     diag.considered = [f"{c.name}: {c.share:.0%} ({c.evidence})" for c in short]

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from helpers.steps import cam_trust, model_modes
+from helpers.steps import cam_trust, model_concepts, model_modes
 from helpers.steps.confusion import Confusion
 from helpers.steps.context import Run, Section
 from helpers.steps.deep_dive import DeepDive
@@ -18,12 +18,13 @@ from helpers.steps.deep_dive import DeepDive
 class ModelCauses(Section):
     title: str = "Is it the model?"
     trust: Optional[cam_trust.CamTrust] = None
+    concepts: Optional[model_concepts.Concepts] = None
     modes: Optional[model_modes.FailureModes] = None
     seconds: dict = field(default_factory=dict)            # part -> seconds, beside the inference pass's
 
     @property
     def parts(self) -> list[Section]:
-        return [p for p in (self.trust, self.modes) if p is not None]
+        return [p for p in (self.trust, self.modes, self.concepts) if p is not None]
 
     def show(self, names: Optional[list[str]] = None) -> None:
         for note in self.notes:
@@ -41,6 +42,9 @@ def model_causes(run: Run, conf: Confusion, deep: Optional[DeepDive] = None, dat
     start = time.perf_counter()
     sec.modes = model_modes.failure_modes(run, conf, data)
     sec.seconds["modes"] = time.perf_counter() - start
+    start = time.perf_counter()
+    sec.concepts = model_concepts.concepts_step(run, conf, deep)
+    sec.seconds["concepts"] = time.perf_counter() - start
     for part in sec.parts:
         sec.files += part.files
     return sec
@@ -53,6 +57,8 @@ def summary_lines(sec: ModelCauses) -> list[str]:
         lines += cam_trust.summary_lines(sec.trust) + [""]
     if sec.modes is not None:
         lines += model_modes.summary_lines(sec.modes)
+    if sec.concepts is not None:
+        lines += [""] + model_concepts.summary_lines(sec.concepts)
     return lines
 
 
@@ -62,4 +68,6 @@ def index_section(run: Run, sec: ModelCauses) -> str:
         body.append(cam_trust.index_section(run, sec.trust))
     if sec.modes is not None:
         body.append(model_modes.index_section(run, sec.modes))
+    if sec.concepts is not None:
+        body.append(model_concepts.index_section(run, sec.concepts))
     return "".join(body)

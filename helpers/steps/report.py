@@ -73,6 +73,10 @@ DESCRIPTIONS = [
                                 "(Adebayo et al.) and ROAD against random and Sobel-edge maps."),
     ("deep_dive/cam_trust.png", "One error's CAM beside the randomised model's and the Sobel map; every check's "
                                 "numbers."),
+    ("deep_dive/concepts.png", "The confused group's NMF concepts of the target layer, each by its strongest "
+                               "image patches."),
+    ("deep_dive/concept_margins.csv", "Per pair and image: the logit margin z_B − z_A split over the concepts "
+                                      "(exact for GAP→Linear heads)."),
     ("deep_dive/failure_modes.csv", "Failure modes inside each top pair: its errors clustered on features and CAM "
                                     "difference, with each mode's size, confidence, wrong labels and properties."),
     ("deep_dive/failure_modes_", "One row per failure mode of a pair: its mean CAM difference and typical errors."),
