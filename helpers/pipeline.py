@@ -23,8 +23,8 @@ from helpers.model.inference import Predictions, default_threads, resolve_device
 from helpers.model.load import LoadedModel, check_model_fits_data, load_model
 from helpers.model.sanity import check_model_behaviour
 from helpers.plots.gallery import render_gallery
-from helpers.steps import (cells, confusion, data_causes, deep_dive, diagnosis, galleries, model_causes, predictions,
-                           report)
+from helpers.steps import (attributions, cells, confusion, data_causes, deep_dive, diagnosis, galleries, model_causes,
+                           predictions, report)
 from helpers.steps.context import Run, Section
 
 
@@ -171,6 +171,13 @@ class Analysis:
     def deep_dive(self) -> deep_dive.DeepDive:
         return self._step("deep_dive", deep_dive.run_deep_dive, self.run, self._needs("confusion"))
 
+    def method_comparison(self, methods=None) -> attributions.MethodComparison:
+        """Every fast attribution method (Captum; attention and rollout for ViTs) on the confused group's most
+        confident errors, for the true and the predicted class, with ROAD against seeded random maps. LIME and
+        KernelShap (slow) only when named in `methods`."""
+        return self._step("method_comparison", attributions.method_comparison, self.run, self._needs("confusion"),
+                          self._needs("deep_dive"), methods)
+
     def data_causes(self) -> data_causes.DataCauses:
         """Is it the data? Wrong test labels, the kinds of image that go wrong, and (opt-in) the training set."""
         cpu = self.device.type == "cpu"
@@ -208,7 +215,7 @@ class Analysis:
         sec = report.write_reports(self.run, conf, self.results.get("pair_galleries"),
                                    self.results.get("deep_dive"), self.timings, cell_images,
                                    self.results.get("data_causes"), self.results.get("diagnosis"),
-                                   self.results.get("model_causes"))
+                                   self.results.get("model_causes"), self.results.get("method_comparison"))
         self.results["report"] = sec
         self.save_cam_cache()
         if self.device.type == "cpu":
@@ -233,6 +240,7 @@ class Analysis:
             self.class_galleries()
             self.pair_galleries()
             self.deep_dive()
+            self.method_comparison()
             self.data_causes()
             self.model_causes()
             self.diagnosis()

@@ -5,6 +5,10 @@ tests drive the widget by setting `.value` on its controls and reading the HTML 
 from the analysis' CamStore: computed on demand, one batch per view, cached per (image, class, method,
 layer) and saved with the run's cache, so `ClassExplorer.from_results(params)` rebuilds the explorer of
 a finished run without running inference again.
+
+The "Attribution" selector adds, for the images on screen, one pixel-attribution method's maps (Captum's
+saliency, Integrated Gradients, ...; attention maps for ViTs) for the true and the predicted class, computed on
+demand by helpers/model/attributions.py and cached per (image, class, method) for the explorer's lifetime.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ N_WRONG_SHOWN = 5   # top wrong predictions listed for a class
 # blank box, so the dropdowns use these; ExplorerState keeps None.
 OWN_GALLERY = -1                 # "confused with": the class's own gallery (class ids are >= 0)
 AUTO_LAYER = "(automatic)"       # "target layer": the automatic one (no dotted module path has parentheses)
+NO_ATTRIBUTION = "(none)"        # "attribution": no pixel-attribution panel
+ATTRIBUTION_BATCH = 8            # maps per attribution call: the progress bar moves once per batch
 
 
 def _to_widget(value: Any, sentinel: Any) -> Any:
@@ -49,6 +55,7 @@ class ExplorerState:
     method: str = "gradcam"
     layer: Optional[str] = None      # None = the automatic target layer
     n_examples: int = 5
+    attribution: Optional[str] = None   # a helpers.model.attributions method; None = no attribution panel
 
 
 def class_label(cls: int, name: str, accuracy: float) -> str:
@@ -63,6 +70,41 @@ def confusions_of(cm: np.ndarray, cls: int) -> list[tuple[int, int]]:
     return [(int(j), int(row[j])) for j in np.argsort(-row, kind="stable") if row[j] > 0]
 
 
+def attribution_panel(an: "Analysis", method: str, shown: list[int], maps: list[np.ndarray]) -> str:
+    """The images on screen with `method`'s map for their true class (the first half of `maps`) and their
+    predicted class (the second half)."""
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+    from helpers.model.attributions import ATTRIBUTION_METHODS
+    from helpers.plots.attributions import MethodMaps, plot_method_comparison
+    spec = ATTRIBUTION_METHODS[method]
+    n = len(shown)
+    fig = plot_method_comparison([an.data.images[i] for i in shown], [an.run.conf_title(i) for i in shown],
+                                 [MethodMaps(method, np.stack(maps[:n]), np.stack(maps[n:]),
+                                             signed=spec.aggregation == "sum")],
+                                 title=f"{method} ({spec.library})")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)   # shown as an <img>: a figure left open would also be drawn below the widget
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return (f'<p><b>Attribution: {html.escape(method)}</b> — for the true and the predicted class of every '
+            f'image above. {html.escape(spec.note)}.</p>'
+            f'<img class="attribution" src="{uri}" style="max-width:100%">')
+
+
+def diagnosis_html(an: "Analysis", cls: int, other: int) -> str:
+    """The pair's diagnosis (when the diagnosis step ran), ranked causes with their numbers."""
+    from helpers.steps.diagnosis import pair_sentence
+    diag = an.results.get("diagnosis")
+    d = diag.of(cls, other) if diag is not None else None
+    if d is None:
+        return ("" if diag is None else
+                "<p><b>Why:</b> this pair was not diagnosed (it is not among the top confused pairs).</p>")
+    return f'<p class="diagnosis"><b>Why:</b> {html.escape(pair_sentence(d))}</p>'
+
+
 class ClassExplorer:
     """Class dropdown, 'confused with' dropdown, CAM method, target layer and number of examples.
 
@@ -71,6 +113,7 @@ class ClassExplorer:
 
     def __init__(self, analysis: "Analysis", layers: Optional[list[str]] = None):
         import ipywidgets as w
+        from helpers.model.attributions import ATTRIBUTION_METHODS, methods_for
         from helpers.model.cams import CAM_METHODS
 
         if analysis.preds is None:
@@ -96,6 +139,8 @@ class ClassExplorer:
         self._rendered: OrderedDict[ExplorerState, str] = OrderedDict()
         self.n_renders = 0
         self._syncing = False
+        self._attributions: dict[tuple[int, int, str], np.ndarray] = {}   # (image, class, method) -> map
+        self.n_attributions = 0   # attribution maps computed (the tests watch it to prove the cache serves)
 
         wide = dict(layout=w.Layout(width="380px"), style={"description_width": "110px"})
         self.class_dropdown = w.Dropdown(
@@ -104,6 +149,13 @@ class ClassExplorer:
         self.other_dropdown = w.Dropdown(description="Confused with:", **wide)
         self.method_dropdown = w.Dropdown(options=list(CAM_METHODS), value=self.state.method,
                                           description="CAM method:", **wide)
+        attr_options = [(NO_ATTRIBUTION, NO_ATTRIBUTION)] + [
+            (f"{m} (slow)" if ATTRIBUTION_METHODS[m].cost == "slow" else m, m)
+            for m in methods_for(analysis.loaded.module, include_slow=True)]
+        self.attribution_dropdown = w.Dropdown(options=attr_options, value=NO_ATTRIBUTION,
+                                               description="Attribution:", **wide)
+        self.attribution_progress = w.IntProgress(value=0, min=0, max=1, description="Attribution:",
+                                                  layout=w.Layout(width="380px", visibility="hidden"))
         self.layer_dropdown = w.Dropdown(options=layer_options, value=_to_widget(self.state.layer, AUTO_LAYER),
                                          description="Target layer:", **wide)
         self.n_slider = w.IntSlider(value=self.state.n_examples, min=1, max=MAX_EXAMPLES,
@@ -115,8 +167,8 @@ class ClassExplorer:
             control.observe(self._on_change, names="value")
         self.widget = w.VBox([
             w.HBox([self.class_dropdown, self.other_dropdown]),
-            w.HBox([self.method_dropdown, self.layer_dropdown]),
-            self.n_slider, self.status, self.output,
+            w.HBox([self.method_dropdown, self.attribution_dropdown, self.layer_dropdown]),
+            self.n_slider, self.attribution_progress, self.status, self.output,
         ])
         self.refresh()
 
@@ -143,7 +195,8 @@ class ClassExplorer:
 
     @property
     def controls(self) -> list:
-        return [self.class_dropdown, self.other_dropdown, self.method_dropdown, self.layer_dropdown, self.n_slider]
+        return [self.class_dropdown, self.other_dropdown, self.method_dropdown, self.layer_dropdown, self.n_slider,
+                self.attribution_dropdown]
 
     # ------------------------------------------------------------------ state <-> widgets
     def _set_other_options(self) -> None:
@@ -169,11 +222,13 @@ class ClassExplorer:
                                    other=_from_widget(self.other_dropdown.value, OWN_GALLERY),
                                    method=self.method_dropdown.value,
                                    layer=_from_widget(self.layer_dropdown.value, AUTO_LAYER),
-                                   n_examples=self.n_slider.value)
+                                   n_examples=self.n_slider.value,
+                                   attribution=_from_widget(self.attribution_dropdown.value, NO_ATTRIBUTION))
         store = self.an.cams
         before = store.n_computed
         if self.state not in self._rendered:
-            self.status.value = "<i>Computing CAMs…</i>"
+            self.status.value = ("<i>Computing CAMs and attributions…</i>" if self.state.attribution
+                                 else "<i>Computing CAMs…</i>")
         try:
             page = self.render(self.state)
         except SuiteError as exc:   # e.g. a layer this method cannot use: say so in place of the page
@@ -214,8 +269,11 @@ class ClassExplorer:
         if s.other is None:
             n_worst = s.n_examples
             n_best = max(1, round(n_worst * an.params.N_BEST / max(1, an.params.N_WORST)))
-            worst, best = class_rows(an.run, s.cls, n_worst, n_best, **kw)
-            sections = [(f"{len(worst)} worst predictions", worst), (f"{len(best)} best predictions", best)]
+            worst_rows, best_rows = class_rows(an.run, s.cls, n_worst, n_best, **kw)
+            worst, best = metrics.gallery_examples(an.preds.labels, an.preds.preds, an.preds.probs, s.cls,
+                                                   n_worst, n_best)   # the images class_rows shows
+            sections = [(f"{len(worst_rows)} worst predictions", worst_rows),
+                        (f"{len(best_rows)} best predictions", best_rows)]
             sections = [sec for sec in sections if sec[1]]
             title = f"Class {s.cls:03d}: {names[s.cls]} — accuracy {self.accuracy[s.cls]:.1%} ({s.method})"
         else:
@@ -235,13 +293,46 @@ class ClassExplorer:
             return "".join(parts)
         img = render_gallery(title, sections)
         parts.append(f'<img class="gallery" src="{png_data_uri(img)}" style="max-width:100%">')
+        if s.other is not None:
+            parts.append(diagnosis_html(an, s.cls, s.other))
+        if s.attribution:
+            shown = (list(worst) + list(best)) if s.other is None else [int(i) for i in idx]
+            if shown:
+                pr = an.preds
+                maps = self.attribution_maps(s.attribution, [(i, int(pr.labels[i])) for i in shown]
+                                             + [(i, int(pr.preds[i])) for i in shown])
+                parts.append(attribution_panel(an, s.attribution, shown, maps))
         listed = "".join(f'<li class="{"ok" if r.ok else "err"}">{html.escape(r.title)}</li>'
                          for _, rows in sections for r in rows)
         parts.append(f'<details><summary>Images shown</summary><ol class="examples">{listed}</ol></details>')
         return "".join(parts)
 
+    # ------------------------------------------------------------------ attributions
+    def attribution_maps(self, method: str, pairs: list[tuple[int, int]]) -> list[np.ndarray]:
+        """The maps of `method` for (image, class) pairs: the cached ones as they are, the rest computed in
+        batches of ATTRIBUTION_BATCH with the progress bar showing, then cached per (image, class, method)."""
+        from helpers.model.attributions import attribute
+        an = self.an
+        todo = list(dict.fromkeys(p for p in pairs if (p[0], p[1], method) not in self._attributions))
+        bar = self.attribution_progress
+        if todo:
+            bar.max, bar.value, bar.description = len(todo), 0, f"{method}:"
+            bar.layout.visibility = "visible"
+            try:
+                for s in range(0, len(todo), ATTRIBUTION_BATCH):
+                    chunk = todo[s:s + ATTRIBUTION_BATCH]
+                    maps = attribute(an.loaded.module, an.inputs[[i for i, _ in chunk]], [c for _, c in chunk],
+                                     method, mean=an.data.mean, std=an.data.std, seed=an.params.SEED)
+                    for (i, c), m in zip(chunk, maps):
+                        self._attributions[(i, c, method)] = m
+                    self.n_attributions += len(chunk)
+                    bar.value = s + len(chunk)
+            finally:
+                bar.layout.visibility = "hidden"
+        return [self._attributions[(i, c, method)] for i, c in pairs]
+
     def select(self, **changes: Any) -> str:
-        """Set several controls at once (cls=, other=, method=, layer=, n_examples=) and return the page;
+        """Set several controls at once (cls=, other=, method=, layer=, n_examples=, attribution=) and return the page;
         the same as choosing them in the widget, with one refresh instead of one per control."""
         target = replace(self.state, **changes)
         self._syncing = True
@@ -253,6 +344,7 @@ class ClassExplorer:
             self.method_dropdown.value = target.method
             self.layer_dropdown.value = _to_widget(target.layer, AUTO_LAYER)
             self.n_slider.value = target.n_examples
+            self.attribution_dropdown.value = _to_widget(target.attribution, NO_ATTRIBUTION)
         finally:
             self._syncing = False
         self.refresh()

@@ -242,3 +242,16 @@ def test_a_learned_shortcut_is_diagnosed_as_context(tmp_path, fmnist_shortcut):
     assert "top patches in an image corner" in context.evidence   # the concept that shows it is the corner
     errors = np.flatnonzero((an.preds.labels == SHORTCUT_TRUE) & (an.preds.preds == SHORTCUT_PRED))
     assert np.isin(errors, patched).mean() > 0.8                   # the errors are the patched Dresses
+
+
+def test_widget_shows_the_pairs_diagnosis():
+    from types import SimpleNamespace
+    from helpers.steps.diagnosis import Diagnosis
+    from helpers.widget import diagnosis_html
+    cause = D.Cause("wrong_labels", 0.4, 8, "8 of 20 errors have a wrong test label <validated>", images=(3, 5))
+    sec = Diagnosis(pairs=[D.PairDiagnosis("Shirt → T-shirt/top", 6, (0,), 20, causes=[cause])])
+    an = SimpleNamespace(results={"diagnosis": sec})
+    page = diagnosis_html(an, 6, 0)
+    assert "Why:" in page and "wrong test labels, 40%" in page and "&lt;validated&gt;" in page
+    assert "not among the top confused pairs" in diagnosis_html(an, 1, 2)
+    assert diagnosis_html(SimpleNamespace(results={}), 6, 0) == ""   # no diagnosis step: nothing to say

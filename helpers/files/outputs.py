@@ -41,6 +41,7 @@ OUTPUT_PATTERNS = (
     "deep_dive/near_duplicates.csv", "deep_dive/near_duplicates.png", "deep_dive/diagnosis.csv",
     "deep_dive/failure_modes.csv", "deep_dive/failure_modes_*.png", "deep_dive/cam_trust.csv",
     "deep_dive/cam_trust.png", "deep_dive/concepts.png", "deep_dive/concept_margins.csv",
+    "deep_dive/method_comparison.png", "deep_dive/method_comparison.csv",
     "compare/compare_summary.txt", "compare/per_class_accuracy_delta.csv", "compare/pair_changes.csv",
     "compare/fixed_and_broken.csv", "compare/per_class_accuracy_delta.png", "compare/pair_changes.png",
     "compare/fixed_examples.png", "compare/broken_examples.png", "compare/index.html",

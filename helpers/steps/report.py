@@ -18,7 +18,7 @@ from helpers.data.datasets import readable
 from helpers.files.png import preview_data_uri
 from helpers.plots.explorer import EXPLORER_CSS, explorer_data, explorer_html
 from helpers.plots.interactive import plotly_div
-from helpers.steps import data_causes, diagnosis as diagnosis_step, model_causes
+from helpers.steps import attributions, data_causes, diagnosis as diagnosis_step, model_causes
 from helpers.steps.cells import CellImages
 from helpers.steps.confusion import Confusion
 from helpers.steps.context import Run, Section
@@ -73,6 +73,10 @@ DESCRIPTIONS = [
                                 "(Adebayo et al.) and ROAD against random and Sobel-edge maps."),
     ("deep_dive/cam_trust.png", "One error's CAM beside the randomised model's and the Sobel map; every check's "
                                 "numbers."),
+    ("deep_dive/method_comparison.png", "Every fast attribution method (saliency, Input × Gradient, SmoothGrad, "
+                                        "Integrated Gradients, GradientShap; attention for ViTs) on the group's "
+                                        "most confident errors, for the true and the predicted class."),
+    ("deep_dive/method_comparison.csv", "Each attribution method's ROAD score against random maps, and its cost."),
     ("deep_dive/concepts.png", "The confused group's NMF concepts of the target layer, each by its strongest "
                                "image patches."),
     ("deep_dive/concept_margins.csv", "Per pair and image: the logit margin z_B − z_A split over the concepts "
@@ -205,7 +209,8 @@ def summary_text(run: Run, conf: Confusion, deep: Optional[DeepDive], faith: dic
                  recs: list[Recommendation], timings: dict[str, float],
                  causes: Optional[data_causes.DataCauses] = None,
                  diagnosis: Optional[diagnosis_step.Diagnosis] = None,
-                 model: Optional[model_causes.ModelCauses] = None) -> str:
+                 model: Optional[model_causes.ModelCauses] = None,
+                 methods: Optional[attributions.MethodComparison] = None) -> str:
     pr, data, p, table = run.preds, run.data, run.params, conf.table
     n = len(pr.labels)
     top5 = float(np.mean([lbl in row for lbl, row in zip(pr.labels, np.argsort(-pr.probs, axis=1)[:, :5])])) \
@@ -260,6 +265,8 @@ def summary_text(run: Run, conf: Confusion, deep: Optional[DeepDive], faith: dic
                      + " A score at or above its random-map baseline says the map is no better than chance.")
     if deep is not None:
         lines += _deep_dive_lines(deep)
+    if methods is not None:
+        lines += [""] + attributions.summary_lines(methods)
     if causes is not None:
         lines += data_causes.summary_lines(causes)
     if model is not None:
@@ -386,7 +393,8 @@ def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[
                recs: Optional[list[Recommendation]] = None, cells: Optional[CellImages] = None,
                causes: Optional[data_causes.DataCauses] = None,
                diagnosis: Optional[diagnosis_step.Diagnosis] = None,
-               model: Optional[model_causes.ModelCauses] = None) -> str:
+               model: Optional[model_causes.ModelCauses] = None,
+               methods: Optional[attributions.MethodComparison] = None) -> str:
     """The report page, self-contained: plotly.js, the numbers, the confusion cells' images and previews of
     the figures are inside it, so it renders wherever it is opened (from disk, in JupyterLab's sandboxed HTML
     viewer, in a browser tab Jupyter serves); links lead to the full-size files beside it."""
@@ -432,6 +440,8 @@ def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[
             body += ('<p class="note">The feature space of the group, interactive with a thumbnail of each point: '
                      f'{_link("deep_dive/group_embedding.html", "its own page")}.</p>')
         sections.append(("deep-dive", "Deep dive", body))
+    if methods is not None:
+        sections.append(("methods", "Attribution methods", attributions.index_section(run, methods)))
     if causes is not None:
         sections.append(("data", "Is it the data?", data_causes.index_section(run, causes)))
     if model is not None:
@@ -469,7 +479,8 @@ def write_reports(run: Run, conf: Confusion, pairs: Optional[PairGalleries], dee
                   timings: dict[str, float], cells: Optional[CellImages] = None,
                   causes: Optional[data_causes.DataCauses] = None,
                   diagnosis: Optional[diagnosis_step.Diagnosis] = None,
-                  model: Optional[model_causes.ModelCauses] = None) -> Report:
+                  model: Optional[model_causes.ModelCauses] = None,
+                  methods: Optional[attributions.MethodComparison] = None) -> Report:
     """recommendations.txt, analysis_summary.txt, then (with every other output on disk) the stale-output
     clean-up, index.html and the manifest."""
     out = run.outputs
@@ -477,10 +488,10 @@ def write_reports(run: Run, conf: Confusion, pairs: Optional[PairGalleries], dee
     recs = recommend(build_evidence(run, conf, deep, faith),
                      diagnosis=diagnosis.pairs if diagnosis is not None else None)
     out.write_text(format_recommendations(recs), "recommendations.txt")
-    out.write_text(summary_text(run, conf, deep, faith, recs, timings, causes, diagnosis, model),
+    out.write_text(summary_text(run, conf, deep, faith, recs, timings, causes, diagnosis, model, methods),
                    "analysis_summary.txt")
     files = out.files()
-    out.write_text(index_html(run, conf, deep, files, recs, cells, causes, diagnosis, model), "index.html")
+    out.write_text(index_html(run, conf, deep, files, recs, cells, causes, diagnosis, model, methods), "index.html")
     removed = out.commit()   # the run's outputs move into place; the earlier run's others go
     sec = Report(recommendations=recs, removed_stale=removed,
                  files=["analysis_summary.txt", "recommendations.txt", "index.html"])
