@@ -105,17 +105,37 @@ def test_a_map_does_not_depend_on_its_batch(batch):
         np.testing.assert_allclose(whole, ones, atol=1e-5, err_msg=method)
 
 
-def test_integrated_gradients_completeness_on_the_real_model(batch):
-    # Completeness (Sundararajan et al. 2017): the attributions sum to f(x) - f(baseline), here within 1% at 64 steps.
-    model, x, t, data = batch
+def test_integrated_gradients_completeness_on_the_real_model(fmnist):
+    # Completeness (Sundararajan et al. 2017): the attributions sum to f(x) - f(baseline). At 64 steps it holds
+    # within 1% over 64 real test images (their sums, and the median image); single images miss by more where
+    # the straight path crosses many ReLU kinks (measured: black baseline, median 0.7%, 90th percentile 2.7%,
+    # worst 14%), and 4x the steps brings those closer.
+    model = fmnist.loaded.module.eval()
+    x = fmnist.inputs[:64].clone()
+    t = fmnist.preds.preds[:64].astype(np.int64)
+    data = fmnist.data
     for kind in ("black", "blurred"):
         base = A.make_baseline(x, kind, data.mean, data.std)
-        maps = A.attribute(model, x, t, "integratedgradients", baseline=kind, mean=data.mean, std=data.std)
         with torch.no_grad():
             rows = np.arange(len(t))
             gap = (model(x)[rows, t] - model(base)[rows, t]).numpy()
-        assert np.all(np.abs(gap) > 0.5), gap           # a real difference to explain
-        np.testing.assert_allclose(maps.reshape(len(t), -1).sum(1), gap, rtol=0.01)
+        assert np.median(np.abs(gap)) > 0.5, gap         # a real difference to explain
+        sums = A.attribute(model, x, t, "integratedgradients", baseline=kind, mean=data.mean,
+                           std=data.std).reshape(len(t), -1).sum(1)
+        rel = np.abs(sums - gap) / np.abs(gap)
+        print(f"IG {kind}, 64 steps: per-image completeness error median {np.median(rel):.2%}, "
+              f"90th percentile {np.quantile(rel, 0.9):.2%}, max {rel.max():.2%}")
+        assert abs(sums.sum() - gap.sum()) <= 0.01 * abs(gap.sum())
+        assert np.median(rel) < 0.01
+        worst = np.argsort(-rel)[:8]
+        finer = A.IG_STEPS
+        try:
+            A.IG_STEPS = 4 * finer
+            more = A.attribute(model, x[worst], t[worst], "integratedgradients", baseline=kind, mean=data.mean,
+                               std=data.std).reshape(len(worst), -1).sum(1)
+        finally:
+            A.IG_STEPS = finer
+        assert np.mean(np.abs(more - gap[worst])) < np.mean(np.abs(sums[worst] - gap[worst]))
 
 
 def test_baselines_by_hand():
