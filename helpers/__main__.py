@@ -26,7 +26,7 @@ HELP = {
     "SUPERCLASS_MAP": "JSON {class: group} for datasets without superclasses",
     "OUTPUT_DIR": "where results are written",
     "DEVICE": "auto, cpu, cuda, cuda:N or mps",
-    "CAM_METHOD": "gradcam, gradcam++, layercam, xgradcam, eigencam, scorecam or finercam",
+    "CAM_METHOD": "gradcam, gradcam++, layercam, xgradcam, eigencam, scorecam, finercam or eigengradcam",
     "TARGET_LAYER": "dotted layer path such as layer4.1; default: automatic",
     "GROUP_CLASSES": "comma-separated class names for the deep dive; default: found automatically",
     "EMBEDDING": "feature-space projection: auto (UMAP if installed, else t-SNE), umap or tsne",

@@ -161,6 +161,20 @@ def test_grid_superpixels_for_small_images():
     assert int(mask[0, 0, 0, 4]) == 1 and int(mask[0, 0, 4, 0]) == 7
 
 
+def test_slic_superpixels_follow_the_image_above_32_px():
+    pytest.importorskip("skimage")
+    # a 64-px image: left half black, right half white, in 3 channels. SLIC segments never straddle the edge,
+    # unlike the fixed grid's cells, and there are about SLIC_SEGMENTS of them.
+    x = torch.zeros(1, 3, 64, 64)
+    x[..., 32:] = 1.0
+    mask = A.superpixels(x)[0, 0].numpy()
+    assert mask.shape == (64, 64)
+    for seg in np.unique(mask):
+        cols = np.nonzero(mask == seg)[1]
+        assert cols.max() < 32 or cols.min() >= 32, seg
+    assert 0.3 * A.SLIC_SEGMENTS <= len(np.unique(mask)) <= 2 * A.SLIC_SEGMENTS
+
+
 def test_slow_methods_are_not_in_any_default_list(batch):
     model = batch[0]
     assert {m for m, s in A.ATTRIBUTION_METHODS.items() if s.cost == "slow"} == {"lime", "kernelshap"}

@@ -108,6 +108,12 @@ def test_concept_cause_needs_the_gap_and_b_strength():
     assert D.concept_cause(2, tops, 1.0, 0.7, exact=False).approximate
 
 
+def test_training_cause_counts_duplicates_only():
+    c = D.training_cause(duplicated=6, n_errors=20, ambiguous_train=40)
+    assert c.share == 0.3 and c.n_errors == 6 and "40 training images of A" in c.evidence
+    assert D.training_cause(0, 20, 40).share == 0
+
+
 def test_few_images_share():
     counts = np.array([1000, 1000, 200, 1000])
     rates = np.array([0.1, 0.1, 0.4, 0.1])

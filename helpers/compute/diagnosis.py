@@ -19,8 +19,11 @@ Pure functions over arrays and the steps' tables: numbers in, `Cause` values out
   errors above the 90th percentile of those B images: B is found where B's own images never show it. (Against
   A's correct images, as the property slices compare, the wrong class's map is diffuse on nearly every error:
   that fired for every top pair of a model with no planted context.)
-- training_data: the pair's examined errors whose nearest training images of B are closer than those of A, and
-  the errors with a confirmed near-duplicate in the training set.
+- training_data: the pair's errors with a confirmed near-duplicate in the training set (the model was tested
+  on what it saw in training, under the label it learned there). Training images of A whose neighbours are
+  mostly B are quoted beside it. "The error's nearest training images are B's" is not used: the features
+  that put an error nearer B's training images are the ones that made the model predict B, so it held for 83-
+  100% of every top pair's errors on real Fashion-MNIST, planted or not.
 - shared_concept: the errors whose largest push towards B (exact margin split for GAP→Linear heads) comes from
   one concept that carries at least GAP_SHARE_MIN of the margin gap between the errors and A's correct images
   (it is what sets them apart) and is as strong in correctly classified B images (STRENGTH_MIN of the errors'
@@ -218,26 +221,15 @@ def context_cause(error_border: np.ndarray, reference_border: np.ndarray, figure
     return Cause("context", above / len(e), above, evidence, figure, approximate=approximate)
 
 
-def training_cause(closer_to_pred: np.ndarray, duplicated: int, n_errors: int, ambiguous_train: int,
-                   figure: str = "") -> Optional[Cause]:
-    """closer_to_pred: per examined error, whether its nearest training image of B is closer than A's;
-    duplicated: the pair's errors with a confirmed near-duplicate in the training set."""
-    closer = np.asarray(closer_to_pred, bool)
-    if not len(closer) and not duplicated:
+def training_cause(duplicated: int, n_errors: int, ambiguous_train: int, figure: str = "") -> Optional[Cause]:
+    """duplicated: the pair's errors with a confirmed near-duplicate in the training set; ambiguous_train:
+    training images of A whose nearest training images are mostly B (quoted, not counted)."""
+    if not n_errors:
         return None
-    share_closer = float(closer.mean()) if len(closer) else 0.0
-    share_dup = duplicated / n_errors if n_errors else 0.0
-    share = max(share_closer, share_dup)
-    n = int(round(share * n_errors))
-    parts = []
-    if len(closer):
-        parts.append(f"{int(closer.sum())} of {len(closer)} examined errors sit closer to B's training images than "
-                     f"to A's")
-    if duplicated:
-        parts.append(f"{duplicated} errors have a near-duplicate in the training set")
+    evidence = f"{duplicated} of {n_errors} errors have a confirmed near-duplicate in the training set"
     if ambiguous_train:
-        parts.append(f"{ambiguous_train} training images of A have mostly B neighbours")
-    return Cause("training_data", share, n, "; ".join(parts), figure)
+        evidence += f"; {ambiguous_train} training images of A have mostly B neighbours"
+    return Cause("training_data", duplicated / n_errors, int(duplicated), evidence, figure)
 
 
 def concept_cause(top_concept: int, per_error_top: np.ndarray, strength_in_pred: float, margin_share: float,

@@ -127,7 +127,9 @@ def superpixels(images: torch.Tensor, grid_cells: int = GRID_CELLS, n_segments: 
             slic = None
         if slic is not None:
             arr = x.detach().float().cpu().numpy().transpose(0, 2, 3, 1)
-            masks = [slic(a, n_segments=n_segments, compactness=10, start_label=0,
+            # compactness 10 is scaled for Lab values (0..100); these are normalised inputs, so it is scaled to
+            # each image's range (with 10 on 0..1 values SLIC drew a plain grid across a black/white edge)
+            masks = [slic(a, n_segments=n_segments, compactness=0.1 * max(float(np.ptp(a)), 1e-6), start_label=0,
                           channel_axis=-1, convert2lab=False) for a in arr]
             return torch.as_tensor(np.stack(masks)[:, None], dtype=torch.int64, device=x.device)
     return grid_mask(h, w, grid_cells).to(x.device).expand(n, 1, h, w).clone()

@@ -37,8 +37,9 @@ def plot_concept_patches(rows: Sequence[ConceptRow], title: str = "Concepts of t
     subfigs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]
     for sub, row in zip(subfigs, rows):
         axes = sub.subplots(1, ncols, squeeze=False)[0]
-        # one call per patch: crops at the image border are smaller, and overlay_many needs one shape
-        shown = [overlay_many([c], [h])[0] for c, h in zip(row.crops, row.heats)]
+        # one call per patch: crops at the image border are smaller, and overlay_many needs one shape; the
+        # image weighs 0.75 so the garment stays readable under the heat (at 0.5 the heat hid it)
+        shown = [overlay_many([c], [h], image_weight=0.75)[0] for c, h in zip(row.crops, row.heats)]
         for c, ax in enumerate(axes):
             ax.axis("off")
             if c < len(row.crops):

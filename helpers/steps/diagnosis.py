@@ -135,12 +135,8 @@ def _row(tests: pd.DataFrame, prop: str) -> pd.Series:
 def _train_cause(train: Any, comp: str, n_errors: int) -> Optional[D.Cause]:
     if train is None:
         return None
-    neighbours = train.pair_neighbours.get(comp, [])
-    closer = [bool(e.pred_similarity and e.true_similarity and e.pred_similarity[0] > e.true_similarity[0])
-              for e in neighbours]
-    slug = next((f for f in train.files if "train_neighbours" in f and comp.split(" → ")[0] in f), "")
-    return D.training_cause(np.array(closer, bool), int(train.duplicates_per_pair.get(comp, 0)), n_errors,
-                            int(train.ambiguous.get(comp, 0)), figure=slug)
+    return D.training_cause(int(train.duplicates_per_pair.get(comp, 0)), n_errors, int(train.ambiguous.get(comp, 0)),
+                            figure="deep_dive/near_duplicates.png")
 
 
 def diagnose_pair(run: Run, t: int, preds: Sequence[int], data: Any = None, deep: Any = None,
