@@ -299,3 +299,11 @@ def test_without_a_deep_dive_the_step_says_so():
     assert sec.images is None and sec.k == 0 and not sec.files
     assert summary_lines(sec) == ["Concepts: not measured (the deep dive, which finds the group, did not run)."]
     assert "not measured" in index_section(None, sec)
+
+
+def test_patch_in_corner_by_hand():
+    from helpers.compute.concepts import PatchBox
+    box = lambda cy, cx, side=7: PatchBox(1, 0, 0, 0, 1, 1, 1.0, cy=cy, cx=cx, map_h=side, map_w=side)  # noqa: E731
+    assert box(1, 0).in_corner and box(0, 6).in_corner and box(6, 5).in_corner   # at an edge, next to a corner
+    assert not box(1, 1).in_corner and not box(0, 3).in_corner and not box(3, 3).in_corner   # shoulder, collar, centre
+    assert not box(0, 0, side=4).in_corner       # a 4x4 map has no inside to tell a corner from

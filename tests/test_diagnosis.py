@@ -261,3 +261,22 @@ def test_widget_shows_the_pairs_diagnosis():
     assert "Why:" in page and "wrong test labels, 40%" in page and "&lt;validated&gt;" in page
     assert "not among the top confused pairs" in diagnosis_html(an, 1, 2)
     assert diagnosis_html(SimpleNamespace(results={}), 6, 0) == ""   # no diagnosis step: nothing to say
+
+
+def test_probe_with_wide_features_and_few_images():
+    # 512-d features, 100 images: a training fold holds 80, fewer than the 128 PCA components (this raised)
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 50)
+    x = rng.normal(size=(100, 512)) + y[:, None] * 0.5
+    assert 0.5 <= D.probe_accuracy(x, y) <= 1.0
+
+
+def test_every_pair_keeps_its_own_recommendation():
+    from helpers.compute.recommendations import from_diagnosis
+    a = D.Cause("wrong_labels", 0.3, 6, "", images=(1, 2), detail="suspected")
+    b = D.Cause("wrong_labels", 0.2, 4, "", images=(7, 8), detail="suspected")
+    pairs = [D.PairDiagnosis("Shirt → T-shirt/top", 6, (0,), 20, [a]), D.PairDiagnosis("Shirt → Pullover", 6, (2,), 20, [b]),
+             D.PairDiagnosis("Shirt → T-shirt/top/Pullover (group)", 6, (0, 2), 40, [a])]
+    recs = from_diagnosis(pairs)
+    assert [r.text.split(" (")[0] for r in recs] == ["Shirt → T-shirt/top", "Shirt → Pullover"]   # the group repeats
+    assert "#7, #8" in recs[1].text

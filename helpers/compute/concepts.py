@@ -202,6 +202,20 @@ class PatchBox:
     y1: int
     x1: int
     value: float     # the concept's amount at that cell
+    cy: int = -1     # the peak feature cell, and the feature map's size (-1: unknown)
+    cx: int = -1
+    map_h: int = -1
+    map_w: int = -1
+
+    @property
+    def in_corner(self) -> bool:
+        """The peak cell touches one edge of a feature map of at least 5x5 within one cell of a corner: a 4x4
+        corner patch on 28-px Fashion-MNIST peaks at cell (1, 0) of the 7x7 map (the padded convolutions
+        shift it), a garment's shoulder at (1, 1) and its collar at (0, 3)."""
+        if self.map_h < 5 or self.map_w < 5 or self.cy < 0:
+            return False
+        dy, dx = min(self.cy, self.map_h - 1 - self.cy), min(self.cx, self.map_w - 1 - self.cx)
+        return (dy == 0 and dx <= 1) or (dx == 0 and dy <= 1)
 
 
 def top_patches(amounts: np.ndarray, images: np.ndarray, concept: int, n: int, input_hw: tuple[int, int],
@@ -223,7 +237,8 @@ def top_patches(amounts: np.ndarray, images: np.ndarray, concept: int, n: int, i
         y0, x0 = int(np.floor((cy - pad_cells) * sy)), int(np.floor((cx - pad_cells) * sx))
         y1, x1 = int(np.ceil((cy + 1 + pad_cells) * sy)), int(np.ceil((cx + 1 + pad_cells) * sx))
         out.append(PatchBox(concept=int(concept), image=int(images[i]), y0=max(0, y0), x0=max(0, x0),
-                            y1=min(input_hw[0], y1), x1=min(input_hw[1], x1), value=float(best[i])))
+                            y1=min(input_hw[0], y1), x1=min(input_hw[1], x1), value=float(best[i]),
+                            cy=cy, cx=cx, map_h=hh, map_w=ww))
     return out
 
 

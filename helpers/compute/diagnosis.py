@@ -176,11 +176,13 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5, see
     _, counts = np.unique(y, return_counts=True)
     if len(counts) < 2 or counts.min() < 2:
         return float("nan")
+    splits = int(min(folds, counts.min()))
+    n_fit = len(x) - int(np.ceil(len(x) / splits))   # images a training fold holds
     steps = [StandardScaler()]
-    if x.shape[1] > max_dims:
+    if x.shape[1] > max_dims and n_fit > max_dims:   # PCA needs more images than components
         steps.append(PCA(max_dims, svd_solver="randomized", random_state=seed))
     model = make_pipeline(*steps, RidgeClassifier(alpha=1.0))
-    cv = StratifiedKFold(n_splits=int(min(folds, counts.min())), shuffle=True, random_state=seed)
+    cv = StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed)
     return float(cross_val_score(model, x, y, cv=cv).mean())
 
 
@@ -200,9 +202,9 @@ def ambiguity_cause(p_true: np.ndarray, p_pred: np.ndarray, separability: Option
 
 
 def context_cause(error_border: np.ndarray, reference_border: np.ndarray, figure: str = "",
-                  approximate: bool = False) -> Optional[Cause]:
-    """error_border: border share of B's CAM on the pair's errors; reference_border: the same on correctly
-    classified B images."""
+                  approximate: bool = False, n_total: Optional[int] = None) -> Optional[Cause]:
+    """error_border: border share of B's CAM on the pair's errors (or a sample of `n_total` of them);
+    reference_border: the same on correctly classified B images."""
     from helpers.compute.properties import auc_and_p, cliffs_delta
     e = np.asarray(error_border, np.float64)
     r = np.asarray(reference_border, np.float64)
@@ -215,10 +217,13 @@ def context_cause(error_border: np.ndarray, reference_border: np.ndarray, figure
         return None
     cut = float(np.percentile(r, 90))
     above = int((e > cut).sum())
+    total = len(e) if n_total is None else int(n_total)
+    sample = f" (a sample of {len(e)} of the {total})" if total > len(e) else ""
     evidence = (f"B's CAM puts a median {np.median(e):.0%} of its energy in the border ring on these errors, "
                 f"{np.median(r):.0%} on correctly classified B images (Cliff's δ {delta:+.2f}, p {p:.2g}); {above} of "
-                f"{len(e)} errors are above 90% of those B images")
-    return Cause("context", above / len(e), above, evidence, figure, approximate=approximate)
+                f"{len(e)} errors{sample} are above 90% of those B images")
+    share = above / len(e)
+    return Cause("context", share, int(round(share * total)), evidence, figure, approximate=approximate)
 
 
 def training_cause(duplicated: int, n_errors: int, ambiguous_train: int, figure: str = "") -> Optional[Cause]:

@@ -363,7 +363,7 @@ def from_diagnosis(pairs: Sequence) -> list[Recommendation]:
     for d in pairs:
         for c in d.causes:
             key = (d.true_id, c.kind, c.detail)
-            if key in given:
+            if len(d.pred_ids) > 1 and key in given:   # a group row repeating a pair's advice
                 continue
             given.add(key)
             text = _cause_advice(d, c)

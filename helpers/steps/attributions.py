@@ -18,6 +18,7 @@ import pandas as pd
 
 from helpers.files.png import preview_data_uri
 from helpers.model.attributions import ATTRIBUTION_METHODS, attribute, check_attribution_method, methods_for
+from helpers.model.cam_trust import tie_broken
 from helpers.plots.attributions import MethodMaps, plot_method_comparison
 from helpers.steps.confusion import Confusion
 from helpers.steps.context import Run, Section
@@ -82,7 +83,9 @@ def method_comparison(run: Run, conf: Confusion, deep, methods: Optional[Sequenc
                 sec.indices, sec.true_classes, sec.pred_classes, m, baseline, seed)
             spent = time.perf_counter() - t0
             sec.maps_true[m], sec.maps_pred[m] = both[:len(idx)], both[len(idx):]
-            road = road_score(run, sec.indices, sec.pred_classes, sec.maps_pred[m])
+            # ties broken first: IG and Input x Gradient are exactly 0 on black pixels, and ROAD (which keeps the
+            # pixels strictly below the 80th percentile) would impute most of a black-background image
+            road = road_score(run, sec.indices, sec.pred_classes, tie_broken(sec.maps_pred[m], seed))
             rows.append({"method": m, "cost": ATTRIBUTION_METHODS[m].cost,
                          "aggregation": ATTRIBUTION_METHODS[m].aggregation, "road": road,
                          "road_random": sec.road_random, "road_gain": road - sec.road_random,

@@ -277,6 +277,7 @@ def _near_duplicates(run: Run, conf: Confusion, train: Dataset, feats: np.ndarra
     t_lab, tr_lab = pr.labels[dups["test_index"].to_numpy()], train.labels[dups["train_index"].to_numpy()]
     dups["test_class"] = [names[int(c)] for c in t_lab]
     dups["train_class"] = [names[int(c)] for c in tr_lab]
+    dups["train_label"] = tr_lab.astype(np.int64)
     dups["predicted_class"] = [names[int(c)] for c in pr.preds[dups["test_index"].to_numpy()]]
     dups["same_label"] = t_lab == tr_lab
     dups = dups.sort_values(["pixel_distance", "test_index"], kind="stable").reset_index(drop=True)

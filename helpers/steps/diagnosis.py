@@ -75,7 +75,8 @@ def _context_cause(run: Run, t: int, q: int, errors: np.ndarray, cam_untrusted: 
         return None
     border = [P.cam_properties(run.cams.get(i.tolist(), [q] * len(i)))["cam_border_share"].to_numpy()
               for i in (err, ref)]
-    return D.context_cause(border[0], border[1], "deep_dive/property_slices.png", approximate=bool(cam_untrusted))
+    return D.context_cause(border[0], border[1], "deep_dive/property_slices.png", approximate=bool(cam_untrusted),
+                           n_total=len(errors))
 
 
 def _concept_row(concepts: Any, t: int, q: int) -> Optional[pd.Series]:
@@ -95,20 +96,20 @@ def _concept_cause(concepts: Any, t: int, q: int) -> Optional[D.Cause]:
     err = m[(m["true_id"] == t) & (m["pred_id"] == q) & (m["role"] == "error")]
     cols = [f"c{k}" for k in range(1, concepts.k + 1)]
     per_error_top = err[cols].to_numpy().argmax(axis=1) + 1 if len(err) else np.zeros(0, int)
-    share = row["top_gap_share"] if np.isfinite(row["top_gap_share"]) else row["top_share"]
+    # no correct A images to compare with: the gap, which the cause needs, is unknown (NaN: not named)
     return D.concept_cause(int(row["top_concept"]), per_error_top, float(row["strength_in_pred_class"]),
-                           float(share), bool(row["exact"]), "deep_dive/concepts.png")
+                           float(row["top_gap_share"]), bool(row["exact"]), "deep_dive/concepts.png")
 
 
-def _corner_concept(concepts: Any, t: int, q: int, h: int, w: int) -> str:
-    """'concept k, ...' when the concept that pushes the pair's errors most has most top patches in a corner
-    (touching two borders: an object's own parts touch one border at most, as a shoulder touches the top)."""
+def _corner_concept(concepts: Any, t: int, q: int) -> str:
+    """'concept k, ...' when the concept that pushes the pair's errors most peaks in a corner cell of the
+    feature map in most of its top patches (an object's own parts do not)."""
     row = _concept_row(concepts, t, q)
     if row is None:
         return ""
     k = int(row["top_concept"])
     boxes = concepts.patches.get(k, [])
-    corner = sum((b.y0 <= 0 or b.y1 >= h) and (b.x0 <= 0 or b.x1 >= w) for b in boxes)
+    corner = sum(b.in_corner for b in boxes)
     if not boxes or corner * 2 <= len(boxes):
         return ""
     return (f"concept {k}, the largest push towards B, has {corner} of its {len(boxes)} top patches in an image "
@@ -132,11 +133,16 @@ def _row(tests: pd.DataFrame, prop: str) -> pd.Series:
     return row
 
 
-def _train_cause(train: Any, comp: str, n_errors: int) -> Optional[D.Cause]:
+def _train_cause(train: Any, comp: str, errors: np.ndarray, preds: Sequence[int]) -> Optional[D.Cause]:
+    """Errors with a confirmed near-duplicate in the training set labelled as the predicted class there."""
     if train is None:
         return None
-    return D.training_cause(int(train.duplicates_per_pair.get(comp, 0)), n_errors, int(train.ambiguous.get(comp, 0)),
-                            figure="deep_dive/near_duplicates.png")
+    dups = train.near_duplicates
+    n = 0
+    if len(dups) and {"test_index", "train_label"} <= set(dups):
+        hit = dups["test_index"].isin(errors) & dups["train_label"].isin(list(preds))
+        n = int(dups.loc[hit, "test_index"].nunique())
+    return D.training_cause(n, len(errors), int(train.ambiguous.get(comp, 0)), figure="deep_dive/near_duplicates.png")
 
 
 def diagnose_pair(run: Run, t: int, preds: Sequence[int], data: Any = None, deep: Any = None,
@@ -156,11 +162,11 @@ def diagnose_pair(run: Run, t: int, preds: Sequence[int], data: Any = None, deep
                                           "deep_dive/label_errors.csv"))
     cam_untrusted = getattr(trust, "untrusted_reason", "") if trust is not None else ""
     causes += _property_cause(run, getattr(data, "properties", None), comp)
-    causes.append(_train_cause(getattr(data, "train", None), comp, len(errors)))
+    causes.append(_train_cause(getattr(data, "train", None), comp, errors, preds))
     if len(preds) == 1:
         q = int(preds[0])
         context = _context_cause(run, t, q, errors, cam_untrusted)
-        corner = _corner_concept(concepts, t, q, *run.data.images.shape[1:3])
+        corner = _corner_concept(concepts, t, q)
         if context is not None and corner:
             context = dataclasses.replace(context, evidence=f"{context.evidence}; {corner}")
         causes.append(context)
@@ -171,8 +177,9 @@ def diagnose_pair(run: Run, t: int, preds: Sequence[int], data: Any = None, deep
     train = getattr(data, "train", None)
     if train is not None and train.class_counts is not None:
         k = run.data.num_classes
-        rates = np.bincount(pr.labels, weights=pr.preds != pr.labels, minlength=k) / np.maximum(
-            np.bincount(pr.labels, minlength=k), 1)
+        support = np.bincount(pr.labels, minlength=k)
+        wrong = np.bincount(pr.labels, weights=pr.preds != pr.labels, minlength=k)
+        rates = np.where(support > 0, wrong / np.maximum(support, 1), np.nan)   # no test images: no rate
         causes.append(D.few_images_cause(train.class_counts, t, rates, len(errors)))
     named, short = D.rank(causes)
     diag.causes = named
@@ -220,8 +227,11 @@ def table(pairs: Sequence[D.PairDiagnosis]) -> pd.DataFrame:
 def pair_sentence(d: D.PairDiagnosis, top: int = 3) -> str:
     """'Shirt → T-shirt/top (85 errors): 1. wrong test labels, 41% (…); 2. …' or '… no clear cause (…)'."""
     head = f"{d.pair} ({d.n_errors} errors): "
+    if not d.n_errors:
+        return head + "no errors to explain."
     if not d.causes:
-        return head + D.NO_CLEAR_CAUSE + " (no measured cause accounts for 10% of these errors)."
+        return (head + D.NO_CLEAR_CAUSE + f" (no measured cause accounts for {D.MIN_SHARE:.0%} and "
+                f"{D.MIN_ERRORS} of these errors).")
     parts = [f"{k}. {c.name}, {c.share:.0%}{' (approximate)' if c.approximate else ''}: {c.evidence}"
              for k, c in enumerate(d.causes[:top], start=1)]
     return head + "; ".join(parts) + "."

@@ -8,6 +8,8 @@ offset = b_B − b_A); gradient × activation per concept otherwise, marked appr
 """
 from __future__ import annotations
 
+import dataclasses
+
 import html
 import time
 from dataclasses import dataclass, field
@@ -125,6 +127,9 @@ def concepts_step(run: Run, conf: Confusion, deep: Optional[DeepDive]) -> Concep
     sec.exact, sec.head_note, sec.layer = linear is not None, ("" if linear is not None else why), engine.layer_name
     idx, notes = _select(run, group, run.params.SEED, _image_cap(run, engine))
     sec.notes += notes
+    if not len(idx):   # GROUP_CLASSES that a LIMIT left without test images
+        sec.notes.append("Concepts: not measured (no test images of the group's classes).")
+        return sec
     acts, logits = _activations(run, engine, idx)
     factors = C.factorise(acts, seed=run.params.SEED)
     sec.k, sec.k_how, sec.explained, sec.images = factors.k, factors.how, factors.explained, idx
@@ -151,8 +156,7 @@ def concepts_step(run: Run, conf: Confusion, deep: Optional[DeepDive]) -> Concep
     sec.margins = (pd.concat(margin_rows, ignore_index=True) if margin_rows
                    else pd.DataFrame(columns=_margin_columns(factors.k)))
     for k in range(factors.k):
-        sec.patches[k + 1] = [C.PatchBox(concept=k + 1, image=p.image, y0=p.y0, x0=p.x0, y1=p.y1, x1=p.x1,
-                                         value=p.value)
+        sec.patches[k + 1] = [dataclasses.replace(p, concept=k + 1)
                               for p in C.top_patches(factors.amounts, idx, k, N_PATCHES, tuple(run.inputs.shape[-2:]))]
     run.outputs.save_csv(_csv_table(sec), SUB, "concept_margins.csv")
     fig = plot_concept_patches(_rows(run, sec, factors, idx), title=_figure_title(sec))

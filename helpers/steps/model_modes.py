@@ -28,6 +28,7 @@ from helpers.steps.context import Run, Section
 SUB = "deep_dive"
 CSV = f"{SUB}/failure_modes.csv"
 MAX_ERRORS = 2000        # more errors in one pair than this: a seeded sample is clustered (CAMs cost memory)
+MAX_CAM_BYTES = 256 << 20   # ... and fewer at large images: both CAMs of every clustered error, float32
 CAM_BATCH = 256
 
 
@@ -95,8 +96,10 @@ def pair_modes(run: Run, t: int, q: int, wrong: Optional[np.ndarray], props: Opt
     pr = run.preds
     idx = np.flatnonzero((pr.labels == t) & (pr.preds == q))
     n_errors = len(idx)
-    if n_errors > MAX_ERRORS:
-        idx = np.sort(np.random.default_rng(run.params.SEED).choice(idx, MAX_ERRORS, replace=False))
+    h, w = run.data.images.shape[1:3]
+    cap = max(M.MIN_ERRORS, min(MAX_ERRORS, MAX_CAM_BYTES // (8 * h * w)))   # 2,000 at 32 px, 668 at 224 px
+    if n_errors > cap:
+        idx = np.sort(np.random.default_rng(run.params.SEED).choice(idx, cap, replace=False))
     if not len(idx):
         return (PairModes(true_id=t, pred_id=q, label=f"{run.names[t]} → {run.names[q]}", n_errors=0, n_clustered=0,
                           k=0, silhouettes={}, reason="no errors", modes=[]),
