@@ -22,12 +22,15 @@ HELP = {
     "LIMIT": "analyse only the first N test images",
     "MEAN": "normalisation mean, JSON list", "STD": "normalisation std, JSON list",
     "CONVERT_CHANNELS": "'rgb' to feed grayscale data to an RGB model, 'gray' for the reverse",
-    "IMAGE_SIZE": "image folders: resize to this side or JSON [h, w]; default: their common size, else the model's input",
+    "IMAGE_SIZE": "image folders: resize to this side or JSON [h, w]; default: the model's input size when its "
+                  "config says (timm, torchvision), else their common size, else 32",
+    "MIXED_PRECISION": "float16 autocast for the inference pass; default: on for CUDA only",
     "SUPERCLASS_MAP": "JSON {class: group} for datasets without superclasses",
     "OUTPUT_DIR": "where results are written",
     "DEVICE": "auto, cpu, cuda, cuda:N or mps",
     "CAM_METHOD": "gradcam, gradcam++, layercam, xgradcam, eigencam, scorecam, finercam or eigengradcam",
     "TARGET_LAYER": "dotted layer path such as layer4.1; default: automatic",
+    "CLASS_GALLERIES": "per-class galleries to draw: 'all', or N for the N weakest classes",
     "GROUP_CLASSES": "comma-separated class names for the deep dive; default: found automatically",
     "EMBEDDING": "feature-space projection: auto (UMAP if installed, else t-SNE), umap or tsne",
     "FORCE_RECOMPUTE": "ignore the cache of an earlier identical run",
@@ -107,9 +110,17 @@ def main(argv: typing.Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "analyze":
+            from helpers.model import distributed
             from helpers.pipeline import Analysis
             start = time.perf_counter()
-            an = Analysis(params_from_args(args), progress=not args.quiet)
+            params = params_from_args(args)
+            world, device = distributed.start(params.DEVICE)   # torchrun: join the group; None in one process
+            an = Analysis(Params(**{**params.to_dict(), "DEVICE": device}), progress=not args.quiet)
+            if world is not None and not world.is_main:   # its shard of the inference pass, for rank 0
+                an.load_model()
+                an.load_data()
+                an.predict()
+                return 0
             an.run_all()
             print(f"Accuracy {an.preds.accuracy:.2%}; outputs in {an.out.resolve()} "
                   f"({time.perf_counter() - start:.1f} s). Open {an.out / 'index.html'}.")
@@ -133,6 +144,10 @@ def main(argv: typing.Optional[list[str]] = None) -> int:
     except SuiteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if args.command == "analyze":
+            from helpers.model import distributed
+            distributed.stop()
     return 0
 
 

@@ -1,6 +1,7 @@
 """Benchmark: the full analysis against one inference pass and against a typical notebook pipeline.
 
     python -m helpers.bench --n 10000 --archs resnet56,resnet34 --out bench_results
+    python -m helpers.bench --families all --n 10000 --imagefolder-n 2000 --rss-sizes 2000,20000
 
 On a generated CIFAR-100-format test set of --n images, for each architecture it measures:
 
@@ -19,6 +20,15 @@ wall-clock seconds inside that process, after the interpreter has imported torch
 (the same module-level imports in every stage; what a step imports lazily is timed). resnet56 uses the
 released CIFAR-100 weights when they are in the torch hub cache (TORCH_HOME), random weights otherwise; every
 other architecture uses random weights (timing does not depend on them).
+
+--families measures model families (helpers.bench_models.FAMILIES) in one run, one table row each (bare pass,
+full analysis, b/a against its target, peak RSS; the steps of (b) for those over target): the CIFAR ResNets on
+the generated set; fmnist_mlp, a flatten+MLP CNN trained for two epochs, on the first --n images of the real
+Fashion-MNIST test set; tv_resnet18, tv_resnet50, vit_tiny and swin_tiny with random weights on a generated
+224 px ImageFolder of --imagefolder-n images over 20 classes. For an image folder, (a) streams the files through a
+DataLoader (decode, normalise, forward) with the analysis's worker count, the floor for an analysis that must
+decode them too. --rss-sizes runs (b) of a tiny 224 px CNN on image folders of each size and compares the peak
+RSS of the largest with the smallest (the target: less than 25% apart).
 """
 from __future__ import annotations
 
@@ -31,8 +41,14 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
+
+from helpers.bench_models import (DEFAULT_FAMILIES, FAMILIES, IMAGEFOLDER_CLASSES, RSS_FAMILY, SYSTEM_FASHION_MNIST_ROOT,
+                                  Family, family, fmnist_checkpoint, prepare_imagefolder, random_checkpoint)
 
 STAGES = ("a", "b", "c", "d")
 STAGE_NAMES = {
@@ -41,9 +57,12 @@ STAGE_NAMES = {
     "c": "(c) naive notebook pipeline",
     "d": "(d) cached re-run of (b)",
 }
-ARCH_NAMES = {"resnet56": "ResNet-56", "resnet34": "ResNet-34-CIFAR", "resnet20": "ResNet-20", "resnet18": "ResNet-18-CIFAR"}
-# The issue's targets: b/a at most, c/b at least, d at most (seconds), RSS at most (MB).
-TARGETS = {"resnet56": {"b/a": 1.5, "c/b": 3.0}, "resnet34": {"b/a": 1.3, "c/b": 1.6}}
+ARCH_NAMES = {name: fam.label for name, fam in FAMILIES.items()}
+# The issue's targets (b/a at most: Family.target): c/b at least, d at most (seconds), RSS at most (MB), and how
+# much higher the peak RSS on the largest --rss-sizes set may be than on the smallest.
+TARGETS = {"resnet56": {"c/b": 3.0}, "resnet34": {"c/b": 1.6}}
+MAX_RSS_GROWTH = 0.25
+FMNIST_TEST_IMAGES = 10000
 MAX_D_SECONDS = 10.0
 MAX_RSS_MB = 3 * 1024
 N_WORST, N_BEST, N_PAIRS, PAIR_EXAMPLES = 5, 3, 5, 6
@@ -90,7 +109,8 @@ def _params(args, out: Path):
     from helpers.config import Params
     return Params(MODEL_PATH=str(args.ckpt), ARCH=args.arch, DATASET=args.dataset, DATA_ROOT=str(args.data),
                   DOWNLOAD=False, OUTPUT_DIR=str(out), DEVICE="cpu", BATCH_SIZE=args.batch_size, N_WORST=N_WORST,
-                  N_BEST=N_BEST, N_PAIR_GALLERIES=N_PAIRS, PAIR_EXAMPLES=PAIR_EXAMPLES, EMBEDDING=args.embedding)
+                  N_BEST=N_BEST, N_PAIR_GALLERIES=N_PAIRS, PAIR_EXAMPLES=PAIR_EXAMPLES, EMBEDDING=args.embedding,
+                  LIMIT=args.limit or None)
 
 
 def _load(args):
@@ -98,21 +118,40 @@ def _load(args):
     from helpers.data.datasets import load_dataset
     from helpers.model.inference import to_tensor
     from helpers.model.load import load_model
-    data = load_dataset(args.dataset, root=args.data, download=False)
+    data = load_dataset(args.dataset, root=args.data, download=False, limit=args.limit or None)
     loaded = load_model(model_path=args.ckpt, arch=args.arch, num_classes=data.num_classes, device="cpu")
-    return loaded.module, data, to_tensor(data.images, data.mean, data.std)
+    return loaded.module, data, to_tensor(np.asarray(data.images), data.mean, data.std)
+
+
+def _bare_batches(args):
+    """(model, batches of normalised inputs, image count) for the bare pass. An image folder is streamed from
+    its files through a DataLoader with the worker count the analysis's inference pass uses (decoding is part
+    of the floor: the analysis must decode them too); the in-memory datasets are sliced from one tensor."""
+    from helpers.bench_models import ImageFiles, image_batches
+    from helpers.data.datasets import NORMALISATION, class_count
+    from helpers.model.inference import loader_workers
+    from helpers.model.load import load_model
+    if args.dataset != "imagefolder":
+        model, _, x = _load(args)
+        return model, (x[s:s + args.batch_size] for s in range(0, len(x), args.batch_size)), len(x)
+    loaded = load_model(model_path=args.ckpt, arch=args.arch, num_classes=class_count("imagefolder", args.data),
+                        device="cpu")
+    files = ImageFiles(Path(args.data), None, *NORMALISATION["imagefolder"], limit=args.limit or None)   # one size
+    workers = loader_workers(len(files), args.batch_size)
+    return loaded.module, image_batches(files, args.batch_size, workers), len(files)
 
 
 def stage_bare(args) -> dict:
-    """(a) The floor: one channels_last forward pass, nothing kept but the logits."""
+    """(a) The floor: one channels_last forward pass, nothing kept but the logits (for an image folder: the
+    files decoded and normalised on the way, timed)."""
     import torch
-    model, data, x = _load(args)
+    model, batches, n = _bare_batches(args)
     model = model.to(memory_format=torch.channels_last)
     start = time.perf_counter()
     with torch.inference_mode():
-        for s in range(0, len(x), args.batch_size):
-            model(x[s:s + args.batch_size].contiguous(memory_format=torch.channels_last))
-    return {"seconds": time.perf_counter() - start}
+        for batch in batches:
+            model(batch.contiguous(memory_format=torch.channels_last))
+    return {"seconds": time.perf_counter() - start, "images": n}
 
 
 def stage_analysis(args, fresh: bool) -> dict:
@@ -132,8 +171,8 @@ def stage_analysis(args, fresh: bool) -> dict:
     an.run_all()
     seconds = time.perf_counter() - start
     n_files = sum(1 for p in out.rglob("*") if p.is_file() and ".cache" not in p.parts)
-    return {"seconds": seconds, "cache_hit": an.cache_hit, "files": n_files, "threads": an.threads,
-            "worker_rss_kb": an.outputs.writer.worker_peak_rss_kb,
+    return {"seconds": seconds, "images": len(an.data.labels), "cache_hit": an.cache_hit, "files": n_files,
+            "threads": an.threads, "worker_rss_kb": an.outputs.writer.worker_peak_rss_kb,
             "cams_computed": an.cams.n_computed, "cams_from_inference_pass": an.cams.n_from_activations,
             "cam_path": an.cams.engine().path, "steps": {k: round(v, 2) for k, v in an.timings.items()}}
 
@@ -144,7 +183,6 @@ def stage_naive(args) -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     import torch
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.image import show_cam_on_image
@@ -218,19 +256,51 @@ def run_stage(args) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     worker = out.pop("worker_rss_kb", 0) / 1024
     # Peak RSS: this process plus the analysis's figure worker (an upper bound on what both held at once).
+    # DataLoader workers are forks sharing this process's pages, so they are not added: the largest child's
+    # peak is reported on its own.
     out.update(peak_rss_mb=usage.ru_maxrss / 1024 + worker, process_rss_mb=usage.ru_maxrss / 1024,
                worker_rss_mb=worker, threads=out.get("threads", torch.get_num_threads()),
+               children_rss_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
                cpu_seconds=usage.ru_utime + usage.ru_stime)
     print(RESULT_PREFIX + json.dumps(out), flush=True)
 
 
 # ----------------------------------------------------------------------------- orchestration and report
 
-def measure(arch: str, stage: str, ckpt: Path, data: Path, out_dir: Path, args) -> dict:
-    cmd = [sys.executable, "-m", "helpers.bench", "--stage", stage, "--arch", arch, "--ckpt", str(ckpt),
-           "--data", str(data), "--out-dir", str(out_dir), "--batch-size", str(args.batch_size),
-           "--dataset", args.dataset, "--embedding", args.embedding,
-           "--threads", str(args.threads or 0)]
+@dataclass(frozen=True)
+class Setup:
+    """What one family's stages run on."""
+    fam: Family
+    dataset: str            # the load_dataset name
+    data: Path
+    ckpt: Path
+    weights: str            # how the checkpoint's weights came about
+    limit: Optional[int]    # LIMIT (the first images of a larger test set)
+    tag: str                # names the output folders
+
+
+def prepare_family(fam: Family, args, work: Path) -> Setup:
+    """The data and checkpoint of one family, generated or trained once under `work` and reused."""
+    checkpoints = work / "checkpoints"
+    if fam.dataset == "cifar":
+        ckpt, weights = prepare_checkpoint(fam.arch, checkpoints, NUM_CLASSES[args.dataset])
+        return Setup(fam, args.dataset, prepare_data(work / "data", args.n, args.dataset), ckpt, weights, None, fam.name)
+    if fam.dataset == "fashion_mnist":
+        root = Path(args.fmnist_root)
+        ckpt = fmnist_checkpoint(checkpoints, root, args.fmnist_train)
+        return Setup(fam, "fashion_mnist", root, ckpt, f"trained 2 epochs on {args.fmnist_train} training images",
+                     args.n if args.n < FMNIST_TEST_IMAGES else None, fam.name)
+    n = args.imagefolder_n
+    data = prepare_imagefolder(work / f"imagefolder_{n}", n)
+    return Setup(fam, "imagefolder", data, random_checkpoint(fam, checkpoints, IMAGEFOLDER_CLASSES), "random weights",
+                 None, fam.name)
+
+
+def measure(setup: Setup, stage: str, out_dir: Path, args) -> dict:
+    cmd = [sys.executable, "-m", "helpers.bench", "--stage", stage, "--arch", setup.fam.arch_string,
+           "--ckpt", str(setup.ckpt), "--data", str(setup.data), "--out-dir", str(out_dir),
+           "--batch-size", str(args.batch_size), "--dataset", setup.dataset, "--embedding", args.embedding,
+           "--threads", str(args.threads or 0), "--limit", str(setup.limit or 0)]
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     start = time.perf_counter()
@@ -238,7 +308,7 @@ def measure(arch: str, stage: str, ckpt: Path, data: Path, out_dir: Path, args) 
     process_seconds = time.perf_counter() - start
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"Stage {stage} for {arch} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise SystemExit(f"Stage {stage} for {setup.tag} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(lines[-1][len(RESULT_PREFIX):])
     result["process_seconds"] = process_seconds   # including interpreter start, imports and loading
     return result
@@ -260,6 +330,33 @@ def keep_fastest(best: Optional[dict], new: dict) -> dict:
     return kept
 
 
+def run_family(setup: Setup, stages: list[str], args, work: Path) -> dict:
+    """Every stage of one family, each in a fresh process, printed as it finishes; the fastest run of each."""
+    results: dict[str, dict] = {}
+    label = setup.fam.label
+    for stage in run_order(stages, args.repeat):
+        out_dir = work / f"out_{setup.tag}_{'naive' if stage == 'c' else 'analysis'}"
+        r = keep_fastest(results.get(stage), measure(setup, stage, out_dir, args))
+        results[stage] = r
+        r = r["last_run"]
+        extra = f", cache hit: {r['cache_hit']}" if "cache_hit" in r else ""
+        print(f"{label} ({setup.weights}) {STAGE_NAMES[stage]}: {r['seconds']:.1f} s, "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB, CPU {r['cpu_seconds']:.1f} s, {r['threads']} threads, "
+              f"whole process {r['process_seconds']:.1f} s{extra}", flush=True)
+    rs = ratios(results)
+    print(f"{label} ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in rs.items() if v is not None), flush=True)
+    if "b" in results:
+        b = results["b"]
+        if args.repeat > 1:
+            print("  every run (s): " + "; ".join(
+                f"({s}) " + ", ".join(f"{x:.1f}" for x in results[s]["runs"]) for s in ("a", "b")
+                if s in results) + " (the table keeps the fastest)", flush=True)
+        print(f"  (b) steps (s, fastest run): {b['steps']}; CAM path: {b['cam_path']}; CAMs computed "
+              f"{b['cams_computed']} ({b['cams_from_inference_pass']} from activations kept in the inference pass)",
+              flush=True)
+    return results
+
+
 def _ratio(x: Optional[float], y: Optional[float]) -> Optional[float]:
     return x / y if x is not None and y else None
 
@@ -270,17 +367,25 @@ def ratios(res: dict) -> dict:
             "d/b": _ratio(sec.get("d"), sec.get("b"))}
 
 
-def _check(arch: str, key: str, value: Optional[float]) -> str:
+def target(name: str, key: str) -> Optional[float]:
+    """The issue's target for a ratio of a family: b/a at most, c/b at least; None when it sets none."""
+    if key == "b/a":
+        return FAMILIES[name].target if name in FAMILIES else None
+    return TARGETS.get(name, {}).get(key)
+
+
+def _check(name: str, key: str, value: Optional[float]) -> str:
     if value is None:
         return "n/a"
-    target = TARGETS.get(arch, {}).get(key)
-    if target is None:
+    goal = target(name, key)
+    if goal is None:
         return f"{value:.2f}"
-    ok = value <= target if key == "b/a" else value >= target
-    return f"{value:.2f} ({'≤' if key == 'b/a' else '≥'} {target:g} {'✓' if ok else '✗'})"
+    ok = value <= goal if key == "b/a" else value >= goal
+    return f"{value:.2f} ({'≤' if key == 'b/a' else '≥'} {goal:g} {'✓' if ok else '✗'})"
 
 
 def markdown_table(results: dict[str, dict], n: int) -> str:
+    """Stages as rows, architectures as columns (the CIFAR ResNets of --archs)."""
     archs = list(results)
     head = "| | " + " | ".join(f"{ARCH_NAMES.get(a, a)}: time (s) | peak RSS (MB)" for a in archs) + " |"
     lines = [head, "|---|" + "---:|---:|" * len(archs)]
@@ -298,6 +403,59 @@ def markdown_table(results: dict[str, dict], n: int) -> str:
     return "\n".join(lines)
 
 
+def families_table(results: dict[str, dict]) -> str:
+    """One row per family: bare pass, full analysis, b/a against its target, peak RSS of both; (c) and (d)
+    when they were measured."""
+    extra = [s for s in ("c", "d") if any(s in res for res in results.values())]
+    head = ["family", "images", "(a) bare pass (s)", "(b) full analysis (s)", "ratio b/a", "peak RSS (a) (MB)",
+            "peak RSS (b) (MB)"] + [f"{STAGE_NAMES[s]} (s)" for s in extra]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+
+    def cell(res: dict, stage: str, key: str, fmt: str) -> str:
+        return format(res[stage][key], fmt) if stage in res else "n/a"
+
+    for name, res in results.items():
+        images = next((res[s]["images"] for s in ("a", "b") if s in res), "n/a")
+        lines.append(f"| {ARCH_NAMES.get(name, name)} | {images} | {cell(res, 'a', 'seconds', '.2f')} | "
+                     f"{cell(res, 'b', 'seconds', '.2f')} | {_check(name, 'b/a', ratios(res)['b/a'])} | "
+                     f"{cell(res, 'a', 'peak_rss_mb', '.0f')} | {cell(res, 'b', 'peak_rss_mb', '.0f')} |"
+                     + "".join(f" {cell(res, s, 'seconds', '.1f')} |" for s in extra))
+    return "\n".join(lines)
+
+
+def over_target_lines(results: dict[str, dict]) -> list[str]:
+    """The steps of (b), in seconds, of every family over its b/a target: where the time goes."""
+    lines = []
+    for name, res in results.items():
+        ratio, goal = ratios(res)["b/a"], target(name, "b/a")
+        if ratio is not None and goal is not None and ratio > goal:
+            steps = sorted(res["b"]["steps"].items(), key=lambda kv: -kv[1])
+            lines.append(f"- {ARCH_NAMES.get(name, name)}: b/a {ratio:.2f} > {goal:g}; (b) steps (s): "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in steps))
+    return lines
+
+
+def rss_growth(rss: dict[int, dict]) -> Optional[float]:
+    """How much higher the peak RSS of (b) is on the largest set than on the smallest (0.1 = 10% higher)."""
+    if len(rss) < 2:
+        return None
+    return rss[max(rss)]["peak_rss_mb"] / rss[min(rss)]["peak_rss_mb"] - 1.0
+
+
+def rss_table(rss: dict[int, dict]) -> str:
+    lines = ["| images | (b) full analysis (s) | peak RSS (MB) | process (MB) | figure worker (MB) | largest child (MB) |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for n, r in sorted(rss.items()):
+        lines.append(f"| {n} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['process_rss_mb']:.0f} | "
+                     f"{r['worker_rss_mb']:.0f} | {r['children_rss_mb']:.0f} |")
+    growth = rss_growth(rss)
+    if growth is not None:
+        lines.append("")
+        lines.append(f"Peak RSS at {max(rss)} images against {min(rss)}: {growth:+.1%} "
+                     f"(target < {MAX_RSS_GROWTH:.0%} {'✓' if abs(growth) < MAX_RSS_GROWTH else '✗'})")
+    return "\n".join(lines)
+
+
 def summary_lines(results: dict[str, dict]) -> list[str]:
     lines = []
     for arch, res in results.items():
@@ -309,22 +467,38 @@ def summary_lines(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _names(text: Optional[str], every: tuple[str, ...]) -> list[str]:
+    names = [a.strip() for a in (text or "").split(",") if a.strip()]
+    return list(every) if names == ["all"] else names
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=10000, help="test images to generate (default 10000)")
-    parser.add_argument("--archs", default="resnet56,resnet34",
-                        help="comma-separated built-in architectures (default resnet56,resnet34)")
+    parser.add_argument("--n", type=int, default=10000,
+                        help="test images of the CIFAR-format set and of Fashion-MNIST (default 10000)")
+    parser.add_argument("--archs", help="comma-separated built-in architectures, one table column each "
+                                        "(default resnet56,resnet34 when neither --families nor --rss-sizes is given)")
+    parser.add_argument("--families", help=f"comma-separated model families, one table row each, or 'all' "
+                                           f"({', '.join(DEFAULT_FAMILIES)}); known: {', '.join(FAMILIES)}")
+    parser.add_argument("--imagefolder-n", type=int, default=2000,
+                        help=f"images of the generated 224 px ImageFolder ({IMAGEFOLDER_CLASSES} classes; default 2000)")
+    parser.add_argument("--rss-sizes", help="comma-separated image-folder sizes, e.g. 2000,20000: (b) of a tiny "
+                                            "224 px CNN on each, and how far apart their peak RSS is")
+    parser.add_argument("--fmnist-root", default=str(SYSTEM_FASHION_MNIST_ROOT),
+                        help="folder with the Fashion-MNIST idx files (default Debian's dataset-fashion-mnist)")
+    parser.add_argument("--fmnist-train", type=int, default=10000,
+                        help="training images for fmnist_mlp's two epochs (default 10000)")
     parser.add_argument("--out", default="bench_results", help="working folder: data, checkpoints, outputs, results")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads in every stage (default 0: the CPUs free when the benchmark starts, "
                              "chosen as the analysis chooses)")
-    parser.add_argument("--stages", default="abcd", help="subset of the stages to run (default abcd)")
+    parser.add_argument("--stages", help="subset of the stages to run (default abcd with --archs, ab with --families)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run (a) and (b) this many times, alternating, and keep the fastest of each "
                              "(default 1; 3 steadies the ratios on a noisy machine)")
-    parser.add_argument("--dataset", choices=sorted(NUM_CLASSES), default="cifar100",
-                        help="format of the generated test set (default cifar100, 100 classes)")
+    parser.add_argument("--dataset", choices=sorted(NUM_CLASSES) + ["fashion_mnist", "imagefolder"], default="cifar100",
+                        help="format of the generated CIFAR test set (default cifar100, 100 classes)")
     parser.add_argument("--embedding", choices=("auto", "umap", "tsne"), default="auto",
                         help="the analysis's EMBEDDING parameter (default auto: UMAP when installed)")
     # internal: one stage in this process
@@ -333,15 +507,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.stage:
         run_stage(args)
         return 0
+    if args.dataset not in NUM_CLASSES:
+        parser.error(f"--dataset chooses the generated CIFAR format: {' or '.join(sorted(NUM_CLASSES))}")
 
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
-    stages = [s for s in STAGES if s in args.stages]
+    families = [family(f).name for f in _names(args.families, DEFAULT_FAMILIES)]
+    rss_sizes = sorted({int(v) for v in _names(args.rss_sizes, ())})
+    archs = [family(a).name for a in _names(args.archs or ("" if families or rss_sizes else "resnet56,resnet34"), ())]
+    stages = [s for s in STAGES if s in (args.stages or ("ab" if families and not archs else "abcd"))]
     if "d" in stages and "b" not in stages:
         stages.insert(stages.index("d"), "b")   # (d) re-runs (b)'s cache
     load_before = os.getloadavg()
@@ -350,53 +529,62 @@ def main(argv: Optional[list[str]] = None) -> int:
         # chosen the way the analysis chooses (helpers.model.inference.default_threads).
         from helpers.model.inference import default_threads
         args.threads = default_threads()
-    print(f"Generating {args.n} {args.dataset.upper()}-format test images ...", flush=True)
-    data = prepare_data(work / "data", args.n, args.dataset)
-    if args.embedding != "tsne" and "b" in stages:
+    if args.embedding != "tsne" and ("b" in stages or rss_sizes):
         # UMAP's numba kernels compile once per environment (helpers.compute.jit_cache), not once per run: do it
         # here, unmeasured, so that (b) sees what every run after a user's first one sees.
-        import numpy as np
-
         from helpers.compute.deep_dive import project_2d
         print("Warming up UMAP's numba cache (first time in an environment: ~15 s) ...", flush=True)
         project_2d(np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32), method=args.embedding)
-    results: dict[str, dict] = {}
-    for arch in archs:
-        ckpt, weights = prepare_checkpoint(arch, work / "checkpoints", NUM_CLASSES[args.dataset])
-        results[arch] = {}
-        for stage in run_order(stages, args.repeat):
-            out_dir = work / f"out_{arch}_{'naive' if stage == 'c' else 'analysis'}"
-            r = keep_fastest(results[arch].get(stage), measure(arch, stage, ckpt, data, out_dir, args))
-            results[arch][stage] = r
-            r = r["last_run"]
-            extra = f", cache hit: {r['cache_hit']}" if "cache_hit" in r else ""
-            print(f"{ARCH_NAMES.get(arch, arch)} ({weights}) {STAGE_NAMES[stage]}: {r['seconds']:.1f} s, "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB, CPU {r['cpu_seconds']:.1f} s, {r['threads']} threads, "
-                  f"whole process {r['process_seconds']:.1f} s{extra}",
-                  flush=True)
-        rs = ratios(results[arch])
-        print(f"{ARCH_NAMES.get(arch, arch)} ratios: " + ", ".join(
-            f"{k} = {v:.2f}" for k, v in rs.items() if v is not None), flush=True)
-        if "b" in results[arch]:
-            b = results[arch]["b"]
-            if args.repeat > 1:
-                print("  every run (s): " + "; ".join(
-                    f"({s}) " + ", ".join(f"{x:.1f}" for x in results[arch][s]["runs"]) for s in ("a", "b")
-                    if s in results[arch]) + " (the table keeps the fastest)", flush=True)
-            print(f"  (b) steps (s, fastest run): {b['steps']}; CAM path: {b['cam_path']}; CAMs computed {b['cams_computed']} "
-                  f"({b['cams_from_inference_pass']} from activations kept in the inference pass)", flush=True)
+
+    def run_all(names: list[str]) -> dict[str, dict]:
+        out = {}
+        for name in names:
+            fam = FAMILIES[name]
+            what = {"cifar": f"{args.n} {args.dataset.upper()}-format test images",
+                    "fashion_mnist": f"Fashion-MNIST ({min(args.n, FMNIST_TEST_IMAGES)} test images)",
+                    "imagefolder": f"a {args.imagefolder_n}-image 224 px ImageFolder"}[fam.dataset]
+            print(f"Preparing {fam.label}: {what} ...", flush=True)
+            out[name] = run_family(prepare_family(fam, args, work), stages, args, work)
+        return out
+
+    results = run_all(archs)
+    family_results = run_all([f for f in families if f not in archs])
+    rss: dict[int, dict] = {}
+    for n in rss_sizes:
+        print(f"Preparing the RSS set: {n} images at 224 px ...", flush=True)
+        setup = Setup(RSS_FAMILY, "imagefolder", prepare_imagefolder(work / f"imagefolder_{n}", n),
+                      random_checkpoint(RSS_FAMILY, work / "checkpoints", IMAGEFOLDER_CLASSES), "random weights",
+                      None, f"rss_{n}")
+        rss[n] = measure(setup, "b", work / f"out_rss_{n}_analysis", args)
+        print(f"RSS set {n} images, (b): {rss[n]['seconds']:.1f} s, peak RSS {rss[n]['peak_rss_mb']:.0f} MB", flush=True)
     load_after = os.getloadavg()
-    table = markdown_table(results, args.n)
+
     print()
-    print(f"n = {args.n} images, {args.threads} torch thread(s) in every stage, batch {args.batch_size}, "
-          f"(a) and (b) fastest of {max(1, args.repeat)}; "
+    print(f"n = {args.n} images (CIFAR, Fashion-MNIST), {args.imagefolder_n} (ImageFolder), {args.threads} torch "
+          f"thread(s) in every stage, batch {args.batch_size}, (a) and (b) fastest of {max(1, args.repeat)}; "
           f"1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
-    print(table)
-    for line in summary_lines(results):
-        print(line)
+    parts = []
+    if results:
+        parts.append(markdown_table(results, args.n))
+        print(parts[-1])
+        for line in summary_lines(results):
+            print(line)
+    if families:
+        both = {f: (results.get(f) or family_results[f]) for f in families}
+        parts.append(families_table(both))
+        print(parts[-1])
+        over = over_target_lines(both)
+        if over:
+            parts.append("Over target:\n\n" + "\n".join(over))
+            print(parts[-1])
+        family_results = both
+    if rss:
+        parts.append(rss_table(rss))
+        print(parts[-1])
     (work / "bench_results.json").write_text(json.dumps(
-        {"n": args.n, "threads": args.threads, "batch_size": args.batch_size, "results": results}, indent=2))
-    (work / "bench_table.md").write_text(table + "\n")
+        {"n": args.n, "imagefolder_n": args.imagefolder_n, "threads": args.threads, "batch_size": args.batch_size,
+         "results": results, "families": family_results, "rss": {str(k): v for k, v in rss.items()}}, indent=2))
+    (work / "bench_table.md").write_text("\n\n".join(parts) + "\n")
     return 0
 
 

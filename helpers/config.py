@@ -9,11 +9,14 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 from helpers.errors import ConfigError
 
 ENV_PREFIX = "GRADCAM_"
+# CLASS_GALLERIES' type: "all" or a count. Named without "int" so that the environment and the command line
+# pass it on as text ("all" or digits), which class_gallery_count reads.
+GalleryCount = Union[int, str]
 
 
 @dataclass
@@ -34,10 +37,12 @@ class Params:
     OUTPUT_DIR: str = "gradcam_results"
     DEVICE: str = "auto"                    # "auto", "cpu", "cuda", "cuda:1", "mps"
     BATCH_SIZE: int = 256
+    MIXED_PRECISION: Optional[bool] = None  # float16 autocast in the inference pass; None = on for CUDA, off elsewhere
     CAM_METHOD: str = "gradcam"
     TARGET_LAYER: Optional[str] = None      # dotted path such as "layer4.1"; None = automatic
     N_WORST: int = 5
     N_BEST: int = 3
+    CLASS_GALLERIES: GalleryCount = 100     # per-class galleries drawn: the N weakest classes, or "all"
     TOP_PAIRS: int = 15
     N_PAIR_GALLERIES: int = 5
     PAIR_EXAMPLES: int = 6
@@ -89,8 +94,12 @@ class Params:
                 what = "a positive integer" if low == 1 else ("an integer of at least 2" if low == 2 else
                                                                "a non-negative integer")
                 raise ConfigError(f"{name} must be {what} (got {value!r}).")
+        if self.MIXED_PRECISION not in (None, True, False):
+            raise ConfigError(f"MIXED_PRECISION must be None (on for CUDA), True or False "
+                              f"(got {self.MIXED_PRECISION!r}).")
         if self.LIMIT is not None and (isinstance(self.LIMIT, bool) or not isinstance(self.LIMIT, int) or self.LIMIT < 1):
             raise ConfigError(f"LIMIT must be None (every test image) or a positive integer (got {self.LIMIT!r}).")
+        class_gallery_count(self.CLASS_GALLERIES, None)
         if self.EMBEDDING not in EMBEDDINGS:
             raise ConfigError(f"Unknown EMBEDDING {self.EMBEDDING!r}. Choose one of: {', '.join(EMBEDDINGS)}.")
         if self.IMAGE_SIZE is not None and not _image_size_ok(self.IMAGE_SIZE):
@@ -126,6 +135,21 @@ COUNTS = {"BATCH_SIZE": 1, "N_WORST": 0, "N_BEST": 0, "TOP_PAIRS": 0, "N_PAIR_GA
           "CELL_IMAGES": 0, "CELL_IMAGES_MAX": 0,
           "GROUP_SIZE": 2, "SEED": 0}
 EMBEDDINGS = ("auto", "umap", "tsne")
+
+
+def class_gallery_count(value: Any, num_classes: Optional[int]) -> Optional[int]:
+    """How many per-class galleries CLASS_GALLERIES asks for, at most num_classes ("all": every class); a digit
+    string (environment, command line) counts as its number. ConfigError for anything else. With
+    num_classes=None, only checks (returns None for "all")."""
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text == "all":
+        return num_classes
+    if text is not None and text.isdigit():
+        value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f'CLASS_GALLERIES must be "all" (a gallery for every class) or a non-negative integer '
+                          f"(the galleries of that many weakest classes) (got {value!r}).")
+    return value if num_classes is None else min(value, num_classes)
 
 
 def _image_size_ok(value: Any) -> bool:

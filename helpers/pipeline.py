@@ -18,8 +18,11 @@ from helpers.errors import ConfigError, OutputError
 from helpers.files.cache import RunCache
 from helpers.files.outputs import Outputs
 from helpers.model.cam_store import CamStore
+from helpers.model import distributed
 from helpers.model.cams import CAM_METHODS
-from helpers.model.inference import Predictions, default_threads, resolve_device, run_inference, to_tensor
+from helpers.model.inference import (Predictions, autocast_dtype, default_threads, model_inputs, resolve_device,
+                                     run_inference)
+from helpers.model.pass_cams import PassCams
 from helpers.model.load import LoadedModel, check_model_fits_data, load_model
 from helpers.model.sanity import check_model_behaviour
 from helpers.plots.gallery import render_gallery
@@ -40,21 +43,21 @@ class Analysis:
         if params.CAM_METHOD not in CAM_METHODS:
             raise ConfigError(f"Unknown CAM_METHOD {params.CAM_METHOD!r}. Valid choices: {', '.join(CAM_METHODS)}.")
         self.params, self.progress = params, progress
-        self.outputs = Outputs(params.OUTPUT_DIR)   # fails now, before any compute, when it is not writable
+        # Fails now, before any compute, when it is not writable. Under torchrun only rank 0 owns the folder.
+        self.outputs = Outputs(params.OUTPUT_DIR) if distributed.is_main_process() else None
         self.device = resolve_device(params.DEVICE)
         if self.device.type == "cpu":   # the free CPUs: oversubscribed OpenMP threads stall each other
             torch.set_num_threads(default_threads())
         self.threads = torch.get_num_threads()
         self.timings: dict[str, float] = {}
-        self.loaded: Optional[LoadedModel] = None
-        self.data: Optional[Dataset] = None
+        self.loaded: Optional[LoadedModel] = None; self.data: Optional[Dataset] = None   # noqa: E702
         self.inputs: Optional[torch.Tensor] = None
         self.preds: Optional[Predictions] = None
         self.cams: Optional[CamStore] = None
         self.cache: Optional[RunCache] = None
         self.results: dict[str, Section] = {}
         self._run: Optional[Run] = None
-        self.model_check = None   # what model/sanity.py found (set by predict)
+        self.model_check, self.pass_cams = None, None   # model/sanity.py's findings; PassCams of the pass (predict)
 
     # ------------------------------------------------------------------ what the notebook reads
     @property
@@ -65,9 +68,7 @@ class Analysis:
     def cache_key(self) -> Optional[str]:
         return self.cache.key if self.cache is not None else None
 
-    @property
-    def cache_hit(self) -> bool:
-        return self.cache is not None and self.cache.hit
+    cache_hit = property(lambda self: self.cache is not None and self.cache.hit)
 
     @property
     def cache_stats(self) -> dict:
@@ -87,7 +88,8 @@ class Analysis:
             cache = self.cache if self.cache is not None else RunCache(self.out, key=None)
             self._run = Run(params=self.params, data=self.data, inputs=self.inputs, model=self.loaded,
                             preds=self.preds, cams=self.cams, outputs=self.outputs, cache=cache, device=self.device,
-                            progress=self.progress)
+                            progress=self.progress, pass_cams=self.pass_cams,
+                            autocast=autocast_dtype(self.device, self.params.MIXED_PRECISION) is not None)
         return self._run
 
     # ------------------------------------------------------------------ 1. model and data
@@ -109,7 +111,7 @@ class Analysis:
                             model=self.loaded)
         self.data = superclass_mapping(data, p.SUPERCLASS_MAP) if p.SUPERCLASS_MAP else data
         deep_dive.given_group(p, self.data)   # GROUP_CLASSES / GROUP_SIZE against the classes, before inference
-        self.inputs = to_tensor(self.data.images, self.data.mean, self.data.std)
+        self.inputs = model_inputs(self.data.images, self.data.mean, self.data.std)   # streamed for image folders
         self._timed("load_data", start)
         if self.loaded is not None:
             check_model_fits_data(self.loaded, tuple(self.inputs.shape[1:]), self.data.num_classes)
@@ -117,11 +119,16 @@ class Analysis:
 
     # ------------------------------------------------------------------ 2. inference (cached)
     def predict(self, cached_only: bool = False) -> Predictions:
-        """One inference pass over the test set (or the cached result of an identical earlier run). The same
-        pass keeps the penultimate features and, for the fast Grad-CAM path, the target-layer activations of
-        the images the class galleries will show. `cached_only=True` (rebuilding from saved results) reads the
-        cache and raises OutputError instead of running inference when it is missing."""
+        """One inference pass over the test set (or an identical earlier run's cached result), keeping features and
+        the gallery images' activations; `cached_only=True` raises OutputError instead of running it."""
         start, p = time.perf_counter(), self.params
+        amp = autocast_dtype(self.device, p.MIXED_PRECISION)
+        world = distributed.current()   # under torchrun: this process's rank; None in a single process
+        if world is not None and not world.is_main:   # a worker: its shard of the pass, for rank 0; writes nothing
+            if not distributed.main_decides(world, False):   # rank 0 has no cached predictions
+                self.cams = predictions.cam_store(p, self.loaded, self.inputs, self.device)
+                self.preds = self._pass(distributed.sharded(world, run_inference), amp, [])
+            return self.preds
         self.model_check = check_model_behaviour(self.loaded, self.inputs)   # before any figure: model/sanity.py
         self.cache = RunCache(self.out, predictions.cache_key_for(p, self.loaded, self.data, self.inputs),
                               force=p.FORCE_RECOMPUTE)
@@ -131,6 +138,8 @@ class Analysis:
                 f"No saved predictions for this model and data in {self.cache.folder.resolve()}. Run the "
                 "analysis first with the same parameters (Analysis(params).run_all() or python -m helpers "
                 "analyze), or point OUTPUT_DIR at the folder that run wrote.")
+        if world is not None:
+            distributed.main_decides(world, cached is not None)   # the workers run their shards unless cached
         self.cams = predictions.cam_store(p, self.loaded, self.inputs, self.device)
         if cached is not None:
             self.preds, self.cache.hit = cached, True
@@ -140,10 +149,12 @@ class Analysis:
             # dive's imports): on 2 cores any concurrent work slows it more than it saves later.
             if self.device.type == "cpu":
                 torch.set_num_threads(self.threads)   # the pass gets every free core
-            with self.cams.capture(p.N_WORST, p.N_BEST) as gallery:
-                self.preds = run_inference(self.loaded.module, self.inputs, self.data.labels,
-                                           batch_size=p.BATCH_SIZE, device=self.device, progress=self.progress,
-                                           gallery=gallery)
+            infer = run_inference if world is None else distributed.sharded(world, run_inference)   # + gather
+            engine = self.cams.engine()
+            # the confusion cells' CAMs from this pass (fast path, one process: a shard sees only its images)
+            self.pass_cams = (PassCams(engine.layer, engine.head_weight, len(self.inputs))
+                              if world is None and engine.head_weight is not None and p.CELL_IMAGES_MAX else None)
+            self.preds = self._pass(infer, amp, [self.pass_cams] if self.pass_cams is not None else [])
             predictions.write_predictions(self.cache, self.preds)
         if self.device.type == "cpu":
             # Later steps run the model on a few dozen images at a time, where extra OpenMP threads mostly spin
@@ -152,6 +163,12 @@ class Analysis:
         self.outputs.writer.warm_up()   # the worker imports matplotlib while the confusion step runs
         self._timed("inference", start)
         return self.preds
+
+    def _pass(self, infer: Callable[..., Predictions], amp: Optional[torch.dtype], observers: list) -> Predictions:
+        with self.cams.capture(self.params.N_WORST, self.params.N_BEST) as gallery:
+            return infer(self.loaded.module, self.inputs, self.data.labels, batch_size=self.params.BATCH_SIZE,
+                         device=self.device, progress=self.progress and distributed.is_main_process(),
+                         gallery=gallery, autocast_dtype=amp, observers=observers)
 
     # ------------------------------------------------------------------ 3.-6. one step per section
     def confusion(self) -> confusion.Confusion:
@@ -172,9 +189,8 @@ class Analysis:
         return self._step("deep_dive", deep_dive.run_deep_dive, self.run, self._needs("confusion"))
 
     def method_comparison(self, methods=None) -> attributions.MethodComparison:
-        """Every fast attribution method (Captum; attention and rollout for ViTs) on the confused group's most
-        confident errors, for the true and the predicted class, with ROAD against seeded random maps. LIME and
-        KernelShap (slow) only when named in `methods`."""
+        """Every fast attribution method on the group's most confident errors, true and predicted class, with
+        ROAD against random maps; LIME and KernelShap (slow) only when named in `methods`."""
         return self._step("method_comparison", attributions.method_comparison, self.run, self._needs("confusion"),
                           self._needs("deep_dive"), methods)
 
@@ -196,8 +212,7 @@ class Analysis:
                           self.results.get("deep_dive"), self.results.get("data_causes"))
 
     def diagnosis(self) -> diagnosis.Diagnosis:
-        """Why these classes are confused: each top pair's candidate causes, ranked by the share of its errors
-        they account for (uses whatever of the deep dive and "Is it the data?" ran before it)."""
+        """Why these classes are confused: each top pair's causes, ranked by the share of its errors they explain."""
         return self._step("diagnosis", diagnosis.diagnosis, self.run, self._needs("confusion"),
                           self.results.get("data_causes"), self.results.get("deep_dive"),
                           self.results.get("model_causes"))

@@ -38,6 +38,9 @@ OWN_GALLERY = -1                 # "confused with": the class's own gallery (cla
 AUTO_LAYER = "(automatic)"       # "target layer": the automatic one (no dotted module path has parentheses)
 NO_ATTRIBUTION = "(none)"        # "attribution": no pixel-attribution panel
 ATTRIBUTION_BATCH = 8            # maps per attribution call: the progress bar moves once per batch
+# Above this many classes (ImageNet's 1,000) the class list starts with the weakest class and a search box
+# filters it by name: a 1,000-entry dropdown in class order cannot be scrolled to the class one wants.
+MANY_CLASSES = 200
 
 
 def _to_widget(value: Any, sentinel: Any) -> Any:
@@ -61,6 +64,18 @@ class ExplorerState:
 def class_label(cls: int, name: str, accuracy: float) -> str:
     """Dropdown text, e.g. '042: leopard (67.0%)'."""
     return f"{cls:03d}: {name} ({accuracy:.1%})" if np.isfinite(accuracy) else f"{cls:03d}: {name} (no test images)"
+
+
+def classes_weakest_first(accuracy: np.ndarray) -> list[int]:
+    """Class ids by accuracy (ascending, ties by id), classes without test images last."""
+    acc = np.where(np.isfinite(accuracy), accuracy, np.inf)
+    return [int(c) for c in np.lexsort((np.arange(len(acc)), acc))]
+
+
+def matching_classes(names, order: list[int], text: str) -> list[int]:
+    """The classes of `order` whose name contains `text` (case-insensitive), in that order; all for no text."""
+    q = text.strip().lower()
+    return [c for c in order if q in str(names[c]).lower()] if q else list(order)
 
 
 def confusions_of(cm: np.ndarray, cls: int) -> list[tuple[int, int]]:
@@ -105,6 +120,68 @@ def diagnosis_html(an: "Analysis", cls: int, other: int) -> str:
     return f'<p class="diagnosis"><b>Why:</b> {html.escape(pair_sentence(d))}</p>'
 
 
+class ClassPicker:
+    """The class dropdown (values: class ids); for more than MANY_CLASSES classes listed weakest first, with a
+    search box that narrows it to the names containing its text. `quiet` is True while it changes the dropdown
+    itself, so that its owner ignores those changes."""
+
+    def __init__(self, names, accuracy: np.ndarray, value: int, wide: dict):
+        import ipywidgets as w
+        many = len(names) > MANY_CLASSES
+        self.names, self.accuracy, self.quiet = names, accuracy, False
+        self.order = classes_weakest_first(accuracy) if many else list(range(len(names)))
+        self.dropdown = w.Dropdown(options=self.options(self.order), value=value,
+                                   description="Class (weakest first):" if many else "Class:", **wide)
+        self.search = (w.Text(placeholder="part of a class name", description="Find class:",
+                              continuous_update=False, **wide) if many else None)
+
+    def options(self, ids: list[int]) -> list[tuple[str, int]]:
+        return [(class_label(c, self.names[c], self.accuracy[c]), c) for c in ids]
+
+    def show(self, ids: list[int], keep: int) -> None:
+        """List the classes `ids`, selecting `keep` (one of them)."""
+        self.quiet = True
+        try:
+            self.dropdown.options = self.options(ids)
+            self.dropdown.value = keep
+        finally:
+            self.quiet = False
+
+    def narrow(self, text: str) -> list[int]:
+        """List the classes whose name contains `text` (none: every class), keeping the current one when it is
+        among them, else selecting the first. Nothing changes when no name matches. Returns the classes listed."""
+        ids = matching_classes(self.names, self.order, text)
+        if ids:
+            current = self.dropdown.value
+            self.show(ids, current if current in ids else ids[0])
+        return ids
+
+    def find(self, text: str, status, changed) -> list[int]:
+        """narrow(text); when no name matches, say so in `status` (an HTML widget); when another class is now
+        selected, call changed(). Returns the classes listed."""
+        current, ids = self.dropdown.value, self.narrow(text)
+        if not ids:
+            status.value = f"<small>No class name contains {html.escape(repr(text))}.</small>"
+        elif self.dropdown.value != current:
+            changed()
+        return ids
+
+    def watch(self, find) -> None:
+        """Call find(text) when the search box's text changes (not when the picker clears it itself)."""
+        if self.search is not None:
+            self.search.observe(lambda change: None if self.quiet else find(change["new"]), names="value")
+
+    def reveal(self, cls: int) -> None:
+        """Make `cls` selectable: when the search left it out, clear the search and list every class again."""
+        if self.search is not None and all(v != cls for _, v in self.dropdown.options):
+            self.quiet = True
+            try:
+                self.search.value = ""
+            finally:
+                self.quiet = False
+            self.show(self.order, cls)
+
+
 class ClassExplorer:
     """Class dropdown, 'confused with' dropdown, CAM method, target layer and number of examples.
 
@@ -143,9 +220,8 @@ class ClassExplorer:
         self.n_attributions = 0   # attribution maps computed (the tests watch it to prove the cache serves)
 
         wide = dict(layout=w.Layout(width="380px"), style={"description_width": "110px"})
-        self.class_dropdown = w.Dropdown(
-            options=[(class_label(c, names[c], self.accuracy[c]), c) for c in range(len(names))],
-            value=self.state.cls, description="Class:", **wide)
+        self.picker = ClassPicker(names, self.accuracy, self.state.cls, wide)
+        self.class_dropdown, self.class_search = self.picker.dropdown, self.picker.search
         self.other_dropdown = w.Dropdown(description="Confused with:", **wide)
         self.method_dropdown = w.Dropdown(options=list(CAM_METHODS), value=self.state.method,
                                           description="CAM method:", **wide)
@@ -160,13 +236,13 @@ class ClassExplorer:
                                          description="Target layer:", **wide)
         self.n_slider = w.IntSlider(value=self.state.n_examples, min=1, max=MAX_EXAMPLES,
                                     description="Examples:", continuous_update=False, **wide)
-        self.status = w.HTML()
-        self.output = w.HTML()
+        self.status, self.output = w.HTML(), w.HTML()
         self._set_other_options()
         for control in self.controls:
             control.observe(self._on_change, names="value")
+        self.picker.watch(self.find_class)
         self.widget = w.VBox([
-            w.HBox([self.class_dropdown, self.other_dropdown]),
+            w.HBox([c for c in (self.class_search, self.class_dropdown, self.other_dropdown) if c is not None]),
             w.HBox([self.method_dropdown, self.attribution_dropdown, self.layer_dropdown]),
             self.n_slider, self.attribution_progress, self.status, self.output,
         ])
@@ -199,6 +275,10 @@ class ClassExplorer:
                 self.attribution_dropdown]
 
     # ------------------------------------------------------------------ state <-> widgets
+    def find_class(self, text: str) -> list[int]:
+        """ClassPicker.find, then the page of the class it selects (as a choice in the dropdown would)."""
+        return self.picker.find(text, self.status, lambda: self._on_change({"owner": self.class_dropdown}))
+
     def _set_other_options(self) -> None:
         cls = self.class_dropdown.value
         options = [("— its own gallery —", OWN_GALLERY)]
@@ -211,7 +291,7 @@ class ClassExplorer:
             self._syncing = was
 
     def _on_change(self, change) -> None:
-        if self._syncing:
+        if self._syncing or self.picker.quiet:
             return
         if change["owner"] is self.class_dropdown:
             self._set_other_options()
@@ -338,6 +418,7 @@ class ClassExplorer:
         self._syncing = True
         try:
             if target.cls != self.class_dropdown.value:
+                self.picker.reveal(target.cls)
                 self.class_dropdown.value = target.cls
                 self._set_other_options()
             self.other_dropdown.value = _to_widget(target.other, OWN_GALLERY)

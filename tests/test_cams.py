@@ -183,7 +183,7 @@ def test_non_gap_head_falls_back_and_still_matches(images, targets):
     model = seeded(vgg_mlp)
     engine = CamEngine(model, method="gradcam", batch_size=4)
     assert engine.layer_name == "features.8"
-    assert engine.path.startswith("pytorch-grad-cam GradCAM, batched")
+    assert engine.path.startswith("exact Grad-CAM from the target layer onward (torch.fx tail")   # not GAP: the tail
     assert "Linear" in engine.path or "ReLU" in engine.path
     got = engine.compute(images, targets)
     ref = library_one_by_one(model, model.features[8], images, targets)
@@ -218,7 +218,7 @@ def test_wrapper_model_paths_and_fast_path(images, targets):
 def test_earlier_layer_is_not_a_gap_head(images, targets):
     model = seeded(HeResNet)
     engine = CamEngine(model, target_layer="layer2.0")
-    assert engine.path.startswith("pytorch-grad-cam GradCAM")
+    assert engine.path.startswith("exact Grad-CAM from the target layer onward (torch.fx tail")
     np.testing.assert_allclose(engine.compute(images, targets),
                                library_one_by_one(model, model.layer2[0], images, targets), atol=1e-5)
 
@@ -318,7 +318,7 @@ def test_timm_vit_layer_reshape_and_cams():
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     classes = np.array([1, 2, 3, 4])
     engine = CamEngine(vit, method="gradcam", batch_size=2)
-    assert engine.layer_name == "blocks.11.norm1" and "batched" in engine.path
+    assert engine.layer_name == "blocks.11.norm1" and "torch.fx tail" in engine.path
     got = engine.compute(x, classes)
     assert got.shape == (4, 32, 32)
     assert_nontrivial(got, at_least=0.75)

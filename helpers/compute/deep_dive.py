@@ -87,8 +87,10 @@ def project_2d(features: np.ndarray, seed: int = 0, method: str = "auto") -> tup
 def separability(features: np.ndarray, labels: np.ndarray, cv: int = 5, seed: int = 0) -> dict:
     """How well a linear classifier separates the classes in feature space.
 
-    Cross-validated accuracy of a standardised LogisticRegression (max_iter=1000) over
-    StratifiedKFold(shuffle, seed). Folds are reduced to the smallest class size; with a class
+    Cross-validated accuracy of a standardised LogisticRegression over StratifiedKFold(shuffle, seed), fitted
+    with Newton-CG: the same L2-regularised optimum as lbfgs, reached in a few Newton steps (on 3,000 real
+    Fashion-MNIST 128-d features, 5 folds: 0.5 s against lbfgs's 3-76 s at max_iter=1000, accuracy equal within
+    0.001, well inside the CV std of ~0.01). Folds are reduced to the smallest class size; with a class
     of fewer than 2 images, or fewer than 2 classes, accuracy is NaN and `note` says why.
     Returns accuracy, std (across folds), n, chance (majority-class share), folds, note.
     """
@@ -114,7 +116,7 @@ def separability(features: np.ndarray, labels: np.ndarray, cv: int = 5, seed: in
         result["note"] = f"class(es) {', '.join(small)} have fewer than 2 images"
         return result
     folds = int(min(cv, counts.min()))
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    model = make_pipeline(StandardScaler(), LogisticRegression(solver="newton-cg", max_iter=100))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         # Perfectly separable data can stop before convergence; the accuracy is still exact.

@@ -87,9 +87,10 @@ def image_properties(images: np.ndarray, batch: Optional[int] = None) -> pd.Data
     percentile), colourfulness (RGB only: gray images have no column), sharpness (variance of the Laplacian of
     that luminance) and edge density (share of Sobel edge pixels in it). Only brightness sees exposure: the
     structure properties are the same for an image and a darkened copy (see _exposure_free)."""
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[..., None]
+    if isinstance(images, (np.ndarray, list, tuple)):   # else decoded when sliced (FileImages): batch by batch
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[..., None]
     rgb = images.shape[-1] == 3
     if batch is None:   # images per batch from their size: 2,000 CIFAR images, 85 at 224x224 RGB
         batch = max(1, BATCH_BYTES // (4 * int(np.prod(images.shape[1:]))))

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from helpers.data.images import FileImages
 from helpers.data.readers import CIFAR_SPECS, load_cifar, load_idx_dataset, load_imagefolder
 from helpers.errors import ConfigError, DataError
 
@@ -27,7 +28,7 @@ def readable(name: str) -> str:
 
 @dataclass
 class Dataset:
-    images: np.ndarray                 # uint8, (N, H, W, C), C in {1, 3}
+    images: np.ndarray | FileImages    # uint8, (N, H, W, C), C in {1, 3}; image folders: decoded when read
     labels: np.ndarray                 # int64, (N,)
     class_names: list[str]             # raw names, e.g. "maple_tree"
     name: str = "custom"               # "cifar100", "cifar10", "fashion_mnist", "mnist", "imagefolder"
@@ -42,6 +43,15 @@ class Dataset:
     source_files: tuple[str, ...] = ()   # absolute paths of the files the images and labels were read from
     resize_note: str = ""              # image folders: what was resized, from which sizes to which ("" = none)
     original_sizes: Optional[np.ndarray] = None   # image folders: int64 (N, 2) height, width of each file
+    normalisation_source: str = ""     # where mean/std came from: "MEAN/STD", "the model's pretrained config", ...
+
+    @property
+    def input_note(self) -> str:
+        """What the model is fed, for the summary: size, channels and normalisation, with their sources."""
+        h, w, c = self.images.shape[1:4]
+        fmt = lambda v: "(" + ", ".join(f"{x:.4f}" for x in v) + ")"
+        return (f"{h}x{w} {'RGB' if c == 3 else 'gray'}, normalised with mean {fmt(self.mean)}, std {fmt(self.std)} "
+                f"({self.normalisation_source or 'the dataset standard'})")
 
     def __post_init__(self) -> None:
         check_unique_names(self.class_names)
@@ -136,7 +146,9 @@ def safe_filename(name: str) -> str:
     return slug
 
 
-def _fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+def _fingerprint(images, labels: np.ndarray) -> str:
+    if isinstance(images, FileImages):
+        return images.fingerprint(labels)
     h = hashlib.sha1(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
     h.update(np.ascontiguousarray(images).data)
     return h.hexdigest()[:16]
@@ -150,19 +162,21 @@ def _to_gray(images: np.ndarray) -> np.ndarray:
     return luma.astype(np.uint8)[..., None]
 
 
-def _convert(images: np.ndarray, mean: tuple, std: tuple, mode: Optional[str]):
+def _convert(images, mean: tuple, std: tuple, mode: Optional[str]):
     if mode is None:
         return images, mean, std
     mode = str(mode).lower()
     if mode == "rgb":
-        if images.shape[-1] == 1:
+        if images.shape[-1] == 1 and isinstance(images, FileImages):
+            images = images.with_channels(3)
+        elif images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)
         if len(mean) == 1:
             mean, std = mean * 3, std * 3
         return images, mean, std
     if mode in ("gray", "grey", "l"):
         if images.shape[-1] == 3:
-            images = _to_gray(images)
+            images = images.with_channels(1) if isinstance(images, FileImages) else _to_gray(images)
         if len(mean) == 3:
             w = (0.299, 0.587, 0.114)
             # Mean of the luma is exact; the std is the fully-correlated bound, close for natural images.
@@ -241,6 +255,12 @@ def load_dataset(name: str = "cifar100", root: Optional[str | os.PathLike] = Non
         parts = load_imagefolder(path, image_size, limit, model_input_size(model))
 
     default_mean, default_std = NORMALISATION[name]
+    source = "ImageNet statistics, the image-folder default" if name == "imagefolder" else f"the {name} statistics"
+    from_model = model_normalisation(model) if name == "imagefolder" else None
+    if from_model is not None:   # a timm / torchvision model: the normalisation it was trained with
+        default_mean, default_std, source = from_model
+    if mean is not None or std is not None:
+        source = "MEAN/STD" if mean is not None and std is not None else f"MEAN/STD given in part, else {source}"
     images, default_mean, default_std = _convert(parts["images"], default_mean, default_std, convert_channels)
     channels = images.shape[-1]
     mean = _stats(mean, default_mean, channels, "MEAN")
@@ -253,7 +273,7 @@ def load_dataset(name: str = "cifar100", root: Optional[str | os.PathLike] = Non
                    coarse_labels=parts["coarse_labels"], coarse_names=parts["coarse_names"],
                    fingerprint=_fingerprint(images, labels), fine_to_coarse_table=parts.get("fine_to_coarse"),
                    source_files=tuple(sources), resize_note=parts.get("resize_note", ""),
-                   original_sizes=parts.get("original_sizes"))
+                   original_sizes=parts.get("original_sizes"), normalisation_source=source)
 
 
 def model_input_size(model) -> Optional[tuple[int, int]]:
@@ -263,6 +283,9 @@ def model_input_size(model) -> Optional[tuple[int, int]]:
     if model is None:
         return None
     net = getattr(model, "inner", model)
+    built = getattr(getattr(net, "patch_embed", None), "img_size", None)   # timm ViT / Swin as built (img_size=...)
+    if isinstance(built, (list, tuple)) and len(built) == 2 and all(isinstance(v, int) and v > 0 for v in built):
+        return int(built[0]), int(built[1])
     for attr in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(net, attr, None)
         size = cfg.get("input_size") if isinstance(cfg, dict) else None
@@ -275,6 +298,30 @@ def model_input_size(model) -> Optional[tuple[int, int]]:
             crop = torchvision.models.get_model_weights(arch.removeprefix("torchvision:")).DEFAULT.transforms().crop_size
             side = int(crop[0])
             return (side, int(crop[1]) if len(crop) > 1 else side)
+        except Exception:   # an architecture without registered weights: unknown
+            return None
+    return None
+
+
+def model_normalisation(model) -> Optional[tuple[tuple[float, ...], tuple[float, ...], str]]:
+    """(mean, std, where from) a timm model's pretrained config or a torchvision architecture's default weights
+    state; None when the model says nothing. Nothing is downloaded."""
+    if model is None:
+        return None
+    net = getattr(model, "inner", model)
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(net, attr, None)
+        if isinstance(cfg, dict) and len(cfg.get("mean") or ()) == 3 and len(cfg.get("std") or ()) == 3:
+            return (tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"]),
+                    f"the model's pretrained config ({attr})")
+    arch = getattr(model, "arch", None)
+    if isinstance(arch, str) and type(net).__module__.startswith("torchvision.models"):
+        try:
+            import torchvision
+            name = arch.removeprefix("torchvision:")
+            tf = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+            return (tuple(float(v) for v in tf.mean), tuple(float(v) for v in tf.std),
+                    f"torchvision's {name} default weights")
         except Exception:   # an architecture without registered weights: unknown
             return None
     return None

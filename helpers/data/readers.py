@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from helpers.data.images import FileImages
 from helpers.files.digest import file_digest
 from helpers.errors import ConfigError, DataError
 
@@ -373,14 +374,14 @@ def image_size_hw(image_size, what: str = "IMAGE_SIZE") -> Optional[tuple[int, i
     return (sides[0], sides[0]) if len(sides) == 1 else (sides[0], sides[1])
 
 
-def _bomb_error(path, exc) -> DataError:
+def bomb_error(path, exc) -> DataError:
     from PIL import Image
     return DataError(f"{path} is too large to decode safely: Pillow refuses it as a possible decompression bomb "
                      f"({exc}). Shrink or delete the image; if you trust the file, raise the limit before the run "
                      f"with PIL.Image.MAX_IMAGE_PIXELS = <pixels> (now {Image.MAX_IMAGE_PIXELS}).")
 
 
-def _open_image(path):
+def open_image(path):
     """Image.open with every failure a DataError naming the file (decompression bombs included: Pillow's
     warning for images over MAX_IMAGE_PIXELS is refused like its error for twice that)."""
     import warnings
@@ -391,12 +392,12 @@ def _open_image(path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _bomb_error(path, exc) from None
+        raise bomb_error(path, exc) from None
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path} cannot be read as an image ({exc}). Delete or replace it.") from exc
 
 
-def _to_rgb(im):
+def to_rgb(im):
     """RGB PIL image of any mode. 16-bit and 32-bit integer grey images (PNG "I;16", "I") are scaled to 8 bits by
     their bit depth (65535 -> 255): convert("RGB") clips them, which turns a 16-bit photo almost white."""
     from PIL import Image
@@ -424,11 +425,9 @@ def load_imagefolder(root: Optional[Path], image_size, limit: Optional[int],
     """One sub-folder of images per class, as the parts of a Dataset plus `resize_note` (what was resized, from
     which sizes to which, and why; "" when nothing was).
 
-    image_size (IMAGE_SIZE): an int or (h, w) resizes every image to it. None keeps the images' common size;
-    images of mixed sizes go to model_input_size (the model's expected input, when known) or else
-    DEFAULT_IMAGE_SIZE."""
-    from PIL import Image
-
+    image_size (IMAGE_SIZE): an int or (h, w) resizes every image to it. None: model_input_size (the model's
+    expected input, when known), else the images' common size, else (mixed sizes) DEFAULT_IMAGE_SIZE. The images
+    are FileImages: decoded when read."""
     if root is None:
         raise ConfigError("DATASET='imagefolder' needs DATA_ROOT: a folder with one sub-folder of images per class.")
     if not root.is_dir():
@@ -447,34 +446,25 @@ def load_imagefolder(root: Optional[Path], image_size, limit: Optional[int],
     sizes: dict[tuple[int, int], int] = {}
     original = np.zeros((len(samples), 2), dtype=np.int64)   # (height, width) of each file, before any resize
     for i, (path, _) in enumerate(samples):
-        with _open_image(path) as im:  # opening reads only the header
+        with open_image(path) as im:  # opening reads only the header
             sizes[(im.size[1], im.size[0])] = sizes.get((im.size[1], im.size[0]), 0) + 1
             original[i] = im.size[1], im.size[0]
     note = ""
+    model_hw = image_size_hw(model_input_size, "the model's input size") if model_input_size is not None else None
     if target is not None:
         why = "IMAGE_SIZE"
+    elif model_hw is not None:   # a timm / torchvision model says what it was trained at: feed it that
+        target, why = model_hw, "the model's expected input size; set IMAGE_SIZE to choose"
     elif len(sizes) == 1:
         target, why = next(iter(sizes)), ""
     else:
-        model_hw = image_size_hw(model_input_size, "the model's input size") if model_input_size is not None else None
-        target = model_hw or DEFAULT_IMAGE_SIZE
-        why = ("the model's expected input size; set IMAGE_SIZE to choose" if model_hw else
-               "the default for images of mixed sizes; set IMAGE_SIZE to choose")
+        target, why = DEFAULT_IMAGE_SIZE, "the default for images of mixed sizes; set IMAGE_SIZE to choose"
     h, w = target
     if any(s != target for s in sizes):
         note = f"resized from {_sizes_text(sizes)} to {h}x{w} ({why})"
-    images = np.empty((len(samples), h, w, 3), dtype=np.uint8)
-    for i, (path, _) in enumerate(samples):
-        try:
-            with _open_image(path) as im:
-                im = _to_rgb(im)
-                if im.size != (w, h):
-                    im = im.resize((w, h), Image.Resampling.BILINEAR)
-                images[i] = np.asarray(im)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise _bomb_error(path, exc) from None
-        except OSError as exc:  # truncated image data shows up only when decoding
-            raise DataError(f"{path} cannot be decoded ({exc}). Delete or replace it.") from exc
+    # Decoded when read (helpers.data.images): memory stays bounded as the folder grows. The headers were read
+    # above; a file whose data is damaged fails in the inference pass, before anything is written.
+    images = FileImages([path for path, _ in samples], (h, w))
     labels = np.array([t for _, t in samples], dtype=np.int64)
     return dict(images=images, labels=labels, class_names=list(folder.classes), coarse_labels=None, coarse_names=None,
                 resize_note=note, original_sizes=original)

@@ -228,3 +228,25 @@ def write_fake_imagefolder(root: str | os.PathLike, classes: Sequence[str] | int
                                    signal=signal)[0]
             Image.fromarray(img).save(cdir / f"img_{i:03d}.png")
     return root
+
+
+def write_sized_imagefolder(root: str | os.PathLike, n_images: int, n_classes: int = 20, size: int = 224,
+                            seed: int = 0, suffix: str = ".jpg", quality: int = 90) -> Path:
+    """Write `<root>/class_XX/img_NNNNNN<suffix>` (ImageFolder layout): n_images // n_classes RGB images of
+    size x size per class (the pattern of synthetic_images, classes paired into look-alike groups). JPEG by
+    default, so that 20,000 images at 224 px stay a few hundred MB on disk; returns root."""
+    from PIL import Image
+
+    root = Path(root)
+    groups = class_groups(n_classes)
+    per_class = max(1, n_images // n_classes)
+    chunk = 32   # synthetic_images' float32 temporaries for 32 images at 224 px: about 20 MB each
+    for c in range(n_classes):
+        cdir = root / f"class_{c:02d}"
+        cdir.mkdir(parents=True, exist_ok=True)
+        for start in range(0, per_class, chunk):
+            n = min(chunk, per_class - start)
+            images = synthetic_images(np.full(n, c), groups, size=size, seed=seed * 100003 + c * 1009 + start)
+            for k, img in enumerate(images):
+                Image.fromarray(img).save(cdir / f"img_{start + k:06d}{suffix}", quality=quality)
+    return root

@@ -28,7 +28,8 @@ RUN_SUBFOLDERS = ("worst_predictions", "deep_dive", ".cache")   # what an analys
 # Every name the suite writes under OUTPUT_DIR, relative to it (the steps' outputs, README's DESCRIPTIONS).
 # A manifest entry is deleted only when it matches one of these; temporary files only when their target does.
 OUTPUT_PATTERNS = (
-    "confusion_matrix_full.png", "per_class_accuracy.csv", "per_class_accuracy_interactive.html",
+    "confusion_matrix_full.png", "confusion_matrix_top.png", "confusion_matrix_groups.png", "per_class_accuracy.csv",
+    "per_class_accuracy_interactive.html",
     "confusion_matrix_interactive.html", PLOTLY_JS, "most_confused_pairs.csv", "top_confused_pairs.png",
     "confused_pair_*.png", "analysis_summary.txt", "recommendations.txt", "index.html",
     "worst_predictions/class_*.png",

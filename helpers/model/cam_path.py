@@ -13,10 +13,13 @@ class CamPath:
     """Which computation gives an engine's CAMs; str() is the text the reports print.
 
     kind "fast": the exact Grad-CAM from one forward pass (GAP -> Linear head), `verified` once it matched
-    pytorch-grad-cam on a real batch. kind "library": pytorch-grad-cam's `library_class`, batched, with
-    `reason` saying why the fast path was not used ("" where it does not apply to the method).
+    pytorch-grad-cam on a real batch. kind "tail": exact Grad-CAM with a backward pass through the part of the
+    model after the target layer only (helpers.model.tail: the torch.fx split), from values kept in the
+    inference pass where it could keep them; `reason` says why the fast path was not used. kind "library":
+    pytorch-grad-cam's `library_class`, batched, with `reason` saying why neither shortcut was used ("" where
+    they do not apply to the method).
     `from_cache`: the CAMs so far were read from the run's cache, computed by this path in an earlier run."""
-    kind: Literal["fast", "library"]
+    kind: Literal["fast", "tail", "library"]
     library_class: str = ""
     reason: str = ""
     verified: bool = False
@@ -26,6 +29,11 @@ class CamPath:
         if self.kind == "fast":
             text = ("fast exact Grad-CAM (GAP→Linear head, verified against pytorch-grad-cam)" if self.verified else
                     "fast exact Grad-CAM (GAP→Linear head; checked against pytorch-grad-cam on the first batch)")
+        elif self.kind == "tail":
+            text = ("exact Grad-CAM from the target layer onward (torch.fx tail, "
+                    + ("verified against pytorch-grad-cam" if self.verified else
+                       "checked against pytorch-grad-cam on the first batch")
+                    + (f"; fast path not used: {self.reason})" if self.reason else ")"))
         else:
             text = (f"pytorch-grad-cam {self.library_class}, batched"
                     + (f" (fast path not used: {self.reason})" if self.reason else ""))
@@ -40,7 +48,7 @@ class CamPath:
     @classmethod
     def from_json(cls, fields: dict) -> "CamPath":
         kind = fields["kind"]
-        if kind not in ("fast", "library"):
+        if kind not in ("fast", "tail", "library"):
             raise ValueError(f"unknown CAM path kind {kind!r}")
         return cls(kind=kind, library_class=str(fields.get("library_class", "")), reason=str(fields.get("reason", "")),
                    verified=bool(fields.get("verified", False)))

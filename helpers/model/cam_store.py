@@ -3,14 +3,15 @@
 The galleries, the pair galleries and the widget all ask the same store, so a CAM is computed once.
 For the fast exact Grad-CAM path, `GalleryActivations` keeps the target layer's activations of the
 images the class galleries will show, captured during the one inference pass, so their CAMs need no
-second forward pass; any other image falls back to a batched forward pass through the engine.
+second forward pass; for the torch.fx tail path (helpers.model.tail) it keeps the values the tail needs
+(a tuple of tensors per image). Any other image falls back to a batched forward pass through the engine.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -60,30 +61,54 @@ def gallery_selection(idx: np.ndarray, labels: np.ndarray, preds: np.ndarray, p_
     return keep
 
 
+KeptBatch = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+
+
+def output_map(_inputs: tuple, output) -> Optional[torch.Tensor]:
+    """The default `keep` rule: the target layer's output when it is a 4-D CNN map (the fast Grad-CAM path)."""
+    return output if isinstance(output, torch.Tensor) and output.dim() == 4 else None
+
+
+def _batch_rows(batch: KeptBatch) -> int:
+    return (batch[0] if isinstance(batch, tuple) else batch).shape[0]
+
+
+def _row(batch: KeptBatch, r: int) -> KeptBatch:
+    """Image r of a kept batch, copied out of it (so the batch can be freed); 4-D maps as float32."""
+    if isinstance(batch, tuple):
+        return tuple(t[r].clone() for t in batch)
+    return batch[r].float().clone()
+
+
 class GalleryActivations:
     """Target-layer activations of the gallery images, kept while the inference pass runs.
 
-    Memory is bounded by the number of classes, not the dataset: at most
-    num_classes * (2 * n_worst + n_best) maps, plus one batch."""
+    `keep(inputs, output)`, called by a forward hook on `layer`, says what to keep of a batch: a tensor or a
+    tuple of tensors, each with the images along dim 0 (the default, `output_map`, keeps 4-D output maps; the
+    tail path keeps helpers.model.tail.TailSplit.kept_from_call). Memory is bounded by the number of classes,
+    not the dataset: at most num_classes * (2 * n_worst + n_best) images' values, plus one batch."""
 
-    def __init__(self, layer: torch.nn.Module, n_worst: int, n_best: int):
+    def __init__(self, layer: torch.nn.Module, n_worst: int, n_best: int,
+                 keep: Callable[[tuple, object], Optional[KeptBatch]] = output_map):
         self.layer = layer
+        self.keep = keep
         self.n_worst, self.n_best = int(n_worst), int(n_best)
         self._idx = np.zeros(0, np.int64)
         self._labels = np.zeros(0, np.int64)
         self._preds = np.zeros(0, np.int64)
         self._p_pred = np.zeros(0, np.float32)
         self._p_label = np.zeros(0, np.float32)
-        self._maps: dict[int, torch.Tensor] = {}
-        self._batch: Optional[torch.Tensor] = None
+        self._maps: dict[int, KeptBatch] = {}
+        self._batch: Optional[KeptBatch] = None
         self.max_held = 0   # most maps held at once (the memory bound, observed)
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
         """A forward hook on the target layer for the duration of the inference pass."""
-        def hook(_module, _inputs, output):
-            if isinstance(output, torch.Tensor) and output.dim() == 4:
-                self._batch = output
+        def hook(_module, inputs, output):
+            kept = self.keep(inputs, output)
+            if kept is not None:
+                self._batch = kept
         handle = self.layer.register_forward_hook(hook)
         try:
             yield
@@ -95,7 +120,7 @@ class GalleryActivations:
         """After the batch of images start..start+len(probs): keep the maps of the images still selected."""
         acts, self._batch = self._batch, None
         n = len(probs)
-        if acts is None or acts.shape[0] != n or not n:
+        if acts is None or _batch_rows(acts) != n or not n:
             return
         preds = np.asarray(preds, dtype=np.int64)
         labels = np.asarray(labels, dtype=np.int64)
@@ -113,7 +138,7 @@ class GalleryActivations:
         for i in idx[keep]:
             i = int(i)
             if i >= start and i not in self._maps:
-                self._maps[i] = acts[i - start].float().clone()
+                self._maps[i] = _row(acts, i - start)
         self._idx, self._labels, self._preds, self._p_pred, self._p_label = (
             a[keep] for a in (idx, lab, prd, pp, pl))
         self.max_held = max(self.max_held, len(self._maps))
@@ -124,11 +149,38 @@ class GalleryActivations:
     def __len__(self) -> int:
         return len(self._maps)
 
-    def stack(self, indices: Sequence[int]) -> torch.Tensor:
-        return torch.stack([self._maps[int(i)] for i in indices])
+    def stack(self, indices: Sequence[int]) -> KeptBatch:
+        """The kept values of `indices` as one batch, in the form they were kept (a tensor or a tuple)."""
+        values = [self._maps[int(i)] for i in indices]
+        if values and isinstance(values[0], tuple):
+            return tuple(torch.stack([v[k] for v in values]) for k in range(len(values[0])))
+        return torch.stack(values)
 
     def clear(self) -> None:
         self._maps.clear()
+
+    def kept_state(self) -> dict:
+        """What the pass kept so far, for another process: the candidates' (global) image indices, labels,
+        predictions, p(pred), p(label) and, in the same order, their map values as held (never looked into)."""
+        return {"idx": self._idx.copy(), "labels": self._labels.copy(), "preds": self._preds.copy(),
+                "p_pred": self._p_pred.copy(), "p_label": self._p_label.copy(),
+                "maps": [self._maps[int(i)] for i in self._idx]}
+
+    def merge_states(self, states: Sequence[dict]) -> None:
+        """Become the selection over the union of `states` (kept_state() of passes over disjoint image sets,
+        e.g. the shards of a distributed pass): by gallery_selection's argument, exactly the selection a
+        single pass over all of those images keeps."""
+        cols = ("idx", "labels", "preds", "p_pred", "p_label")
+        if not states:
+            raise ValueError("merge_states needs at least one state")
+        union = {c: np.concatenate([np.asarray(s[c]) for s in states]) for c in cols}
+        maps = dict(zip(union["idx"].tolist(), [m for s in states for m in s["maps"]]))
+        if len(maps) != len(union["idx"]):
+            raise ValueError("gallery states overlap: the merged passes must cover disjoint images")
+        keep = gallery_selection(*(union[c] for c in cols), self.n_worst, self.n_best)
+        self._idx, self._labels, self._preds, self._p_pred, self._p_label = (union[c][keep] for c in cols)
+        self._maps = {int(i): maps[int(i)] for i in self._idx}
+        self.max_held = max(self.max_held, len(self._maps))
 
 
 class CamStore:
@@ -156,14 +208,16 @@ class CamStore:
     @contextlib.contextmanager
     def capture(self, n_worst: int, n_best: int) -> Iterator[Optional[GalleryActivations]]:
         """For the inference pass: `with store.capture(n_worst, n_best) as gallery: run_inference(...,
-        gallery=gallery)`. Where the fast Grad-CAM path applies to the default engine and the class galleries
-        show any image, yields a GalleryActivations that this store keeps (its CAMs then need no second
-        forward pass); else yields None. A pass that fails keeps nothing."""
+        gallery=gallery)`. Where the default engine's CAMs can start from values a forward hook on its target
+        layer sees (`engine.inference_keep`: the fast Grad-CAM path, or the torch.fx tail path) and the class
+        galleries show any image, yields a GalleryActivations that this store keeps (its CAMs then need no
+        second forward pass); else yields None. A pass that fails keeps nothing."""
         engine = self.engine() if n_worst + n_best > 0 else None
-        if engine is None or not engine.fast:
+        keep = getattr(engine, "inference_keep", None)
+        if keep is None:
             yield None
             return
-        self._activations = GalleryActivations(engine.layer, n_worst, n_best)
+        self._activations = GalleryActivations(engine.layer, n_worst, n_best, keep)
         try:
             yield self._activations
         except BaseException:
@@ -210,7 +264,8 @@ class CamStore:
     def _compute(self, engine, missing: list) -> None:
         acts = self._activations
         held = []
-        if acts is not None and getattr(engine, "fast", False) and engine.layer is acts.layer:
+        # Only values kept by this engine's own rule at its own layer (a fast or tail path refuted since keeps none).
+        if acts is not None and engine.layer is acts.layer and acts.keep == getattr(engine, "inference_keep", None):
             held = [k for k in missing if k[0] in acts]
         if held:
             idx = [k[0] for k in held]

@@ -14,6 +14,7 @@ Finding the target layer lives in layers.py; drawing CAMs over images in helpers
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import types
 import warnings
 from typing import Optional, Sequence
@@ -24,15 +25,17 @@ from torch import nn
 from pytorch_grad_cam import (EigenCAM, EigenGradCAM, FinerCAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM,
                               XGradCAM)
 from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
-from pytorch_grad_cam.metrics.road import ROADMostRelevantFirst
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import (ClassifierOutputSoftmaxTarget, ClassifierOutputTarget,
                                                   FinerWeightedTarget)
 
 from helpers.errors import ConfigError, DataError, NumericalError
 from helpers.model.cam_path import CamPath
+from helpers.model.road import road_metric
+from helpers.model.cam_store import output_map
 from helpers.model.layers import (check_input_shape, eval_mode, final_linear, float32_model, model_device, probe,
                                   probe_input, reshape_transform_for, resolve_target_layer, weight_dtype)
+from helpers.model.tail import TailSplit, gradcam_from_images, gradcam_in_batches, split_at_layer
 
 CAM_METHODS: dict[str, type] = {
     "gradcam": GradCAM,
@@ -85,7 +88,7 @@ def gradcam_from_activations(activations, weights, targets, out_size: tuple[int,
                           f"weights {tuple(w.shape)}, targets {tuple(t.shape)}.")
     h, wd = a.shape[2], a.shape[3]
     cam = torch.einsum("nk,nkhw->nhw", w[t] / (h * wd), a).clamp_min(0)
-    return _scale_like_library(cam.cpu().numpy(), out_size)
+    return scale_like_library(cam.cpu().numpy(), out_size)
 
 
 def gradcam_from_logit_gradients(activations, weights, logit_grads, out_size: tuple[int, int]) -> np.ndarray:
@@ -101,10 +104,10 @@ def gradcam_from_logit_gradients(activations, weights, logit_grads, out_size: tu
                           f"weights {tuple(w.shape)}, logit gradients {tuple(g.shape)}.")
     h, wd = a.shape[2], a.shape[3]
     cam = torch.einsum("nk,nkhw->nhw", g @ w / (h * wd), a).clamp_min(0)
-    return _scale_like_library(cam.cpu().numpy(), out_size)
+    return scale_like_library(cam.cpu().numpy(), out_size)
 
 
-def _scale_like_library(cam: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+def scale_like_library(cam: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
     """BaseCAM: per-layer min-max + cv2 resize, clip at 0, average over (one) layer, min-max again."""
     height, width = out_size
     scaled = np.maximum(scale_cam_image(cam, (int(width), int(height))), 0)
@@ -207,11 +210,9 @@ class CamEngine:
     """Computes CAMs for one model, method and target layer, in batches.
 
     Attributes: `method`, `layer_name`, `layer`, `reshape_transform` (None for CNNs), `num_classes`,
-    `cam_path` (a CamPath: which computation runs, the fast exact Grad-CAM or pytorch-grad-cam, batched;
-    `path` is its text), `fast_max_diff` (fast vs library on the verification batch, when checked), `dtype` (the
-    weights' dtype the CAMs run with) and `dtype_note` (None for float32 models; else what was done: a float16 or
-    bfloat16 model runs as a float32 copy unless its forward converts its input itself).
-    """
+    `cam_path` (a CamPath: which computation runs, the fast exact Grad-CAM, the torch.fx tail or pytorch-grad-cam;
+    `path` is its text), `fast_max_diff` (fast vs library on the verification batch), `dtype` (the weights' dtype
+    the CAMs run with) and `dtype_note` (None for float32; a float16/bfloat16 model runs as a float32 copy)."""
 
     def __init__(self, model: nn.Module, method: str = "gradcam", target_layer: Optional[str] = None,
                  input_shape: Sequence[int] = (3, 32, 32), batch_size: int = 64, device="cpu",
@@ -240,6 +241,7 @@ class CamEngine:
         self.num_classes = int(out.shape[1])
         self.fast_max_diff: Optional[float] = None
         self._linear: Optional[nn.Linear] = None
+        self._tail: Optional[TailSplit] = None   # Grad-CAM through the model after the target layer only
         self._verified = False
         self._finer_verified = self._finer_fast = False   # the same shortcut for FinerCAM (Grad-CAM base)
         self.finer_fast_max_diff: Optional[float] = None
@@ -250,10 +252,16 @@ class CamEngine:
             reason = "fast path needs a CNN feature map"
         elif fast_path:
             self._linear, reason = gap_linear_head(self.model, self.layer, self.input_shape, self.num_classes)
-        if self._linear is None:
+        if fast_path and self.method == "gradcam" and self._linear is None:
+            self._tail, why = split_at_layer(self.model, self.layer, self.input_shape, self.dtype)
+            reason = reason if self._tail is not None else f"{reason}; torch.fx tail not used: {why}"
+        if self._tail is not None:
+            self.cam_path = CamPath("tail", reason=reason)
+        elif self._linear is None:
             self._set_library_path(reason)
         else:
             self.cam_path = CamPath("fast")
+        self._own_path = self.cam_path   # CamStore may show a cached run's path until this one computes
 
     @property
     def path(self) -> str:
@@ -261,7 +269,7 @@ class CamEngine:
         return str(self.cam_path)
 
     def _set_library_path(self, reason: str) -> None:
-        self._linear = None
+        self._linear = self._tail = None
         self.cam_path = CamPath("library", library_class=CAM_METHODS[self.method].__name__, reason=reason)
 
     # -- public
@@ -270,7 +278,7 @@ class CamEngine:
         targets[i] for image i (ignored by class-agnostic methods such as eigencam)."""
         x = self._as_inputs(inputs)
         t = _as_targets(targets, x.shape[0], self.num_classes)
-        if self._linear is not None and not self._verified and len(x):
+        if self._exact and not self._verified and len(x):
             self._verify_fast(x[:4], t[:4])
         return self._batched(x, lambda xb, tb: self._one_batch(xb, tb), t, progress)
 
@@ -279,25 +287,40 @@ class CamEngine:
         """True while the fast exact Grad-CAM path is in use (not yet refuted by the verification)."""
         return self._linear is not None
 
-    def compute_from_activations(self, inputs: torch.Tensor, activations: torch.Tensor, targets) -> Optional[np.ndarray]:
-        """Fast-path CAMs (N, H, W) from this engine's target-layer activations (N, K, h, w) captured
-        earlier, e.g. by a hook during the inference pass, so no forward pass is needed. `inputs` are the
-        same images, used only for the one-time check against pytorch-grad-cam. None when the fast path
-        does not apply or the check fails: call compute() then."""
-        if self._linear is None:
+    head_weight = property(lambda self: self._linear.weight if self._linear is not None else None)   # fast path: (C, K)
+
+    @property
+    def _exact(self) -> bool:
+        return self._linear is not None or self._tail is not None
+
+    @property
+    def inference_keep(self):
+        """The GalleryActivations `keep` rule for compute_from_activations: the 4-D map on the fast path, the
+        tail's inputs on the tail path; None where no value kept in the inference pass would spare a pass."""
+        return output_map if self._linear is not None else self._tail.hook_keep if self._tail is not None else None
+
+    def compute_from_activations(self, inputs: torch.Tensor, activations, targets) -> Optional[np.ndarray]:
+        """Fast- or tail-path CAMs (N, H, W) from what `inference_keep` kept of these images in the inference pass
+        (the (N, K, h, w) maps; the tail's inputs). `inputs` are the same images, used only for the one-time
+        check against pytorch-grad-cam. None when neither path applies or the check fails: call compute() then."""
+        if not self._exact:
             return None
         x = self._as_inputs(inputs)
         t = _as_targets(targets, x.shape[0], self.num_classes)
         if not self._verified and len(x):
             self._verify_fast(x[:4], t[:4])
-            if self._linear is None:
+            if not self._exact:
                 return None
         out = np.zeros((len(x),) + tuple(x.shape[-2:]), np.float32)
-        with torch.inference_mode():   # captured activations may be inference tensors
-            weight = self._linear.weight.float()
-            for s in range(0, len(x), 256):
-                out[s:s + 256] = gradcam_from_activations(activations[s:s + 256].to(self.device).float(), weight,
-                                                          t[s:s + 256], tuple(x.shape[-2:]))
+        if self._tail is not None:
+            out[:] = gradcam_in_batches(self._tail, activations, t, tuple(x.shape[-2:]), self.reshape_transform,
+                                        self.batch_size, self.device)
+        else:
+            with torch.inference_mode():   # captured activations may be inference tensors
+                weight = self._linear.weight.float()
+                for s in range(0, len(x), 256):
+                    out[s:s + 256] = gradcam_from_activations(activations[s:s + 256].to(self.device).float(),
+                                                              weight, t[s:s + 256], tuple(x.shape[-2:]))
         if not np.all(np.isfinite(out)):
             raise NumericalError(f"{self.method} produced NaN/inf CAMs at layer {self.layer_name}; "
                                  "check the model's outputs for NaN/inf.")
@@ -342,7 +365,7 @@ class CamEngine:
         return out
 
     def _one_batch(self, xb: torch.Tensor, tb: np.ndarray) -> np.ndarray:
-        if self._linear is not None:
+        if self._exact:
             return self._fast_batch(xb, tb)
         if self.method == "finercam":
             logits = self._logits(xb)
@@ -413,6 +436,8 @@ class CamEngine:
         return forward_with_activations(self.model, self.layer, xb)
 
     def _fast_batch(self, xb: torch.Tensor, tb: np.ndarray) -> np.ndarray:
+        if self._tail is not None:   # a forward of the head part, then autograd through the tail only
+            return gradcam_from_images(self._tail, xb, tb, self.reshape_transform)
         _, activations = self._forward_with_activations(xb)
         return gradcam_from_activations(activations.float(), self._linear.weight.detach().float(), tb,
                                         tuple(xb.shape[-2:]))
@@ -427,9 +452,9 @@ class CamEngine:
             diff = max(diff, float(np.abs(self._fast_batch(xb, classes) - ref).max()))
         self.fast_max_diff = diff
         if not diff <= FAST_PATH_TOLERANCE:   # written so that NaN also falls back
-            self._set_library_path(f"fast CAM differed from pytorch-grad-cam by {diff:.2g}")
+            self._set_library_path(f"{self.cam_path.kind} CAM differed from pytorch-grad-cam by {diff:.2g}")
         else:
-            self.cam_path = CamPath("fast", verified=True)
+            self.cam_path = dataclasses.replace(self._own_path, verified=True)
         self._verified = True
 
 
@@ -459,7 +484,9 @@ def faithfulness(model: nn.Module, inputs: torch.Tensor, targets, cams: np.ndarr
     - "road" (ROADMostRelevantFirst(percentile)): the (100 - percentile)% of pixels with the highest CAM
       values are replaced by noisy linear interpolation of their neighbours. NEGATIVE = the score dropped when
       the highlighted pixels were removed, so the CAM points at evidence the model really uses; more negative
-      is more faithful; ~0 means the highlighted pixels did not matter. The noise is seeded by `seed`.
+      is more faithful; ~0 means the highlighted pixels did not matter. The noise is seeded by `seed`. Up to
+      road.ROAD_MAX_SIDE px the imputation is the library's to float precision; above, it is solved on a reduced
+      grid (helpers.model.road.RoadImputer), the same for every map scored, so maps and baselines stay comparable.
     - "confidence_change" (CamMultImageConfidenceChange): the normalised input is multiplied by the CAM
       (un-highlighted pixels go to the dataset mean). ~0 or positive = the highlighted pixels alone keep the
       prediction, so the CAM covers the evidence; strongly negative = evidence lies outside the CAM.
@@ -483,7 +510,7 @@ def faithfulness(model: nn.Module, inputs: torch.Tensor, targets, cams: np.ndarr
     if weight_dtype(model) != torch.float32:   # the metrics turn the targets' scores into NumPy: no bfloat16
         metric_targets = [_Float32Target(t) for t in metric_targets]
     before = _check_scores_before(scores_before, n)
-    scorer = ROADMostRelevantFirst(percentile=percentile) if key == "road" else CamMultImageConfidenceChange()
+    scorer = road_metric(percentile) if key == "road" else CamMultImageConfidenceChange()
     device = model_device(model)
     out = np.zeros(n, np.float32)
     with eval_mode(model), torch.random.fork_rng(devices=[]), warnings.catch_warnings():

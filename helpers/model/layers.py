@@ -3,7 +3,9 @@ forward pass does (a probe pass with forward hooks on zeros).
 
 Target layers are dotted paths in `model.named_modules()`. For CNNs the natural layer is the block that
 produces the last spatial feature map; for ViTs (timm or torchvision) it is the first LayerNorm of the last
-transformer block, whose (B, T, D) tokens `vit_reshape_transform` turns into a (B, D, g, g) map.
+transformer block, whose (B, T, D) tokens `vit_reshape_transform` turns into a (B, D, g, g) map; for Swin and
+other windowed transformers it is the last block's norm2, whose channels-last maps or (B, H*W, C) tokens
+`swin_reshape_transform` turns into (B, C, H, W).
 """
 from __future__ import annotations
 
@@ -185,6 +187,29 @@ def _vit_norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(names[id(getattr(b, norm))], getattr(b, norm)) for b in blocks]
 
 
+def _is_swin_block(module: nn.Module) -> bool:
+    """A windowed-attention transformer block: `norm1`, `norm2` and an `attn` that attends within windows
+    (timm's WindowAttention and torchvision's ShiftedWindowAttention, V1 and V2, both carry `window_size`)."""
+    return (isinstance(getattr(module, "norm1", None), nn.Module)
+            and isinstance(getattr(module, "norm2", None), nn.Module)
+            and isinstance(getattr(module, "attn", None), nn.Module) and hasattr(module.attn, "window_size"))
+
+
+def _swin_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, block) of every windowed-attention block, in registration order, which is forward order for timm and
+    torchvision Swin; [] for ViTs (BEiT-style attention also carries a `window_size`, for its position bias)."""
+    if _find_vit(model) is not None:
+        return []
+    return [(n, m) for n, m in model.named_modules() if n and _is_swin_block(m)]
+
+
+def _swin_norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, norm2) of every Swin block. norm2, not norm1: its input is the residual stream after the shifted-window
+    attention has mixed the windows, and torchcam found its CAMs better than norm1's on Swin-T (torchcam PR #412);
+    in V2's post-norm blocks it normalises the MLP branch, still the last per-block layer before the head."""
+    return [(f"{name}.norm2", block.norm2) for name, block in _swin_blocks(model)]
+
+
 def _spatial_candidates(model: nn.Module, input_shape, max_depth: int) -> list[str]:
     """Modules producing 4-D feature maps, in execution order, at most `max_depth` dots deep
     (deeper sub-layers are valid too, but listing every conv and BatchNorm buries the useful names)."""
@@ -201,13 +226,14 @@ def find_target_layer(model: nn.Module, input_shape: Sequence[int] = (3, 32, 32)
     """The natural Grad-CAM layer, as (dotted name in `model.named_modules()`, module).
 
     ViTs (timm or torchvision): the first LayerNorm of the last transformer block.
+    Swin and other windowed transformers (timm or torchvision): the last block's norm2 (_swin_norm_layers says why).
     CNNs: the module whose output is the last 4-D map with more than one spatial position
     produced in a probe forward pass (i.e. the last map before global pooling). Several modules
     can return that same tensor (a stage, its last block, the block's final ReLU); the block
     is reported: the outermost non-Sequential module whose parent is a Sequential/ModuleList stage,
     e.g. `layer3.8` for a CIFAR ResNet-56, `layer4.1` for a ResNet-18, `features.N` for VGG."""
     check_hookable(model)
-    vit = _vit_norm_layers(model)
+    vit = _vit_norm_layers(model) or _swin_norm_layers(model)
     if vit:
         return vit[-1]
     calls, _ = probe(model, probe_input(input_shape))
@@ -249,6 +275,9 @@ def _candidates_text(model: nn.Module, input_shape) -> str:
     vit = [n for n, _ in _vit_norm_layers(model)]
     if vit:
         return f"Candidate layers (ViT block norms; the default is the last): {', '.join(vit)}."
+    swin = [n for n, _ in _swin_norm_layers(model)]
+    if swin:
+        return f"Candidate layers (Swin block norm2s; the default is the last): {', '.join(swin)}."
     try:
         default = find_target_layer(model, input_shape)[0]
     except ConfigError:
@@ -296,11 +325,16 @@ def resolve_target_layer(model: nn.Module, spec: Optional[str],
 def target_layer_choices(model: nn.Module, input_shape: Sequence[int], k: int = 4) -> list[str]:
     """A few sensible CAM layers, late to early: the automatic layer first, then the last layer of each
     earlier resolution stage (e.g. layer3.8, layer2.8, layer1.8 for a CIFAR ResNet-56); for a ViT, block
-    norms spread over the depth. Later layers are more semantic and coarser; earlier ones sharper."""
+    norms spread over the depth; for a Swin, the norm2 of each stage's last block (each stage halves the
+    resolution). Later layers are more semantic and coarser; earlier ones sharper."""
     vit = [name for name, _ in _vit_norm_layers(model)]
     if vit:
         picks = np.unique(np.linspace(len(vit) - 1, 0, num=min(k, len(vit))).round().astype(int))[::-1]
         return [vit[i] for i in picks]
+    swin = _swin_norm_layers(model)
+    if swin:
+        last_per_stage = {name.rsplit(".", 2)[0]: name for name, _ in swin}   # stage = the blocks' container
+        return list(reversed(list(last_per_stage.values())))[:k]
     default = find_target_layer(model, input_shape)[0]
     depth = max(default.count("."), 1)
     calls, _ = probe(model, probe_input(input_shape))
@@ -359,13 +393,94 @@ def vit_reshape_transform(model: nn.Module, input_shape: Sequence[int] = (3, 32,
     return reshape
 
 
+# ----------------------------------------------------------------------------- Swin reshape
+
+# Modules that keep (B, C, H, W) inside a Swin: the patch embedding's convolution and its kind.
+_CHANNELS_FIRST = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+
+def _swin_widths(model: nn.Module) -> set[int]:
+    """The channel widths of the Swin blocks (their norm1's normalised size)."""
+    shapes = [getattr(block.norm1, "normalized_shape", None) for _, block in _swin_blocks(model)]
+    return {int(s[-1]) for s in shapes if s}
+
+
+def _is_channels_last(model: nn.Module, layer: nn.Module, out: torch.Tensor) -> bool:
+    """Whether a Swin layer's 4-D output is (B, H, W, C). Most are (timm and torchvision blocks, stages, merges and
+    final norms), but the patch embedding's convolution is not, nor are the stage outputs of timm's swinv2_cr:
+    the dimension holding a block width decides, and the module's kind where both or neither do."""
+    widths = _swin_widths(model)
+    last, first = int(out.shape[-1]) in widths, int(out.shape[1]) in widths
+    if last != first:
+        return last
+    return not isinstance(layer, _CHANNELS_FIRST)
+
+
+def _swin_grid(tokens: int, height: int, width: int) -> tuple[int, int]:
+    """(h, w) of `tokens` patch tokens: the probed grid when the count fits it, else the probed aspect ratio
+    scaled to the count (another input size), else a ConfigError."""
+    if tokens == height * width:
+        return height, width
+    h = max(1, round(height * math.sqrt(tokens / (height * width))))
+    if tokens % h:
+        raise ConfigError(f"Cannot lay {tokens} Swin tokens out on a grid of the probed aspect {height}x{width}.")
+    return h, tokens // h
+
+
+def swin_reshape_transform(model: nn.Module, input_shape: Sequence[int] = (3, 32, 32),
+                           layer: Optional[nn.Module] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """reshape_transform for a Swin layer (timm or torchvision): -> (B, C, H, W).
+
+    Swin maps are channels-last: blocks and stages emit (B, H, W, C); timm's norm2 and MLP see the flattened
+    (B, H*W, C) tokens, whose grid (H, W) is the enclosing block's input grid on a probe pass (no class token, not
+    necessarily square). Default layer: the automatic one (the last block's norm2)."""
+    if layer is None:
+        norms = _swin_norm_layers(model)
+        if not norms:
+            raise ConfigError("swin_reshape_transform needs a Swin (timm or torchvision) or an explicit layer.")
+        layer = norms[-1][1]
+    names = {id(m): n for n, m in model.named_modules()}
+    layer_name = names.get(id(layer), "")
+    enclosing = [b for n, b in _swin_blocks(model) if layer_name == n or layer_name.startswith(n + ".")]
+    calls, _ = probe(model, probe_input(input_shape), only=[layer] + enclosing[-1:])
+    out = next((c.output for c in reversed(calls) if c.module is layer), None)
+    if isinstance(out, torch.Tensor) and out.dim() == 4 and not _is_channels_last(model, layer, out):
+        raise ConfigError(f"Layer {layer_name!r} of this Swin outputs a channels-first (B, C, H, W) map: it needs "
+                          "no reshape.")
+    if isinstance(out, torch.Tensor) and out.dim() == 4:
+        def channels_last(t: torch.Tensor) -> torch.Tensor:
+            return t.permute(0, 3, 1, 2)
+
+        channels_last.grid = tuple(int(s) for s in out.shape[1:3])
+        return channels_last
+    block_in = next((c.inputs[0] for c in calls if c.module is not layer and c.inputs), None)
+    if not (isinstance(out, torch.Tensor) and out.dim() == 3 and isinstance(block_in, torch.Tensor)
+            and block_in.dim() == 4 and block_in.shape[1] * block_in.shape[2] == out.shape[1]):
+        raise ConfigError(f"Layer {layer_name!r} outputs neither a channels-last (B, H, W, C) Swin map nor the "
+                          f"(B, H*W, C) tokens of a Swin block; got {tuple(getattr(out, 'shape', ()))}.")
+    height, width = int(block_in.shape[1]), int(block_in.shape[2])
+
+    def tokens_to_map(t: torch.Tensor) -> torch.Tensor:
+        b, n, c = t.shape
+        h, w = _swin_grid(n, height, width)
+        return t.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+    tokens_to_map.grid = (height, width)
+    return tokens_to_map
+
+
 def reshape_transform_for(model: nn.Module, layer: nn.Module,
                           input_shape: Sequence[int] = (3, 32, 32)) -> Optional[Callable]:
-    """None when `layer` outputs a 4-D CNN map, the ViT token reshape when it outputs (B, T, D)."""
+    """None when `layer` outputs a 4-D CNN map, the Swin reshape for a Swin's channels-last maps and tokens, the
+    ViT token reshape when it outputs (B, T, D)."""
     calls, _ = probe(model, probe_input(input_shape), only=[layer])
     if not calls:
         raise ConfigError("The target layer is not used in the model's forward pass; pick another layer.")
     out = calls[-1].output
+    # A Swin's 4-D maps are mostly (B, H, W, C): _is_channels_last tells them from CNN maps.
+    if _swin_blocks(model) and isinstance(out, torch.Tensor) and out.dim() in (3, 4) and not (
+            out.dim() == 4 and not _is_channels_last(model, layer, out)):
+        return swin_reshape_transform(model, input_shape, layer)
     if isinstance(out, torch.Tensor) and out.dim() == 4:
         return None
     return vit_reshape_transform(model, input_shape, layer)

@@ -178,7 +178,8 @@
     var cnt = D.cells[5 * i + 2], off = D.cells[5 * i + 3], shown = D.cells[5 * i + 4];
     var share = D.support[t] ? ' (' + (100 * cnt / D.support[t]).toFixed(1) + '% of ' + D.names[t] + ')' : '';
     var note = cnt + ' image' + (cnt === 1 ? '' : 's') + share + '. ';
-    if (!shown && !(D.per_cell && D.budget && T.h)) note += 'Cell images are off in this run (CELL_IMAGES=0, CELL_IMAGES_MAX=0, or no CAMs).';
+    if (!shown && D.images_note) note += D.images_note;
+    else if (!shown && !(D.per_cell && D.budget && T.h)) note += 'Cell images are off in this run (CELL_IMAGES=0, CELL_IMAGES_MAX=0, or no CAMs).';
     else if (!shown) note += 'Not in this page: the ' + D.budget + ' images of CELL_IMAGES_MAX went to larger cells; raise it to include this one.';
     else note += (shown < cnt ? 'The ' + shown + ' worst' : 'All') + ', most confident in ' + D.names[p] +
                  ' first. Each: the image, the CAM for the true class, the CAM for the predicted class.';
@@ -211,7 +212,7 @@
       panel.textContent = '';
       panel.appendChild(el('div', 'cell-title', D.names[t] + ': ' + D.correct[t] + ' of ' + D.support[t] + ' correct'));
       panel.appendChild(el('p', 'note', 'The diagonal holds the correct predictions: click a cell off it for errors, ' +
-                                        'or see this class’s gallery in worst_predictions/.'));
+                                        'or see this class’s gallery in worst_predictions/ (drawn for the CLASS_GALLERIES weakest classes).'));
       return;
     }
     showCell(t, p);

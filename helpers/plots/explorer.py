@@ -2,6 +2,7 @@
 as JSON and the tile sheets, plus explorer.js, which draws it all in the page (no request is made)."""
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -29,11 +30,12 @@ def explorer_data(cm: np.ndarray, names: Sequence[str], order: Sequence[int], ce
                   shown: np.ndarray, per_cell: int, budget: int, tiles: TileSheets, p_pred: np.ndarray,
                   p_true: np.ndarray,
                   groups: Optional[np.ndarray] = None, group_names: Optional[Sequence[str]] = None,
-                  group_kind: str = "superclass") -> dict:
+                  group_kind: str = "superclass", images_note: str = "") -> dict:
     """Everything explorer.js reads, as plain JSON values. groups: a group id per class (superclasses or
     clusters) with their names, for the collapsed view; None: no collapsed view. cells: one row per non-empty
     off-diagonal cell, (true, pred, count, offset, n_shown) into `shown`, the image indices of the tiles, whose
-    confidences are p_pred and p_true (compute.cells.CellExamples.table())."""
+    confidences are p_pred and p_true (compute.cells.CellExamples.table()). images_note: what a click on a cell
+    says when the page holds no images at all (e.g. where they are instead)."""
     cm = np.asarray(cm, dtype=np.int64)
     n = len(cm)
     flat = np.asarray(cells, dtype=np.int64).reshape(-1, 5)
@@ -47,7 +49,7 @@ def explorer_data(cm: np.ndarray, names: Sequence[str], order: Sequence[int], ce
         "groups": None, "group_kind": group_kind, "group_labels": [], "group_labels_plain": [],
         "top_n": list(TOP_N), "all_max": ALL_MAX, "partners": PARTNERS,
         "default_scope": "all" if n <= DEFAULT_ALL else "top50",
-        "config": PLOTLY_CONFIG, "colorscale": colorscale("Blues"),
+        "config": PLOTLY_CONFIG, "colorscale": colorscale("Blues"), "images_note": str(images_note),
     }
     if groups is not None and group_names is not None:
         data["groups"] = [int(g) for g in groups]
@@ -73,6 +75,33 @@ to see its images here: worst first, each with the CAM for the true class and fo
 <script type="application/json" id="cm-data">{script_json(data)}</script>
 {sheet_tags}
 <script>{EXPLORER_JS.read_text(encoding="utf-8")}</script>"""
+
+
+def cells_table(cm: np.ndarray) -> np.ndarray:
+    """explorer_data's `cells` for a page without images: every non-empty off-diagonal cell (true, pred, count,
+    0, 0), the largest first."""
+    cm = np.asarray(cm, dtype=np.int64)
+    off = cm - np.diag(np.diag(cm))
+    t, q = np.nonzero(off)
+    by_size = np.lexsort((q, t, -off[t, q]))
+    t, q = t[by_size], q[by_size]
+    zeros = np.zeros(len(t), np.int64)
+    return np.stack([t, q, off[t, q], zeros, zeros], axis=1)
+
+
+def explorer_page(data: dict, title: str, plotlyjs: str = "plotly.min.js") -> str:
+    """The explorer alone as a full page (no cell images), loading plotly.js from the relative path `plotlyjs`:
+    the interactive matrix of a label set too large to draw whole (top N, groups, search)."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font-family:"DejaVu Sans",Arial,sans-serif;max-width:1240px;margin:0 auto;padding:0 16px 40px;color:#222}}
+.note{{color:#444}}{EXPLORER_CSS}</style>
+<script src="{html.escape(plotlyjs)}"></script></head>
+<body><h1>{html.escape(title)}</h1>
+{explorer_html(data, [])}
+</body></html>
+"""
 
 
 EXPLORER_CSS = """

@@ -23,7 +23,7 @@ from helpers.plots.fonts import with_fallback_fonts
 from helpers.plots.overlay import to_rgb_uint8
 
 __all__ = [
-    "plot_confusion_matrix", "plot_confusion_subset", "plot_group_confusion", "plot_coarse_confusion", "plot_top_pairs", "plot_head_cosine",
+    "plot_confusion_matrix", "plot_confusion_overview", "plot_confusion_subset", "plot_group_confusion", "plot_coarse_confusion", "plot_top_pairs", "plot_head_cosine",
     "plot_embedding", "plot_occlusion", "plot_reliability_diagram", "plot_accuracy_deltas", "plot_pair_changes",
 ]
 
@@ -117,6 +117,43 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], normalize:
         if 0 < b < C:
             ax.axhline(b - 0.5, color="0.25", lw=0.7)
             ax.axvline(b - 0.5, color="0.25", lw=0.7)
+    return fig
+
+
+@with_fallback_fonts
+def plot_confusion_overview(cm: np.ndarray, order: Sequence[int], spans: Sequence[tuple[int, int, int]],
+                            group_kind: str = "cluster", title: str = "Confusion matrix",
+                            note: Optional[str] = None, max_labels: int = 60) -> Figure:
+    """The whole matrix of too many classes to name each (hundreds): rows and columns in `order`, a class a
+    pixel row, PowerNorm(0.5) colours so single errors show; the groups (superclasses or clusters) as runs
+    `spans` = (start, stop exclusive, group number) along `order`, outlined on the diagonal and numbered on
+    both axes by group number + 1 (at most `max_labels` numbers, for the largest groups at least 1% of the side).
+    The groups' names belong in a second figure (plot_coarse_confusion)."""
+    cm = np.asarray(cm)
+    n = len(cm)
+    order = np.asarray(order, dtype=np.int64)
+    if cm.shape != (n, n) or sorted(order.tolist()) != list(range(n)):
+        raise ValueError(f"cm {cm.shape} must be square and order a permutation of range({n})")
+    m = cm[np.ix_(order, order)].astype(np.float64)
+    total, correct = int(cm.sum()), int(np.trace(cm))
+    acc = f"accuracy {correct / total:.1%} ({correct}/{total})" if total else "no images"
+    # the widest groups, left to right; one narrower than 1% of the side has no room for its number
+    named = sorted(s for s in sorted(spans, key=lambda s: s[0] - s[1])[:max_labels] if s[1] - s[0] >= n / 100)
+    labels = [str(g + 1) for _, _, g in named]
+    fig, ax, cax = _fixed_matrix_axes(labels or ["0"], 9, size_in=(28.0, 26.0), x_rotation=0, title_h=1.0)
+    norm = mcolors.PowerNorm(gamma=0.5, vmin=0, vmax=max(float(m.max(initial=0)), 1e-9))
+    im = ax.imshow(m, cmap=colormap("Blues"), norm=norm, interpolation="nearest", aspect="equal")
+    centres = [(a + b - 1) / 2 for a, b, _ in named]
+    ax.set_xticks(centres, labels=labels, fontsize=9)
+    ax.set_yticks(centres, labels=labels, fontsize=9)
+    from matplotlib.patches import Rectangle
+    for a, b, _ in spans:
+        ax.add_patch(Rectangle((a - 0.5, a - 0.5), b - a, b - a, fill=False, lw=0.8, edgecolor="#d62728"))
+    ax.set_xlabel(f"Predicted class, by {group_kind} (numbered)", fontsize=12)
+    ax.set_ylabel(f"True class, by {group_kind} (numbered)", fontsize=12)
+    ax.set_title(f"{title} — {n} classes, {acc}; {len(spans)} {group_kind}s outlined (colour: square-root scale)"
+                 + (f"\n{note}" if note else ""), fontsize=16)
+    fig.colorbar(im, cax=cax).set_label("images")
     return fig
 
 
@@ -216,8 +253,9 @@ def plot_group_confusion(counts: np.ndarray, row_pct: np.ndarray, names: Sequenc
 
 
 @with_fallback_fonts
-def plot_coarse_confusion(cm20: np.ndarray, coarse_names: Sequence[str]) -> Figure:
-    """Superclass confusion matrix (e.g. CIFAR-100's 20×20), coloured and annotated with row %."""
+def plot_coarse_confusion(cm20: np.ndarray, coarse_names: Sequence[str], what: str = "superclass") -> Figure:
+    """Superclass confusion matrix (e.g. CIFAR-100's 20×20), coloured and annotated with row %. `what` names the
+    groups ("superclass", or "cluster" for clusters of the confusion)."""
     cm = np.asarray(cm20)
     k = len(coarse_names)
     if cm.shape != (k, k):
@@ -240,13 +278,13 @@ def plot_coarse_confusion(cm20: np.ndarray, coarse_names: Sequence[str]) -> Figu
     ax.set_xticks(np.arange(k), labels=list(coarse_names), rotation=rotation, ha="right", rotation_mode="anchor",
                   fontsize=8)
     ax.set_yticks(np.arange(k), labels=list(coarse_names), fontsize=8)
-    ax.set_xlabel("Predicted superclass")
-    ax.set_ylabel("True superclass")
+    ax.set_xlabel(f"Predicted {what}")
+    ax.set_ylabel(f"True {what}")
     total = cm.sum()
-    acc = f" — superclass accuracy {np.trace(cm) / total:.1%}" if total else ""
-    ax.set_title(f"Superclass confusion (row %){acc}")
+    acc = f" — {what} accuracy {np.trace(cm) / total:.1%}" if total else ""
+    ax.set_title(f"{what.capitalize()} confusion (row %){acc}")
     bar = fig.colorbar(im, cax=cax) if cax is not None else fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-    bar.set_label("% of the true superclass (square-root scale)")
+    bar.set_label(f"% of the true {what} (square-root scale)")
     return fig
 
 

@@ -27,6 +27,12 @@ from helpers.steps.galleries import road_score
 SUB = "deep_dive"
 CSV, PNG = f"{SUB}/method_comparison.csv", f"{SUB}/method_comparison.png"
 N_IMAGES = 4        # the group's most confident errors shown and scored
+# Above this many pixels per image, Run All keeps to the one-backward-pass methods on N_IMAGES_LARGE images: at
+# 224 px IG (64 steps), SmoothGrad and GradientShap (16 samples) cost ~800 forward+backward passes for 4 images,
+# more than a 2,000-image inference pass. Named methods (`methods=`) always run as asked.
+LARGE_PIXELS = 64 * 64
+ONE_PASS = ("saliency", "inputxgradient", "attention", "rollout")
+N_IMAGES_LARGE = 2
 BASELINE = "black"  # for Integrated Gradients, GradientShap, LIME, KernelShap
 
 
@@ -64,6 +70,11 @@ def method_comparison(run: Run, conf: Confusion, deep, methods: Optional[Sequenc
     model = run.model.module
     names = list(methods) if methods is not None else methods_for(model)
     names = [check_attribution_method(m) for m in names]
+    h, w = run.inputs.shape[-2:]
+    reduced = methods is None and h * w > LARGE_PIXELS
+    if reduced:
+        skipped = [m for m in names if m not in ONE_PASS]
+        names, n_images = [m for m in names if m in ONE_PASS], min(n_images, N_IMAGES_LARGE)
     idx = group_errors(run, deep.group.group, n_images)
     sec = MethodComparison(indices=[int(i) for i in idx], methods=names, baseline=baseline,
                            true_classes=[int(run.preds.labels[i]) for i in idx],
@@ -90,6 +101,10 @@ def method_comparison(run: Run, conf: Confusion, deep, methods: Optional[Sequenc
                          "aggregation": ATTRIBUTION_METHODS[m].aggregation, "road": road,
                          "road_random": sec.road_random, "road_gain": road - sec.road_random,
                          "seconds_per_map": spent / (2 * len(idx)), "n_images": len(idx)})
+    if reduced and skipped:
+        sec.notes.append(f"At {h}x{w} px the comparison keeps to the one-pass methods on {len(idx)} images; "
+                         f"{', '.join(skipped)} take 16-64 passes per map: an.method_comparison(methods=[...]) runs "
+                         "them.")
     sec.scores = pd.DataFrame(rows, columns=["method", "cost", "aggregation", "road", "road_random", "road_gain",
                                              "seconds_per_map", "n_images"])
     run.outputs.save_csv(sec.scores, SUB, "method_comparison.csv")

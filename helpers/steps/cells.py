@@ -9,10 +9,16 @@ import torch
 
 from helpers.compute.cells import CellExamples, cell_examples
 from helpers.model.cams import forward_with_activations
-from helpers.plots.cell_tiles import TileSheets, fit_thumbnails, thumb_side, tile_sheets
+from helpers.model.pass_cams import PRED, TRUE
+from helpers.plots.cell_tiles import MAX_SIDE, TileSheets, fit_thumbnails, thumb_side, tile_sheets
 from helpers.steps.context import Run, Section
 
 CAM_BATCH = 256   # CAMs asked of the store at a time: one progress-bar step, bounded memory
+# The pixels of one panel summed over the shown images: 3,000 CIFAR-size (32x32) thumbnails, about 12 MB of
+# sheets in index.html. Larger images get smaller thumbnails when many are shown, so that the page's size is
+# bounded by this, not by the image size (3,000 images at 64 px made a 56 MB page), down to MIN_SIDE.
+PANEL_PIXELS = 3000 * 32 * 32
+MIN_SIDE = 24
 
 
 @dataclass(kw_only=True)
@@ -42,15 +48,39 @@ def draw_tiles(run: Run, engine, idx: np.ndarray, t: np.ndarray, q: np.ndarray, 
     # The engine, not the store: these CAMs are drawn once and kept only as thumbnails (the store would hold
     # every full-size map in memory and in the cache).
     thumbs: list[list[np.ndarray]] = [[], [], []]
+    from_pass = kept_in_pass(run, engine, idx[:2], t[:2], q[:2])
+    h, w = run.inputs.shape[-2:]
     with tqdm(total=len(idx), desc="Confusion-cell CAMs", unit="img", disable=not run.progress) as bar:
         for s in range(0, len(idx), CAM_BATCH):
             b = idx[s:s + CAM_BATCH]
-            x = run.inputs[torch.as_tensor(b)]
             thumbs[0] += fit_thumbnails([run.data.images[i] for i in b], side)
-            for k, cams in enumerate(cams_for(engine, x, t[s:s + CAM_BATCH], q[s:s + CAM_BATCH]), 1):
+            if from_pass:   # t, q are the labels and predictions: the two maps the pass kept
+                maps = [run.pass_cams.maps(b, which, (h, w)) for which in (TRUE, PRED)]
+            else:
+                maps = cams_for(engine, run.inputs[torch.as_tensor(b)], t[s:s + CAM_BATCH], q[s:s + CAM_BATCH])
+            for k, cams in enumerate(maps, 1):
                 thumbs[k] += fit_thumbnails(run.overlays(b, cams), side)
             bar.update(len(b))
     return tile_sheets(*thumbs)
+
+
+def kept_in_pass(run: Run, engine, idx: np.ndarray, t: np.ndarray, q: np.ndarray) -> bool:
+    """Whether the inference pass's own Grad-CAMs (helpers.model.pass_cams) can give the cells' CAMs: the fast
+    path for the store's default engine, with every image's maps kept, and verified against pytorch-grad-cam
+    (computing two images' CAMs verifies it when nothing else has yet)."""
+    pc = run.pass_cams
+    if pc is None or not pc.complete or engine.method != "gradcam" or not engine.fast or not len(idx):
+        return False
+    if not engine.cam_path.verified:
+        engine.compute(run.inputs[torch.as_tensor(idx)], t, progress=False)
+    return engine.fast and engine.cam_path.verified
+
+
+def tile_side(h: int, w: int, n_images: int) -> tuple[int, int]:
+    """(width, height) of one thumbnail panel for n_images images of h x w: at most MAX_SIDE, and small enough
+    that all of them together stay within PANEL_PIXELS (but never below MIN_SIDE on the longer side)."""
+    fit = int((PANEL_PIXELS * max(h, w) ** 2 / (h * w * max(n_images, 1))) ** 0.5)   # long side, for that area
+    return thumb_side(h, w, max(MIN_SIDE, min(MAX_SIDE, fit)))
 
 
 def cell_images(run: Run) -> CellImages:
@@ -60,7 +90,7 @@ def cell_images(run: Run) -> CellImages:
     ex = cell_examples(pr.labels, pr.preds, pr.probs, p.CELL_IMAGES, p.CELL_IMAGES_MAX)
     idx = ex.shown
     t, q = pr.labels[idx], pr.preds[idx]
-    side = thumb_side(*run.data.images.shape[1:3])
+    side = tile_side(*run.data.images.shape[1:3], len(idx))
     tiles = tile_sheets([], [], [])
     if len(idx) and run.cams is not None:
         engine = run.cams.engine()

@@ -21,6 +21,7 @@ from helpers.files.png import inline_image
 from helpers.model.cam_store import CamStore
 from helpers.model.inference import Predictions
 from helpers.model.load import LoadedModel
+from helpers.model.pass_cams import PassCams
 from helpers.plots.overlay import overlay_many
 
 _DISPLAY_FIELDS = ("title", "figures", "files", "notes")
@@ -74,6 +75,8 @@ class Run:
     cache: RunCache
     device: torch.device
     progress: bool = True
+    autocast: bool = False   # the inference pass ran under float16 autocast (MIXED_PRECISION on CUDA)
+    pass_cams: Optional[PassCams] = None   # every image's true/pred Grad-CAM from the inference pass (fast path)
     names: list[str] = field(init=False)   # display names of the classes, built once
 
     def __post_init__(self) -> None:

@@ -10,12 +10,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 from helpers.compute import metrics
+from helpers.config import class_gallery_count
 from helpers.files import png
 from helpers.files.cache import digest
 from helpers.model.cams import faithfulness
 from helpers.plots import gallery, overlay
 from helpers.plots.gallery import GalleryRow, difference_panel, render_gallery
-from helpers.steps.confusion import Confusion
+from helpers.steps.confusion import Confusion, weakest_classes
 from helpers.steps.context import Run, Section
 
 # What a kept gallery file depends on besides its content: the drawing code and the PNG level.
@@ -119,20 +120,22 @@ def road_score(run: Run, idx: Sequence[int], classes: Sequence[int], maps: np.nd
 
 # ---------------------------------------------------------------------- steps
 def class_galleries(run: Run, conf: Optional[Confusion] = None, show: int = 3) -> ClassGalleries:
-    """Best and worst predictions with CAMs for every class (one PNG per class); the `show` weakest classes
-    are also returned for display."""
+    """Best and worst predictions with CAMs for the CLASS_GALLERIES weakest classes (one PNG per class; "all":
+    every class); the `show` weakest are also returned for display."""
     from tqdm.auto import tqdm
     p, pr, out = run.params, run.preds, run.outputs
-    classes = range(run.data.num_classes)
+    n_classes = run.data.num_classes
+    cm = conf.cm if conf is not None else metrics.confusion_matrix(pr.labels, pr.preds, n_classes)
+    order = weakest_classes(cm)
+    n_drawn = class_gallery_count(p.CLASS_GALLERIES, n_classes)
+    classes = sorted(int(c) for c in order[:n_drawn])   # drawn in class order: the files list reads as a listing
     need = []   # every CAM the galleries need, in one batched request
     for cls in classes:
         worst, best = metrics.gallery_examples(pr.labels, pr.preds, pr.probs, cls, p.N_WORST, p.N_BEST)
         need += _class_cams_needed(pr, cls, worst, best)
     run.cams.prefetch(need)
     sec = ClassGalleries()
-    order = (np.argsort(conf.table["accuracy"].to_numpy(), kind="stable") if conf is not None
-             else np.arange(run.data.num_classes))
-    shown = set(int(c) for c in order[:show])
+    shown = set(int(c) for c in order[:min(show, n_drawn)])
     for cls in tqdm(classes, desc="Class galleries", unit="class", disable=not run.progress):
         name = run.gallery_filename(cls)
         rel = f"worst_predictions/{name}"
@@ -144,6 +147,10 @@ def class_galleries(run: Run, conf: Optional[Confusion] = None, show: int = 3) -
         elif not out.unchanged(rel, digest([_DRAWING_CODE, content]), force=p.FORCE_RECOMPUTE):
             # drawn and encoded by the figure worker, off this process
             out.save_rendered(render_gallery, content, "worst_predictions", name)
+    if n_drawn < n_classes:
+        sec.notes.append(f"Galleries of the {n_drawn} weakest of {n_classes} classes (lowest accuracy first; "
+                         f'CLASS_GALLERIES={p.CLASS_GALLERIES!r}, "all" draws every class). '
+                         "Any class on demand: an.class_gallery(class_id), or the widget.")
     engine, store = run.cams.engine(), run.cams
     sec.cam_path, sec.n_from_activations = engine.path, store.n_from_activations
     how = (f"; {store.n_from_activations} of {store.n_computed} CAMs from activations kept in the inference pass"

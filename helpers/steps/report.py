@@ -12,9 +12,7 @@ import numpy as np
 import pandas as pd
 
 from helpers.compute.metrics import HIGH_CONFIDENCE, LABEL_SUSPECT_MAX_P_GIVEN, yes_no
-from helpers.compute.ordering import cluster_groups
 from helpers.compute.recommendations import Evidence, Recommendation, format_recommendations, recommend
-from helpers.data.datasets import readable
 from helpers.files.png import preview_data_uri
 from helpers.plots.explorer import EXPLORER_CSS, explorer_data, explorer_html
 from helpers.plots.interactive import plotly_div
@@ -33,7 +31,11 @@ FAITHFULNESS_HOW_TO_READ = (
 
 # Descriptions for index.html, by file name or prefix.
 DESCRIPTIONS = [
-    ("confusion_matrix_full.png", "Full confusion matrix: rows are true classes, columns predictions."),
+    ("confusion_matrix_full.png", "Full confusion matrix: rows are true classes, columns predictions (above 200 "
+                                  "classes: by superclass or cluster, numbered)."),
+    ("confusion_matrix_top.png", "The 50 most confused classes, each named (label sets above 200 classes)."),
+    ("confusion_matrix_groups.png", "The confusion between superclasses or clusters of the confusion, named "
+                                    "(label sets above 200 classes)."),
     ("per_class_accuracy.csv", "Accuracy, support, confidence and most frequent wrong prediction per class."),
     ("per_class_accuracy_interactive.html", "Interactive per-class accuracy chart (hover for details)."),
     ("confusion_matrix_interactive.html", "The full interactive confusion matrix on its own page: hover for counts "
@@ -222,6 +224,7 @@ def summary_text(run: Run, conf: Confusion, deep: Optional[DeepDive], faith: dic
         f"Model:    {run.model.arch} — {run.model.source}",
         f"Dataset:  {data.name}, {n} test images, {data.num_classes} classes",
         *([f"Images:   {data.resize_note}"] if getattr(data, "resize_note", "") else []),
+        f"Input:    {data.input_note}" + (", float16 autocast in the inference pass" if run.autocast else ""),
         *([f"Read:     {', '.join(data.source_files)}"] if data.source_files else []),
         f"CAM:      {p.CAM_METHOD} at layer {engine.layer_name}; path: {engine.path}",
         "",
@@ -368,24 +371,12 @@ def _file_table(rels: list[str]) -> str:
 
 
 def _explorer(run: Run, conf: Confusion, cells: CellImages) -> str:
-    data = run.data
-    groups = group_names = None
-    kind = "superclass"
-    if data.fine_to_coarse is not None and data.coarse_names:
-        f2c = np.asarray(data.fine_to_coarse)
-        groups = np.where(f2c >= 0, f2c, len(data.coarse_names))
-        group_names = [readable(c) for c in data.coarse_names] + ["unknown superclass"]
-    elif data.num_classes > 12:
-        groups = cluster_groups(conf.cm, max(2, round(data.num_classes ** 0.5)))
-        group_names = [f"cluster {g + 1}: " + ", ".join(run.names[c] for c in conf.order if groups[c] == g)[:60]
-                       for g in range(int(groups.max()) + 1)]
-        kind = "cluster"
     ex = cells.examples
     table = ex.table()
     if not cells.tiles.sheets:   # no tiles drawn (no CAMs, or turned off): no cell claims images
         table[:, 4] = 0
     payload = explorer_data(conf.cm, run.names, conf.order, table, ex.shown, ex.per_cell, ex.budget, cells.tiles,
-                            cells.p_pred, cells.p_true, groups, group_names, kind)
+                            cells.p_pred, cells.p_true, conf.groups, conf.group_names, conf.group_kind)
     return explorer_html(payload, cells.tiles.sheets)
 
 
@@ -422,7 +413,11 @@ def index_html(run: Run, conf: Confusion, deep: Optional[DeepDive], files: list[
          "<b>click a cell</b> to see its images. Choose which classes to show (the most confused, "
          "collapsed into groups, or one class and its partners by name) and the colour: counts, row % or row % "
          f'without the diagonal. The full matrix: {_link("confusion_matrix_interactive.html", "its own page")} and a '
-         f'{_link("confusion_matrix_full.png", "static PNG")}.</p>' + static_cm + explorer),
+         f'{_link("confusion_matrix_full.png", "static PNG")}'
+         + (f' (by group), with {_link("confusion_matrix_groups.png", "the groups named")}, '
+            f'{_link("confusion_matrix_top.png", "the most confused classes named")} and every number in '
+            f'{_link("per_class_accuracy.csv")}' if "confusion_matrix_groups.png" in present else "")
+         + ".</p>" + static_cm + explorer),
         ("per-class", "Per-class accuracy",
          '<div class="js-only">' + plotly_div(conf.per_class_figure, "per-class-accuracy") + "</div>"
          + f'<p>{_link("per_class_accuracy.csv")} · {_link("per_class_accuracy_interactive.html")}</p>'),

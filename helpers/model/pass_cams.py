@@ -1,0 +1,72 @@
+"""Grad-CAM of every test image for its true and its predicted class, on the target layer's own grid, computed
+inside the one inference pass.
+
+For a GAP -> Linear head the Grad-CAM of class c is ReLU(Σ_k W[c,k]/(h·w) · A_k) (helpers.model.cams
+.gradcam_from_activations), so the pass can reduce each batch's activations to two small maps per image while it
+has them: (N, 2, h, w) floats (8 MB for 20,000 images on a 7x7 grid) instead of a second forward pass over the
+confusion-matrix cells' images (up to CELL_IMAGES_MAX of them) later. Upsampling and the library's min-max scaling
+happen when a map is drawn (`maps`), exactly as the fast path does them.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+TRUE, PRED = 0, 1
+
+
+class PassCams:
+    """Kept by a forward hook on `layer` during the inference pass (`capture()`, then `update()` after each batch,
+    the interface run_inference gives its observers)."""
+
+    def __init__(self, layer: torch.nn.Module, weights: torch.Tensor, n_images: int):
+        self.layer = layer
+        self.weights = weights.detach().float().cpu()   # (C, K) of the final Linear
+        self.n_images = int(n_images)
+        self._grid: Optional[np.ndarray] = None          # (N, 2, h, w) float32, allocated at the first batch
+        self._filled = np.zeros(self.n_images, dtype=bool)
+        self._batch: Optional[torch.Tensor] = None
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        def hook(_module, _inputs, output):
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                self._batch = output
+        handle = self.layer.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self._batch = None
+
+    def update(self, start: int, probs: np.ndarray, labels: np.ndarray, preds: np.ndarray) -> None:
+        acts, self._batch = self._batch, None
+        n = len(probs)
+        if acts is None or acts.shape[0] != n or not n or acts.shape[1] != self.weights.shape[1]:
+            return
+        a = acts.float().cpu()
+        h, w = a.shape[2], a.shape[3]
+        if self._grid is None:
+            self._grid = np.zeros((self.n_images, 2, h, w), dtype=np.float32)
+        classes = np.clip(np.stack([np.asarray(labels), np.asarray(preds)], axis=1), 0, len(self.weights) - 1)
+        wt = self.weights[torch.as_tensor(classes, dtype=torch.long)] / (h * w)    # (B, 2, K)
+        self._grid[start:start + n] = torch.einsum("bjk,bkhw->bjhw", wt, a).clamp_min(0).numpy()
+        self._filled[start:start + n] = True
+
+    @property
+    def complete(self) -> bool:
+        """Every image of the pass has its two maps (a pass that ended early, or a model whose hook saw no
+        map, has not)."""
+        return self._grid is not None and bool(self._filled.all())
+
+    def maps(self, indices, which: int, out_size: tuple[int, int]) -> np.ndarray:
+        """(len(indices), H, W) CAMs of `indices` for their true (TRUE) or predicted (PRED) class, upsampled and
+        min-max scaled as pytorch-grad-cam does."""
+        from helpers.model.cams import scale_like_library
+        idx = np.asarray(indices, dtype=np.int64)
+        if self._grid is None or not self._filled[idx].all():
+            raise ValueError("PassCams.maps: images without maps from the inference pass")
+        return scale_like_library(self._grid[idx, which], out_size)

@@ -1,0 +1,180 @@
+"""Multi-process inference (torchrun): shard bounds, the gallery-state merge, and a 2-process gloo run of
+`python -m helpers analyze` whose outputs equal a single-process run's on the same real Fashion-MNIST data."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FMNIST_ARCH, REPO
+from helpers.compute.metrics import gallery_examples
+from helpers.data.datasets import load_dataset
+from helpers.data.readers import SYSTEM_FASHION_MNIST
+from helpers.model import distributed
+from helpers.model.cam_store import GalleryActivations
+from helpers.model.inference import run_inference, to_tensor
+
+pytestmark = pytest.mark.skipif(not (SYSTEM_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz").is_file(),
+                                reason=f"Fashion-MNIST is not installed in {SYSTEM_FASHION_MNIST}")
+
+N_TEST = 600
+BATCH = 64
+CLI_ARGS = ["--quiet", "--arch", FMNIST_ARCH, "--dataset", "fashion_mnist", "--data-root", str(SYSTEM_FASHION_MNIST),
+            "--no-download", "--limit", str(N_TEST), "--batch-size", str(BATCH), "--device", "cpu",
+            "--n-worst", "2", "--n-best", "1", "--top-pairs", "5", "--n-pair-galleries", "1", "--pair-examples", "2",
+            "--cell-images", "2"]
+
+
+@pytest.mark.parametrize("n, world, batch, expected", [
+    (600, 2, 64, [(0, 320), (320, 600)]),                # 10 batches, the last one partial
+    (5, 4, 2, [(0, 2), (2, 4), (4, 5), (5, 5)]),         # 3 batches over 4 ranks: one rank gets none
+    (700, 3, 100, [(0, 300), (300, 500), (500, 700)]),   # 7 batches: the first rank takes the extra one
+    (0, 2, 8, [(0, 0), (0, 0)]),
+])
+def test_shard_bounds_hand_computed(n, world, batch, expected):
+    assert [distributed.shard_bounds(n, world, r, batch) for r in range(world)] == expected
+
+
+@pytest.mark.parametrize("n, world, batch", [(1, 2, 1), (999, 4, 64), (1000, 3, 7), (64, 8, 64), (10_000, 5, 256)])
+def test_shards_tile_the_set_in_whole_batches(n, world, batch):
+    bounds = [distributed.shard_bounds(n, world, r, batch) for r in range(world)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(b0[1] == b1[0] for b0, b1 in zip(bounds, bounds[1:]))   # contiguous, in rank order
+    # Every batch boundary is one a single process has: the same batches, the same logits.
+    assert all(a % batch == 0 and (b % batch == 0 or b == n) for a, b in bounds)
+    n_batches = [-(-(b - a) // batch) for a, b in bounds]
+    assert max(n_batches) - min(n_batches) <= 1
+
+
+def test_world_from_env():
+    assert distributed.world_from_env({}) is None
+    assert distributed.world_from_env({"WORLD_SIZE": "1", "RANK": "0"}) is None
+    w = distributed.world_from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    assert (w.rank, w.world_size, w.local_rank, w.local_world_size, w.is_main) == (3, 4, 1, 2, False)
+    assert distributed.is_main_process({"WORLD_SIZE": "2", "RANK": "0"})
+    assert not distributed.is_main_process({"WORLD_SIZE": "2", "RANK": "1"})
+
+
+@pytest.fixture(scope="module")
+def fmnist_model_and_inputs(fmnist_checkpoint):
+    import fmnist_model
+    model = fmnist_model.FashionCNN()
+    model.load_state_dict(torch.load(fmnist_checkpoint, weights_only=True))
+    data = load_dataset("fashion_mnist", root=SYSTEM_FASHION_MNIST, download=False, limit=N_TEST)
+    return model.eval(), to_tensor(data.images, data.mean, data.std), data.labels
+
+
+def test_merged_shard_galleries_equal_one_pass_over_the_whole_set(fmnist_model_and_inputs):
+    model, inputs, labels = fmnist_model_and_inputs
+    layer = model.features[-1]
+    whole = GalleryActivations(layer, 2, 1)
+    preds = run_inference(model, inputs, labels, batch_size=BATCH, progress=False, gallery=whole)
+    states = []
+    for rank in range(3):
+        a, b = distributed.shard_bounds(len(inputs), 3, rank, BATCH)
+        shard = GalleryActivations(layer, 2, 1)
+        run_inference(model, inputs[a:b], labels[a:b], batch_size=BATCH, progress=False,
+                      gallery=distributed.OffsetGallery(shard, a))
+        states.append(shard.kept_state())
+    merged = GalleryActivations(layer, 2, 1)
+    merged.merge_states(states)
+    ref, got = whole.kept_state(), merged.kept_state()
+    order_ref, order_got = np.argsort(ref["idx"]), np.argsort(got["idx"])
+    for key in ("idx", "labels", "preds", "p_pred", "p_label"):
+        np.testing.assert_array_equal(got[key][order_got], ref[key][order_ref])
+    for i in ref["idx"]:
+        assert torch.equal(merged.stack([i])[0], whole.stack([i])[0])
+    # Independently of the streamed rule: every image a class gallery shows is among the kept ones.
+    shown = {i for c in range(10) for part in gallery_examples(labels, preds.preds, preds.probs, c, 2, 1) for i in part}
+    assert shown and shown <= set(got["idx"].tolist())
+    assert len(got["idx"]) < sum(len(s["idx"]) for s in states)   # the merge selects
+
+
+def test_merge_treats_map_values_as_opaque():
+    """Map values travel as they are (here tuples of tensors); only the selection decides which stay."""
+    def state(idx, labels, preds, p_pred):
+        idx = np.asarray(idx, np.int64)
+        return {"idx": idx, "labels": np.asarray(labels, np.int64), "preds": np.asarray(preds, np.int64),
+                "p_pred": np.asarray(p_pred, np.float32),
+                "p_label": np.where(np.asarray(labels) == preds, p_pred, 0.1).astype(np.float32),
+                "maps": [(torch.full((1,), float(i)), f"map {i}") for i in idx]}
+    # Class 0, n_worst=1, n_best=0: the worst is the most confident error (image 7, p 0.9), then the correct ones.
+    a = state([0, 1], [0, 0], [1, 0], [0.6, 0.8])
+    b = state([7, 8], [0, 0], [1, 0], [0.9, 0.7])
+    g = GalleryActivations(torch.nn.Identity(), 1, 0)
+    g.merge_states([a, b])
+    kept = g.kept_state()
+    assert kept["idx"].tolist() == [1, 7]   # the one worst, plus the one most confident correct (n_best + n_worst)
+    assert [m[1] for m in kept["maps"]] == ["map 1", "map 7"] and 7 in g and 0 not in g and 8 not in g
+    with pytest.raises(ValueError, match="disjoint"):
+        g.merge_states([a, a])
+
+
+def test_to_device_moves_nested_tensors_only():
+    value = (torch.ones(2), [torch.zeros(1), "label"], {"k": torch.ones(1)}, 3)
+    moved = distributed.to_device(value, "meta")
+    assert moved[0].device.type == "meta" and moved[1][0].device.type == "meta" and moved[2]["k"].device.type == "meta"
+    assert moved[1][1] == "label" and moved[3] == 3 and isinstance(moved[1], list)
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def _summary_without_timings(path: Path) -> list[str]:
+    """The summary less what measures time: the Timings line and the attribution methods' ms per map."""
+    return [re.sub(r"; [0-9.]+ ms per map$", "", line) for line in path.read_text().splitlines()
+            if not line.startswith("Timings (s):")]
+
+
+def _without_timing_columns(path: Path) -> list[list[str]]:
+    import csv
+    rows = list(csv.reader(path.open()))
+    timed = {i for i, name in enumerate(rows[0] if rows else []) if "seconds" in name}
+    return [[v for i, v in enumerate(row) if i not in timed] for row in rows]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_what_one_process_writes(fmnist_checkpoint, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = CLI_ARGS + ["--model-path", str(fmnist_checkpoint)]
+    single = subprocess.run([sys.executable, "-m", "helpers", "analyze", *args, "--output-dir", str(one)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "helpers", "analyze", *args, "--output-dir", str(two)],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert multi.returncode == 0, multi.stderr[-3000:]   # every rank exited 0
+    assert multi.stdout.count("Accuracy ") == 1          # only rank 0 reports (and writes)
+
+    assert _files(two) == _files(one)   # nothing more: no rank > 0 staging folder, probe or cache
+    key = next(c.stem for c in (one / ".cache").glob("*.npz") if not c.stem.endswith("-derived"))
+    with np.load(one / ".cache" / f"{key}.npz") as a, np.load(two / ".cache" / f"{key}.npz") as b:
+        assert sorted(a.files) == sorted(b.files) and "features" in a.files
+        for name in a.files:   # the same batches: logits, probs, preds and features bit for bit
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    with np.load(one / ".cache" / f"{key}-derived.npz") as a, np.load(two / ".cache" / f"{key}-derived.npz") as b:
+        cams_one = {tuple(k): v for k, v in zip(a["cam_index"].tolist(), a["cam_values"])}
+        cams_two = {tuple(k): v for k, v in zip(b["cam_index"].tolist(), b["cam_values"])}
+    # The same CAMs; later CAM batches hold them in another order, so float32 sums differ in the last bit.
+    assert cams_one.keys() == cams_two.keys()
+    for k, cam in cams_one.items():
+        np.testing.assert_allclose(cams_two[k], cam, rtol=0, atol=1e-5, err_msg=str(k))
+    csvs = sorted(f for f in _files(one) if f.endswith(".csv"))
+    assert "per_class_accuracy.csv" in csvs
+    for rel in csvs:
+        assert _without_timing_columns(two / rel) == _without_timing_columns(one / rel), rel
+    # The class galleries show the same images with the same CAMs: the same pixels.
+    galleries = sorted(f for f in _files(one) if f.startswith("worst_predictions/"))
+    assert galleries
+    from PIL import Image
+    for rel in galleries:
+        assert np.array_equal(np.asarray(Image.open(one / rel)), np.asarray(Image.open(two / rel))), rel
+    assert _summary_without_timings(two / "analysis_summary.txt") == _summary_without_timings(one / "analysis_summary.txt")
