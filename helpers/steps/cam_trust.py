@@ -38,6 +38,7 @@ NOISE_THRESHOLD = 0.9            # median true- vs predicted-class rank correlat
 RANDOMISATION_THRESHOLD = T.RANDOMISATION_THRESHOLD
 ROAD_TIE_BREAK = True            # score tie-broken maps: every map removes the same 20% (see T.tie_broken)
 FINER_KEY = "finercam (true vs predicted)"   # as deep_dive.FINER_KEY: the same map, scored the same way
+LARGE_PER_PAIR = 2               # large images (run.large_images): pair-gallery images per pair checked
 PAIR_COLUMNS = ["true_id", "pred_id", "pair", "n_images", "class_sensitivity_median", "difference_is_noise"]
 
 
@@ -75,6 +76,17 @@ class CamTrust(Section):
             why.append(f"its maps barely change when the {flagged['stage'].iloc[0]} is randomised (median rank "
                        f"correlation {flagged['median_rank_corr'].iloc[0]:.2f})")
         return "; ".join(why)
+
+
+def _first_per_pair(true: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the first k images of every (true, pred) pair, in order."""
+    seen: dict[tuple[int, int], int] = {}
+    keep = []
+    for i, key in enumerate(zip(true.tolist(), pred.tolist())):
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= k:
+            keep.append(i)
+    return np.asarray(keep, np.int64)
 
 
 def _empty(columns) -> pd.DataFrame:
@@ -228,6 +240,9 @@ def cam_trust(run: Run, conf: Confusion) -> CamTrust:
                    images=_empty(["index", "true_id", "pred_id", "class_sensitivity"]),
                    randomisation=_empty(T.RANDOMISATION_COLUMNS), road=_empty(T.ROAD_COLUMNS + ["sparse_maps"]))
     idx, true, pred = _gallery_images(run, conf) if run.cams is not None else (np.zeros(0, np.int64),) * 3
+    if run.large_images:   # randomised copies and ROAD cost several passes per image: the first 2 of each pair
+        first = _first_per_pair(true, pred, LARGE_PER_PAIR)
+        idx, true, pred = idx[first], true[first], pred[first]
     cam_p = np.zeros((0,) + tuple(run.inputs.shape[-2:]), np.float32)
     randomised, rhos, baselines = {}, {}, {}
     if run.cams is None or run.model is None:

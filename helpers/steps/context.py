@@ -60,6 +60,9 @@ def show_inline(fig) -> None:
     display(Image(data=data, format=fmt))
 
 
+LARGE_PIXELS = 64 * 64
+
+
 @dataclass
 class Run:
     """One analysis run, read by every step: parameters, data, model, predictions, the CAM store, the outputs
@@ -81,6 +84,13 @@ class Run:
 
     def __post_init__(self) -> None:
         self.names = self.data.display_names
+
+    @property
+    def large_images(self) -> bool:
+        """Images above LARGE_PIXELS (64x64): every model pass costs ~50x a CIFAR one, so the checks that run many
+        passes per image (occlusion, CAM trust) take fewer images (issue 18: the analysis near one pass)."""
+        h, w = self.inputs.shape[-2:]
+        return int(h) * int(w) > LARGE_PIXELS
 
     def overlays(self, indices: Sequence[int], cams: Sequence[np.ndarray]) -> list[np.ndarray]:
         """CAMs drawn over their images, in one vectorised pass."""
