@@ -151,10 +151,11 @@ class Analysis:
                 torch.set_num_threads(self.threads)   # the pass gets every free core
             infer = run_inference if world is None else distributed.sharded(world, run_inference)   # + gather
             engine = self.cams.engine()
-            # the confusion cells' CAMs from this pass (fast path, one process: a shard sees only its images)
+            # every image's true/pred CAM from this pass (fast path, one process: a shard sees only its images)
             self.pass_cams = (PassCams(engine.layer, engine.head_weight, len(self.inputs))
-                              if world is None and engine.head_weight is not None and p.CELL_IMAGES_MAX else None)
+                              if world is None and engine.head_weight is not None else None)
             self.preds = self._pass(infer, amp, [self.pass_cams] if self.pass_cams is not None else [])
+            self.cams.pass_cams = self.pass_cams if self.pass_cams is not None and self.pass_cams.complete else None
             predictions.write_predictions(self.cache, self.preds)
         if self.device.type == "cpu":
             # Later steps run the model on a few dozen images at a time, where extra OpenMP threads mostly spin

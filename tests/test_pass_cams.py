@@ -28,6 +28,12 @@ def test_pass_cams_equal_the_library():
         got = kept.maps(idx, which, (64, 64))
         assert got.shape == (4, 64, 64) and got.std() > 0
         np.testing.assert_allclose(got, ref, atol=1e-5)
+    # the store's lookup: only the kept (image, true or predicted class) requests, the same maps
+    other = (labels[idx] + 1) % 5
+    other = np.where(other == pr.preds[idx], (other + 1) % 5, other)
+    pos, maps = kept.lookup(np.r_[idx, idx], np.r_[pr.preds[idx], other], (64, 64))
+    assert pos.tolist() == [0, 1, 2, 3]
+    np.testing.assert_allclose(maps, kept.maps(idx, PRED, (64, 64)), atol=1e-6)
 
 
 def test_a_pass_that_saw_no_map_is_not_complete():

@@ -196,6 +196,7 @@ class CamStore:
         self.num_classes = num_classes
         self._cams: dict[tuple[int, int, str, str], np.ndarray] = {}
         self._activations: Optional[GalleryActivations] = None
+        self.pass_cams = None   # a helpers.model.pass_cams.PassCams, set by the pipeline after the inference pass
         self._cached_paths: dict[tuple[str, str], CamPath] = {}   # (method, layer name) -> path, from the cache
         self.n_computed = 0        # CAMs actually computed (not served from memory or the cache)
         self.n_from_activations = 0  # of those, computed from activations captured in the inference pass
@@ -277,6 +278,14 @@ class CamStore:
                 self.n_computed += len(held)
                 self.n_from_activations += len(held)
                 missing = [k for k in missing if k not in self._cams]
+        kept = self.pass_cams   # every image's true/pred Grad-CAM from the inference pass (fast path, verified)
+        if missing and kept is not None and engine.fast and engine.layer is kept.layer and engine.cam_path.verified:
+            pos, cams = kept.lookup([k[0] for k in missing], [k[1] for k in missing], tuple(self.inputs.shape[-2:]))
+            for p, cam in zip(pos.tolist(), cams):
+                self._cams[missing[p]] = cam
+            self.n_computed += len(pos)
+            self.n_from_activations += len(pos)
+            missing = [k for k in missing if k not in self._cams]
         if missing:
             idx = torch.as_tensor([k[0] for k in missing])
             cams = engine.compute(self.inputs[idx], np.array([k[1] for k in missing]))

@@ -28,6 +28,7 @@ class PassCams:
         self.n_images = int(n_images)
         self._grid: Optional[np.ndarray] = None          # (N, 2, h, w) float32, allocated at the first batch
         self._filled = np.zeros(self.n_images, dtype=bool)
+        self._classes = np.full((self.n_images, 2), -1, dtype=np.int64)   # the true and predicted class kept
         self._batch: Optional[torch.Tensor] = None
 
     @contextlib.contextmanager
@@ -54,6 +55,7 @@ class PassCams:
         classes = np.clip(np.stack([np.asarray(labels), np.asarray(preds)], axis=1), 0, len(self.weights) - 1)
         wt = self.weights[torch.as_tensor(classes, dtype=torch.long)] / (h * w)    # (B, 2, K)
         self._grid[start:start + n] = torch.einsum("bjk,bkhw->bjhw", wt, a).clamp_min(0).numpy()
+        self._classes[start:start + n] = np.stack([np.asarray(labels), np.asarray(preds)], axis=1)
         self._filled[start:start + n] = True
 
     @property
@@ -70,3 +72,17 @@ class PassCams:
         if self._grid is None or not self._filled[idx].all():
             raise ValueError("PassCams.maps: images without maps from the inference pass")
         return scale_like_library(self._grid[idx, which], out_size)
+
+    def lookup(self, indices, classes, out_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, maps): which of the (indices[i], classes[i]) requests the pass kept (the image's true or
+        predicted class) and their CAMs, as maps() gives them."""
+        idx, cls = np.asarray(indices, dtype=np.int64), np.asarray(classes, dtype=np.int64)
+        if self._grid is None or not len(idx):
+            return np.zeros(0, np.int64), np.zeros((0,) + tuple(out_size), np.float32)
+        ok = self._filled[idx]
+        which = np.where(self._classes[idx, TRUE] == cls, TRUE, np.where(self._classes[idx, PRED] == cls, PRED, -1))
+        pos = np.flatnonzero(ok & (which >= 0))
+        if not len(pos):
+            return pos, np.zeros((0,) + tuple(out_size), np.float32)
+        from helpers.model.cams import scale_like_library
+        return pos, scale_like_library(self._grid[idx[pos], which[pos]], out_size)
