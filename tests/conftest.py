@@ -118,6 +118,7 @@ class InferenceCounter:
 
 
 FMNIST_ARCH = f"{REPO / 'tests' / 'fmnist_model.py'}:FashionCNN"
+TRAIN_THREADS = min(2, os.cpu_count() or 1)
 N_TRAIN = 16000      # a seeded subset of the 60k train images: ~84% test accuracy after 3 epochs
 
 
@@ -125,8 +126,9 @@ def _train_fmnist(tmp_path_factory, arch_name: str) -> Path:
     import fmnist_model
     from helpers.data.datasets import load_dataset
     from helpers.data.readers import SYSTEM_FASHION_MNIST
-    from helpers.model.inference import default_threads
-    torch.set_num_threads(default_threads())   # as Analysis does: busy shared cores make extra threads stall
+    # A fixed thread count, not the free cores: a CPU's float reductions split by thread count, so a model trained
+    # with 1 thread under load differs from a quiet 2-thread run (and a planted cause's rank flipped with it).
+    torch.set_num_threads(TRAIN_THREADS)
     train = load_dataset("fashion_mnist", root=SYSTEM_FASHION_MNIST, split="train", download=False)
     idx = np.sort(np.random.default_rng(0).choice(len(train.labels), N_TRAIN, replace=False))
     model = fmnist_model.train_fashion_cnn(train.images[idx], train.labels[idx], train.mean, train.std, epochs=3,
@@ -177,8 +179,7 @@ def fmnist_shortcut(tmp_path_factory):
     import fmnist_model
     from helpers.data.datasets import load_dataset
     from helpers.data.readers import SYSTEM_FASHION_MNIST
-    from helpers.model.inference import default_threads
-    torch.set_num_threads(default_threads())
+    torch.set_num_threads(TRAIN_THREADS)   # as _train_fmnist: the same model whatever the load
     y0, y1, x0, x1 = SHORTCUT_BOX
     train = load_dataset("fashion_mnist", root=SYSTEM_FASHION_MNIST, split="train", download=False)
     idx = np.sort(np.random.default_rng(0).choice(len(train.labels), N_TRAIN, replace=False))

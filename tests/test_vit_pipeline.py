@@ -75,7 +75,7 @@ def test_timm_vit_runs_the_whole_analysis(vit_run):
     engine = vit_run.cams.engine()
     assert engine.layer_name == "blocks.1.norm1"                     # the last block's norm1, found automatically
     assert engine.reshape_transform.grid == 8 and engine.reshape_transform.prefix_tokens == 1
-    assert "(layer blocks.1.norm1)" in " ".join(vit_run.results["class_galleries"].notes)
+    assert "(layer blocks.1.norm1" in " ".join(vit_run.results["class_galleries"].notes)
 
 
 def test_timm_vit_cams_have_the_image_size_and_vary(vit_run):

@@ -240,7 +240,7 @@ def cam_trust(run: Run, conf: Confusion) -> CamTrust:
                    images=_empty(["index", "true_id", "pred_id", "class_sensitivity"]),
                    randomisation=_empty(T.RANDOMISATION_COLUMNS), road=_empty(T.ROAD_COLUMNS + ["sparse_maps"]))
     idx, true, pred = _gallery_images(run, conf) if run.cams is not None else (np.zeros(0, np.int64),) * 3
-    if run.large_images:   # randomised copies and ROAD cost several passes per image: the first 2 of each pair
+    if len(idx) and run.large_images:   # randomised copies and ROAD cost several passes per image: the first 2 of each pair
         first = _first_per_pair(true, pred, LARGE_PER_PAIR)
         idx, true, pred = idx[first], true[first], pred[first]
     cam_p = np.zeros((0,) + tuple(run.inputs.shape[-2:]), np.float32)

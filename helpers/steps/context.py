@@ -63,6 +63,11 @@ def show_inline(fig) -> None:
 LARGE_PIXELS = 64 * 64
 
 
+def large_inputs(inputs) -> bool:
+    h, w = inputs.shape[-2:]
+    return int(h) * int(w) > LARGE_PIXELS
+
+
 @dataclass
 class Run:
     """One analysis run, read by every step: parameters, data, model, predictions, the CAM store, the outputs
@@ -89,8 +94,7 @@ class Run:
     def large_images(self) -> bool:
         """Images above LARGE_PIXELS (64x64): every model pass costs ~50x a CIFAR one, so the checks that run many
         passes per image (occlusion, CAM trust) take fewer images (issue 18: the analysis near one pass)."""
-        h, w = self.inputs.shape[-2:]
-        return int(h) * int(w) > LARGE_PIXELS
+        return large_inputs(self.inputs)
 
     def overlays(self, indices: Sequence[int], cams: Sequence[np.ndarray]) -> list[np.ndarray]:
         """CAMs drawn over their images, in one vectorised pass."""
