@@ -120,7 +120,7 @@ class _Cams:
     def __init__(self, table):
         self.table = table
 
-    def get(self, idx, classes):
+    def get(self, idx, classes, keep=True):
         return np.stack([self.table[(int(i), int(c))] for i, c in zip(idx, classes)]) if len(idx) else \
             np.zeros((0, 14, 14))
 

@@ -265,7 +265,7 @@ class _Cams:
     def __init__(self, images):
         self.images, self.asked = images, []
 
-    def get(self, idx, classes):
+    def get(self, idx, classes, keep=True):
         self.asked += list(idx)
         x = self.images[idx, ..., 0].astype(np.float32)
         return x / np.maximum(x.reshape(len(x), -1).max(axis=1), 1)[:, None, None]

@@ -56,7 +56,7 @@ def _cam_columns(run: Run, idx: np.ndarray) -> pd.DataFrame:
     preds = run.preds.preds
     for s in range(0, len(idx), CAM_BATCH):
         part = idx[s:s + CAM_BATCH]
-        parts.append(P.cam_properties(run.cams.get(part.tolist(), preds[part].tolist())))
+        parts.append(P.cam_properties(run.cams.get(part.tolist(), preds[part].tolist(), keep=False)))
     return pd.concat(parts, ignore_index=True) if parts else P.cam_properties(np.zeros((0, 1, 1)))
 
 
