@@ -2,6 +2,7 @@
 `python -m helpers analyze` whose outputs equal a single-process run's on the same real Fashion-MNIST data."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -140,6 +141,21 @@ def _without_timing_columns(path: Path) -> list[list[str]]:
     return [[v for i, v in enumerate(row) if i not in timed] for row in rows]
 
 
+def _same_table(a: list[list[str]], b: list[list[str]]) -> bool:
+    """Equal cell by cell; numbers within 1e-4 relative (1e-6 absolute), everything else exactly."""
+    if len(a) != len(b) or any(len(r) != len(q) for r, q in zip(a, b)):
+        return False
+    for x, y in zip((v for r in a for v in r), (v for q in b for v in q)):
+        if x == y:
+            continue
+        try:
+            if not math.isclose(float(x), float(y), rel_tol=1e-4, abs_tol=1e-6):
+                return False
+        except ValueError:
+            return False
+    return True
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_write_what_one_process_writes(fmnist_checkpoint, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -169,8 +185,9 @@ def test_torchrun_two_processes_write_what_one_process_writes(fmnist_checkpoint,
         np.testing.assert_allclose(cams_two[k], cam, rtol=0, atol=1e-5, err_msg=str(k))
     csvs = sorted(f for f in _files(one) if f.endswith(".csv"))
     assert "per_class_accuracy.csv" in csvs
-    for rel in csvs:
-        assert _without_timing_columns(two / rel) == _without_timing_columns(one / rel), rel
+    for rel in csvs:   # CAM-derived numbers within float noise: one process reads them from the pass's own
+        # Grad-CAMs (helpers.model.pass_cams), the shards from batched fast-path CAMs (measured: 2.6e-6 relative)
+        assert _same_table(_without_timing_columns(two / rel), _without_timing_columns(one / rel)), rel
     # The class galleries show the same images with the same CAMs: the same pixels.
     galleries = sorted(f for f in _files(one) if f.startswith("worst_predictions/"))
     assert galleries
