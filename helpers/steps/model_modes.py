@@ -79,7 +79,7 @@ def _wrong_labels(run: Run, data) -> tuple[Optional[np.ndarray], str]:
 
 
 def _cams(run: Run, idx: np.ndarray, cls: int) -> np.ndarray:
-    parts = [run.cams.get(idx[s:s + CAM_BATCH].tolist(), [cls] * len(idx[s:s + CAM_BATCH]), keep=False)
+    parts = [run.cams.get(idx[s:s + CAM_BATCH].tolist(), [cls] * len(idx[s:s + CAM_BATCH]))
              for s in range(0, len(idx), CAM_BATCH)]
     return np.concatenate(parts) if parts else np.zeros((0, 1, 1), np.float32)
 
