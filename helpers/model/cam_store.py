@@ -69,6 +69,22 @@ def output_map(_inputs: tuple, output) -> Optional[torch.Tensor]:
     return output if isinstance(output, torch.Tensor) and output.dim() == 4 else None
 
 
+@contextlib.contextmanager
+def watch_layer(layer: torch.nn.Module, keep: Callable, on_batch: Callable) -> Iterator[None]:
+    """A forward hook on `layer` while the block runs: on_batch(keep(inputs, output)) whenever keep returns a
+    value; on_batch(None) when it ends. What the inference-pass observers (GalleryActivations, PassCams) share."""
+    def hook(_module, inputs, output):
+        kept = keep(inputs, output)
+        if kept is not None:
+            on_batch(kept)
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        on_batch(None)
+
+
 def _batch_rows(batch: KeptBatch) -> int:
     return (batch[0] if isinstance(batch, tuple) else batch).shape[0]
 
@@ -102,19 +118,12 @@ class GalleryActivations:
         self._batch: Optional[KeptBatch] = None
         self.max_held = 0   # most maps held at once (the memory bound, observed)
 
-    @contextlib.contextmanager
-    def capture(self) -> Iterator[None]:
+    def capture(self):
         """A forward hook on the target layer for the duration of the inference pass."""
-        def hook(_module, inputs, output):
-            kept = self.keep(inputs, output)
-            if kept is not None:
-                self._batch = kept
-        handle = self.layer.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
-            self._batch = None
+        return watch_layer(self.layer, self.keep, self._hold)
+
+    def _hold(self, batch: Optional[KeptBatch]) -> None:
+        self._batch = batch
 
     def update(self, start: int, probs: np.ndarray, labels: np.ndarray, preds: np.ndarray) -> None:
         """After the batch of images start..start+len(probs): keep the maps of the images still selected."""

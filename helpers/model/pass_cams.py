@@ -9,11 +9,12 @@ happen when a map is drawn (`maps`), exactly as the fast path does them.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
+
+from helpers.model.cam_store import output_map, watch_layer
 
 TRUE, PRED = 0, 1
 
@@ -31,17 +32,11 @@ class PassCams:
         self._classes = np.full((self.n_images, 2), -1, dtype=np.int64)   # the true and predicted class kept
         self._batch: Optional[torch.Tensor] = None
 
-    @contextlib.contextmanager
-    def capture(self) -> Iterator[None]:
-        def hook(_module, _inputs, output):
-            if isinstance(output, torch.Tensor) and output.dim() == 4:
-                self._batch = output
-        handle = self.layer.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
-            self._batch = None
+    def capture(self):
+        return watch_layer(self.layer, output_map, self._hold)
+
+    def _hold(self, batch: Optional[torch.Tensor]) -> None:
+        self._batch = batch
 
     def update(self, start: int, probs: np.ndarray, labels: np.ndarray, preds: np.ndarray) -> None:
         acts, self._batch = self._batch, None
