@@ -308,3 +308,28 @@ def test_gallery_content_digest_sees_every_pixel():
     assert digest([row(overlay)]) != digest([row(changed)])
     assert digest([row(overlay)]) == digest([row(overlay.copy())])
     assert digest([row(overlay)]) != digest([GalleryRow(overlay, "t", [("CAM", overlay)], True)])
+
+
+def test_pass_grid_maps_are_held_small_saved_and_equal_the_library(first_run, cifar_root, tiny_checkpoint, tmp_path):
+    """The maps the inference pass's own Grad-CAMs serve are held as grid references, not full maps (a 20,000-image
+    224 px run held 13.5 GB of them); they read back from the cache and equal GradCAM called directly."""
+    store = first_run.cams
+    lazy = [k for k, v in store._cams.items() if v is None]
+    assert len(lazy) > len(store) // 2 > 0
+    sample = lazy[:: max(1, len(lazy) // 12)][:12]
+    idx, cls = [k[0] for k in sample], [k[1] for k in sample]
+    got = store.get(idx, cls)
+    engine = store.engine()
+    ref = GradCAM(model=first_run.loaded.module, target_layers=[engine.layer])(
+        input_tensor=first_run.inputs[torch.as_tensor(idx)], targets=[ClassifierOutputTarget(c) for c in cls])
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    arrays = store.export()
+    assert len(arrays["pass_index"]) == len(lazy) and len(arrays["cam_values"]) == len(store) - len(lazy)
+    again = Analysis(make_params(cifar_root, tiny_checkpoint, copy_outputs(first_run, tmp_path)), progress=False)
+    again.load_model(); again.load_data(); again.predict()   # noqa: E702
+    assert again.cache_hit and again.cams.pass_cams is None
+    np.testing.assert_array_equal(again.cams.get(idx, cls), got)
+    assert again.cams.n_computed == 0
+    bad = dict(arrays, pass_grid=-arrays["pass_grid"] - 1)   # a tampered grid is refused, not drawn
+    with pytest.raises(ValueError):
+        CamStore(lambda m, l: engine, first_run.inputs, num_classes=first_run.data.num_classes).load(bad)

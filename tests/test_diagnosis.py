@@ -69,6 +69,27 @@ def test_ambiguity_by_hand():
     assert D.ambiguity_cause(p_true, p_pred, separability=None) is None
 
 
+def test_probe_accuracy_equals_the_sklearn_pipeline():
+    """The closed form against StandardScaler -> PCA(full) -> RidgeClassifier under the same folds: PCA through
+    the Gram matrix (fewer images than features), through the covariance, none (few features), three classes,
+    a constant feature."""
+    from sklearn.datasets import make_classification
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    for n, dims, classes, max_dims in ((180, 512, 2, 128), (900, 300, 2, 128), (300, 40, 3, 128), (400, 60, 2, 16)):
+        x, y = make_classification(n, dims, n_informative=8, n_classes=classes, class_sep=0.6, random_state=1)
+        x[:, 3] = 2.5
+        steps = [StandardScaler()] + ([PCA(max_dims, svd_solver="full")] if dims > max_dims and n * 0.8 > max_dims
+                                      else [])
+        ref = cross_val_score(make_pipeline(*steps, RidgeClassifier(alpha=1.0)), x, y,
+                              cv=StratifiedKFold(5, shuffle=True, random_state=0)).mean()
+        got = D.probe_accuracy(x, y, max_dims=max_dims)
+        assert got == pytest.approx(ref, abs=1e-9) and 0.45 < got < 1.0, (n, dims, classes)
+
+
 def test_probe_accuracy_against_logistic_regression():
     from sklearn.datasets import make_classification
     from helpers.compute.deep_dive import separability

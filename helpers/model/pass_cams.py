@@ -68,16 +68,48 @@ class PassCams:
             raise ValueError("PassCams.maps: images without maps from the inference pass")
         return scale_like_library(self._grid[idx, which], out_size)
 
-    def lookup(self, indices, classes, out_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """(positions, maps): which of the (indices[i], classes[i]) requests the pass kept (the image's true or
-        predicted class) and their CAMs, as maps() gives them."""
+    def _which(self, idx: np.ndarray, cls: np.ndarray) -> np.ndarray:
+        """TRUE or PRED where the pass kept image idx[i]'s map for class cls[i], else -1."""
+        which = np.where(self._classes[idx, TRUE] == cls, TRUE, np.where(self._classes[idx, PRED] == cls, PRED, -1))
+        return np.where(self._filled[idx], which, -1)
+
+    def kept(self, indices, classes) -> np.ndarray:
+        """Positions of the (indices[i], classes[i]) requests the pass kept (the image's true or predicted class)."""
         idx, cls = np.asarray(indices, dtype=np.int64), np.asarray(classes, dtype=np.int64)
         if self._grid is None or not len(idx):
-            return np.zeros(0, np.int64), np.zeros((0,) + tuple(out_size), np.float32)
-        ok = self._filled[idx]
-        which = np.where(self._classes[idx, TRUE] == cls, TRUE, np.where(self._classes[idx, PRED] == cls, PRED, -1))
-        pos = np.flatnonzero(ok & (which >= 0))
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(self._which(idx, cls) >= 0)
+
+    def lookup(self, indices, classes, out_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, maps): the requests kept() finds and their CAMs, as maps() gives them."""
+        idx, cls = np.asarray(indices, dtype=np.int64), np.asarray(classes, dtype=np.int64)
+        pos = self.kept(idx, cls)
         if not len(pos):
             return pos, np.zeros((0,) + tuple(out_size), np.float32)
         from helpers.model.cams import scale_like_library
-        return pos, scale_like_library(self._grid[idx[pos], which[pos]], out_size)
+        return pos, scale_like_library(self._grid[idx[pos], self._which(idx[pos], cls[pos])], out_size)
+
+    # ------------------------------------------------------------------ on-disk cache (CamStore.export / load)
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._grid is None:
+            return {}
+        return {"pass_grid": self._grid, "pass_classes": self._classes, "pass_filled": self._filled}
+
+    @classmethod
+    def from_arrays(cls, arrays, n_images: int, num_classes: Optional[int]) -> "PassCams":
+        """A read-only PassCams (no layer, no hook) from arrays(); raises ValueError on anything malformed."""
+        grid, classes, filled = (np.asarray(arrays[k]) for k in ("pass_grid", "pass_classes", "pass_filled"))
+        if grid.dtype != np.float32 or grid.ndim != 4 or grid.shape[:2] != (n_images, 2):
+            raise ValueError("pass CAM grid of another shape or type than this run's images")
+        if classes.shape != (n_images, 2) or not np.issubdtype(classes.dtype, np.integer):
+            raise ValueError("pass CAM classes malformed")
+        if filled.shape != (n_images,) or filled.dtype != bool:
+            raise ValueError("pass CAM mask malformed")
+        if not np.isfinite(grid).all() or (grid < 0).any():
+            raise ValueError("pass CAM grid holds negative, NaN or infinite values")
+        if classes.min(initial=0) < -1 or (num_classes is not None and classes.max(initial=0) >= num_classes):
+            raise ValueError("pass CAM classes outside the model's classes")
+        out = cls.__new__(cls)
+        out.layer, out.weights, out.n_images, out._batch = None, None, int(n_images), None
+        out._grid, out._classes, out._filled = grid, classes.astype(np.int64), filled
+        return out
