@@ -307,3 +307,26 @@ def test_patch_in_corner_by_hand():
     assert box(1, 0).in_corner and box(0, 6).in_corner and box(6, 5).in_corner   # at an edge, next to a corner
     assert not box(1, 1).in_corner and not box(0, 3).in_corner and not box(3, 3).in_corner   # shoulder, collar, centre
     assert not box(0, 0, side=4).in_corner       # a 4x4 map has no inside to tell a corner from
+
+
+def test_large_image_selection_keeps_correct_images_beside_the_errors():
+    """At large images the concept sample is capped; errors take at most half of it while the rest can fill the
+    other half (a model that gets most of the group wrong would otherwise leave no correct image to compare)."""
+    from types import SimpleNamespace
+    from helpers.steps.model_concepts import _select
+    labels = np.repeat([0, 1, 2, 5], 100)
+    preds = labels.copy()
+    preds[:90] = 1                       # 90 errors of class 0 into class 1, 10 correct
+    preds[100:170] = 2                   # 70 errors of class 1 into class 2
+    run = SimpleNamespace(preds=SimpleNamespace(labels=labels, preds=preds))
+    idx, notes = _select(run, [0, 1, 2], seed=0, cap=120, max_error_share=0.5)
+    wrong = preds[idx] != labels[idx]
+    assert len(idx) == 120 and len(np.unique(idx)) == 120 and wrong.sum() == 60 and notes
+    assert set(labels[idx]) <= {0, 1, 2} and np.array_equal(idx, np.sort(idx))
+    again, _ = _select(run, [0, 1, 2], seed=0, cap=120, max_error_share=0.5)
+    assert np.array_equal(idx, again)                              # seeded
+    every, _ = _select(run, [0, 1, 2], seed=0, cap=120)            # the default: every error first
+    assert (preds[every] != labels[every]).sum() == 120
+    few_rest, _ = _select(run, [0, 1, 2], seed=0, cap=290, max_error_share=0.5)
+    assert len(few_rest) == 290 and (preds[few_rest] != labels[few_rest]).sum() == 150   # the rest (140) cannot
+    #                                                                                       fill half: errors do

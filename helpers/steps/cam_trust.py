@@ -125,6 +125,7 @@ def _cam_fn(engine: CamEngine, run: Run, idx: np.ndarray, classes: np.ndarray):
     def compute(model):
         copy_engine = CamEngine(model, method=engine.method, target_layer=engine.layer_name,
                                 input_shape=engine.input_shape, batch_size=engine.batch_size, device=engine.device)
+        copy_engine.adopt_verification(engine)   # the same modules: the run's fast-path check holds for the copy
         return copy_engine.compute(run.inputs[idx], classes, progress=False)
     return compute
 

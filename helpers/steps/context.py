@@ -96,6 +96,13 @@ class Run:
         passes per image (occlusion, CAM trust) take fewer images (issue 18: the analysis near one pass)."""
         return large_inputs(self.inputs)
 
+    @property
+    def costly_cams(self) -> bool:
+        """Large images whose CAMs each cost a model pass (not the fast GAP→Linear path, whose true/pred maps come
+        from the inference pass): the bulk CAM statistics take a smaller sample. From the engine, not from this
+        run's pass, so an identical re-run that reads everything from the cache samples the same images."""
+        return self.large_images and self.cams is not None and not self.cams.engine().fast
+
     def overlays(self, indices: Sequence[int], cams: Sequence[np.ndarray]) -> list[np.ndarray]:
         """CAMs drawn over their images, in one vectorised pass."""
         return list(overlay_many([self.data.images[i] for i in indices], cams)) if len(indices) else []

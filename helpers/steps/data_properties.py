@@ -27,6 +27,7 @@ CSV, PNG = f"{SUB}/property_slices.csv", f"{SUB}/property_slices.png"
 CAM_BATCH = 256          # CAMs requested per call: bounded memory on the engine's side
 MAX_CAM_IMAGES = 6000    # more images of the tested classes than this: a seeded subsample gets CAM properties
 MAX_CAM_BYTES = 256 << 20   # the CAM store keeps every map it computed: at 224x224 this allows ~1300 maps
+COSTLY_CAM_IMAGES = 200     # run.costly_cams: 1,300 tail-path CAMs took ~150 s of a 2,000-image 224 px ViT-Ti run
 N_PLOT_ROWS, N_PLOT_PROPS = 4, 3
 ALPHA = 0.05
 # Why CAM properties are reported apart from the image ones: an error's map explains the predicted (wrong) class
@@ -79,7 +80,7 @@ def _image_table(run: Run, comps: Sequence[P.Comparison], sec_notes: list[str]) 
     # Only the tested classes' images: a CAM for every test image would cost a second pass over the test set.
     idx = np.flatnonzero(np.isin(pr.labels, sorted({c.true for c in comps})))
     h, w = data.images.shape[1:3]
-    cap = max(1, min(MAX_CAM_IMAGES, MAX_CAM_BYTES // (4 * h * w)))
+    cap = max(1, min(COSTLY_CAM_IMAGES if run.costly_cams else MAX_CAM_IMAGES, MAX_CAM_BYTES // (4 * h * w)))
     if len(idx) > cap:
         idx = np.sort(np.random.default_rng(run.params.SEED).choice(idx, cap, replace=False))
         sec_notes.append(f"CAM properties: a seeded sample of {cap} images of the tested classes (the rest: NaN).")

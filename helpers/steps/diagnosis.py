@@ -20,6 +20,7 @@ from helpers.steps.context import Run, Section
 
 SUB, CSV = "deep_dive", "diagnosis.csv"
 MAX_CAM_IMAGES = 200      # per pair: errors, and correctly classified B images, whose B-CAM border is measured
+COSTLY_CAM_IMAGES = 60    # ... where each CAM costs a model pass (run.costly_cams)
 MAX_PROBE_IMAGES = 2000   # per pair: images of the two classes the separability probe is fitted on
 CSV_COLUMNS = ["pair", "true_id", "pred_ids", "n_errors", "rank", "cause", "share", "errors_explained", "evidence",
                "figure", "approximate", "images"]
@@ -69,8 +70,9 @@ def _context_cause(run: Run, t: int, q: int, errors: np.ndarray, cam_untrusted: 
     if run.cams is None:
         return None
     pr, seed = run.preds, run.params.SEED
-    err = _sample(errors, MAX_CAM_IMAGES, seed)
-    ref = _sample(np.flatnonzero((pr.labels == q) & (pr.preds == q)), MAX_CAM_IMAGES, seed)
+    cap = COSTLY_CAM_IMAGES if run.costly_cams else MAX_CAM_IMAGES
+    err = _sample(errors, cap, seed)
+    ref = _sample(np.flatnonzero((pr.labels == q) & (pr.preds == q)), cap, seed)
     if not len(err) or not len(ref):
         return None
     border = [P.cam_properties(run.cams.get(i.tolist(), [q] * len(i)))["cam_border_share"].to_numpy()

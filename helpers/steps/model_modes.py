@@ -28,7 +28,11 @@ from helpers.steps.context import Run, Section
 SUB = "deep_dive"
 CSV = f"{SUB}/failure_modes.csv"
 MAX_ERRORS = 2000        # more errors in one pair than this: a seeded sample is clustered (CAMs cost memory)
-MAX_CAM_BYTES = 256 << 20   # ... and fewer at large images: both CAMs of every clustered error, float32
+# ... and fewer at large images: both CAMs of every clustered error, float32 (the float64 steps over them hold ~4x
+# more). At 256 MB a 20,000-image 224 px run clustered 668 errors per pair and peaked at 2.5 GB against 1.7 GB
+# for 2,000 images; 167 errors per pair still give k-means 2..MAX_MODES modes of MIN_MODE_SIZE.
+MAX_CAM_BYTES = 64 << 20
+COSTLY_MAX_ERRORS = 60   # run.costly_cams: each CAM a model pass (ViT tail path: 2 x 167 per pair, minutes)
 CAM_BATCH = 256
 
 
@@ -97,7 +101,8 @@ def pair_modes(run: Run, t: int, q: int, wrong: Optional[np.ndarray], props: Opt
     idx = np.flatnonzero((pr.labels == t) & (pr.preds == q))
     n_errors = len(idx)
     h, w = run.data.images.shape[1:3]
-    cap = max(M.MIN_ERRORS, min(MAX_ERRORS, MAX_CAM_BYTES // (8 * h * w)))   # 2,000 at 32 px, 668 at 224 px
+    cap = max(M.MIN_ERRORS, min(COSTLY_MAX_ERRORS if run.costly_cams else MAX_ERRORS,
+                                MAX_CAM_BYTES // (8 * h * w)))   # 2,000 at 32 px, 167 at 224 px
     if n_errors > cap:
         idx = np.sort(np.random.default_rng(run.params.SEED).choice(idx, cap, replace=False))
     if not len(idx):
