@@ -89,6 +89,7 @@ class Analysis:
             self._run = Run(params=self.params, data=self.data, inputs=self.inputs, model=self.loaded,
                             preds=self.preds, cams=self.cams, outputs=self.outputs, cache=cache, device=self.device,
                             progress=self.progress, pass_cams=self.pass_cams,
+                            threads=self.threads if self.device.type == "cpu" else 0,
                             autocast=autocast_dtype(self.device, self.params.MIXED_PRECISION) is not None)
         return self._run
 

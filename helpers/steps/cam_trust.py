@@ -126,7 +126,8 @@ def _cam_fn(engine: CamEngine, run: Run, idx: np.ndarray, classes: np.ndarray):
         copy_engine = CamEngine(model, method=engine.method, target_layer=engine.layer_name,
                                 input_shape=engine.input_shape, batch_size=engine.batch_size, device=engine.device)
         copy_engine.adopt_verification(engine)   # the same modules: the run's fast-path check holds for the copy
-        return copy_engine.compute(run.inputs[idx], classes, progress=False)
+        with run.model_threads():
+            return copy_engine.compute(run.inputs[idx], classes, progress=False)
     return compute
 
 
@@ -190,9 +191,12 @@ def _contrast_score(run: Run, idx: np.ndarray, true: np.ndarray, pred: np.ndarra
     seed, probs = run.params.SEED, run.preds.probs[idx]
     before = probs[np.arange(len(idx)), true] - probs[np.arange(len(idx)), pred]
     targets = [SoftmaxContrastTarget(t, q) for t, q in zip(true.tolist(), pred.tolist())]
-    return run.cache.cached("contrast_faithfulness", lambda: float(np.nanmean(faithfulness(
-        run.model.module, run.inputs[idx], targets, maps, seed=seed, scores_before=before))),
-        idx.tolist(), true.tolist(), pred.tolist(), np.asarray(maps, np.float32), seed)
+    def compute() -> float:
+        with run.model_threads():
+            return float(np.nanmean(faithfulness(run.model.module, run.inputs[idx], targets, maps, seed=seed,
+                                                 scores_before=before)))
+    return run.cache.cached("contrast_faithfulness", compute, idx.tolist(), true.tolist(), pred.tolist(),
+                            np.asarray(maps, np.float32), seed)
 
 
 def _finer(run: Run, engine: CamEngine, idx: np.ndarray, true: np.ndarray, pred: np.ndarray) -> np.ndarray:

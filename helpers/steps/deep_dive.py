@@ -21,7 +21,7 @@ from helpers.plots import figures, interactive
 from helpers.plots.gallery import render_gallery, render_label_suspects
 from helpers.steps.confusion import Confusion
 from helpers.steps.context import Run, Section
-from helpers.steps.galleries import pair_rows, road_score
+from helpers.steps.galleries import LARGE_ROAD_PER_PAIR, pair_rows, road_score
 
 SUB = "deep_dive"
 N_OCCLUSION = 3
@@ -187,10 +187,11 @@ def group_pairs_step(run: Run, conf: Confusion, g: Group) -> GroupPairs:
             # The exact maps drawn, so callers (and tests) can check them against pytorch-grad-cam.
             sec.group_pairs.append({"true": int(t), "pred": int(q), "indices": list(idx), "file": f"{SUB}/{name}",
                                     "cam_true": cam_t, "cam_pred": cam_p, "finercam": finer})
-            faith_idx += idx
-            faith_cls += [t] * len(idx)
-            faith_pred.append(cam_p)
-            faith_finer.append(finer)
+            take = LARGE_ROAD_PER_PAIR if run.large_images else len(idx)   # 4 ROAD scorings of these images
+            faith_idx += idx[:take]
+            faith_cls += [t] * len(idx[:take])
+            faith_pred.append(cam_p[:take])
+            faith_finer.append(finer[:take])
     if not faith_idx:
         sec.notes.append("Group pair galleries: no errors between the group's classes, so nothing to show.")
         return sec
@@ -207,9 +208,11 @@ def group_pairs_step(run: Run, conf: Confusion, g: Group) -> GroupPairs:
     contrast = [SoftmaxContrastTarget(t, q) for t, q in zip(faith_cls, pred)]
 
     def contrast_score(maps: np.ndarray) -> float:
-        return run.cache.cached("contrast_faithfulness", lambda: float(np.nanmean(faithfulness(
-            run.model.module, run.inputs[faith_idx], contrast, maps, seed=seed, scores_before=before))),
-            faith_idx, faith_cls, pred, maps, seed)
+        def compute() -> float:
+            with run.model_threads():
+                return float(np.nanmean(faithfulness(run.model.module, run.inputs[faith_idx], contrast, maps,
+                                                     seed=seed, scores_before=before)))
+        return run.cache.cached("contrast_faithfulness", compute, faith_idx, faith_cls, pred, maps, seed)
 
     sec.faithfulness = {method: road_score(run, faith_idx, pred, np.concatenate(faith_pred)),
                         FINER_KEY: contrast_score(finer)}
@@ -288,8 +291,10 @@ def occlusion_step(run: Run, conf: Confusion, g: Group) -> Occlusion:
     cams = run.cams.get(idx, targets)
     h, w = run.inputs.shape[-2:]
     window = -(-min(int(h), int(w)) // OCCLUSION_WINDOWS_LARGE) if large else None   # ceil: at most 6 per side
-    occ = deep_dive.normalise01(run.cache.cached("occlusion", lambda: deep_dive.occlusion_attribution(
-        run.model.module, run.inputs[idx], targets, window=window), idx, targets, window))
+    def occlusion() -> np.ndarray:
+        with run.model_threads():
+            return deep_dive.occlusion_attribution(run.model.module, run.inputs[idx], targets, window=window)
+    occ = deep_dive.normalise01(run.cache.cached("occlusion", occlusion, idx, targets, window))
     fig = figures.plot_occlusion([run.data.images[i] for i in idx], run.overlays(idx, cams), occ,
                                  [run.conf_title(i) for i in idx])
     sec.figures["occlusion"] = fig

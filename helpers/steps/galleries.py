@@ -119,7 +119,8 @@ def road_score(run: Run, idx: Sequence[int], classes: Sequence[int], maps: np.nd
 
     def compute() -> float:
         before = run.preds.probs[np.asarray(idx, dtype=np.int64), np.asarray(classes, dtype=np.int64)]
-        scores = faithfulness(run.model.module, run.inputs[idx], np.asarray(classes), maps, scores_before=before)
+        with run.model_threads():
+            scores = faithfulness(run.model.module, run.inputs[idx], np.asarray(classes), maps, scores_before=before)
         return float(np.nanmean(scores))
     return run.cache.cached("faithfulness", compute, idx, classes, np.asarray(maps, np.float32))
 

@@ -136,7 +136,8 @@ def concepts_step(run: Run, conf: Confusion, deep: Optional[DeepDive]) -> Concep
     if not len(idx):   # GROUP_CLASSES that a LIMIT left without test images
         sec.notes.append("Concepts: not measured (no test images of the group's classes).")
         return sec
-    acts, logits = _activations(run, engine, idx)
+    with run.model_threads():
+        acts, logits = _activations(run, engine, idx)
     factors = C.factorise(acts, seed=run.params.SEED)
     sec.k, sec.k_how, sec.explained, sec.images = factors.k, factors.how, factors.explained, idx
     labels, preds = run.preds.labels[idx], run.preds.preds[idx]
