@@ -22,7 +22,6 @@ from helpers.model import distributed
 from helpers.model.cams import CAM_METHODS
 from helpers.model.inference import (Predictions, autocast_dtype, default_threads, model_inputs, resolve_device,
                                      run_inference)
-from helpers.model.pass_cams import PassCams
 from helpers.model.load import LoadedModel, check_model_fits_data, load_model
 from helpers.model.sanity import check_model_behaviour
 from helpers.plots.gallery import render_gallery
@@ -64,9 +63,7 @@ class Analysis:
     def out(self) -> Path:
         return self.outputs.root
 
-    @property
-    def cache_key(self) -> Optional[str]:
-        return self.cache.key if self.cache is not None else None
+    cache_key = property(lambda self: self.cache.key if self.cache is not None else None)
 
     cache_hit = property(lambda self: self.cache is not None and self.cache.hit)
 
@@ -128,7 +125,7 @@ class Analysis:
         if world is not None and not world.is_main:   # a worker: its shard of the pass, for rank 0; writes nothing
             if not distributed.main_decides(world, False):   # rank 0 has no cached predictions
                 self.cams = predictions.cam_store(p, self.loaded, self.inputs, self.device)
-                self.preds = self._pass(distributed.sharded(world, run_inference), amp, [])
+                self.preds = self._pass(distributed.sharded(world, run_inference), amp)
             return self.preds
         self.model_check = check_model_behaviour(self.loaded, self.inputs)   # before any figure: model/sanity.py
         self.cache = RunCache(self.out, predictions.cache_key_for(p, self.loaded, self.data, self.inputs),
@@ -151,11 +148,7 @@ class Analysis:
             if self.device.type == "cpu":
                 torch.set_num_threads(self.threads)   # the pass gets every free core
             infer = run_inference if world is None else distributed.sharded(world, run_inference)   # + gather
-            engine = self.cams.engine()
-            # every image's true/pred CAM from this pass (fast path, one process: a shard sees only its images)
-            self.pass_cams = (PassCams(engine.layer, engine.head_weight, len(self.inputs))
-                              if world is None and engine.head_weight is not None else None)
-            self.preds = self._pass(infer, amp, [self.pass_cams] if self.pass_cams is not None else [])
+            self.preds = self._pass(infer, amp)
             self.cams.pass_cams = self.pass_cams if self.pass_cams is not None and self.pass_cams.complete else None
             predictions.write_predictions(self.cache, self.preds)
         if self.device.type == "cpu":
@@ -166,7 +159,9 @@ class Analysis:
         self._timed("inference", start)
         return self.preds
 
-    def _pass(self, infer: Callable[..., Predictions], amp: Optional[torch.dtype], observers: list) -> Predictions:
+    def _pass(self, infer: Callable[..., Predictions], amp: Optional[torch.dtype]) -> Predictions:
+        self.pass_cams = predictions.pass_cams(self.cams, len(self.inputs))   # under torchrun, gathered on rank 0
+        observers = [self.pass_cams] if self.pass_cams is not None else []
         with self.cams.capture(self.params.N_WORST, self.params.N_BEST) as gallery:
             return infer(self.loaded.module, self.inputs, self.data.labels, batch_size=self.params.BATCH_SIZE,
                          device=self.device, progress=self.progress and distributed.is_main_process(),

@@ -325,7 +325,7 @@ def test_eigengradcam_is_a_cam_method_and_matches_pytorch_grad_cam(batch, tmp_pa
 # ---------------------------------------------------------------------------------------------- the step
 @pytest.mark.slow
 def test_method_comparison_step_on_the_real_model(fmnist):
-    from helpers.model.cams import faithfulness
+    from helpers.model.faithfulness import faithfulness
     from helpers.steps.attributions import CSV, PNG, index_section, method_comparison, summary_lines
     an = fmnist
     conf = an.confusion()

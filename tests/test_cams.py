@@ -14,7 +14,8 @@ from pytorch_grad_cam.utils.model_targets import (ClassifierOutputSoftmaxTarget,
 from pytorch_grad_cam.utils.reshape_transforms import vit_reshape_transform as library_vit_reshape
 
 from helpers.model import cams, layers
-from helpers.model.cams import CAM_METHODS, CamEngine, faithfulness, gradcam_from_activations
+from helpers.model.cams import CAM_METHODS, CamEngine, gradcam_from_activations
+from helpers.model.faithfulness import faithfulness
 from helpers.model.layers import find_target_layer, resolve_target_layer, vit_reshape_transform
 from helpers.plots.overlay import cam_colormap_rgb, overlay
 from helpers.errors import ConfigError, NumericalError

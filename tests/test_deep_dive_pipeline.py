@@ -86,7 +86,7 @@ def test_group_pair_finercam_equals_pytorch_grad_cam(auto):
 
 
 def test_group_pair_faithfulness_printed_beside_the_galleries(auto):
-    from helpers.model.cams import faithfulness
+    from helpers.model.faithfulness import faithfulness
     from helpers.steps.deep_dive import FINER_KEY
     sec = auto.results["deep_dive"]
     scores = sec.values["faithfulness"]
@@ -121,7 +121,7 @@ class TwoPatches(nn.Module):
 
 
 def test_contrast_faithfulness_rewards_maps_on_what_separates_the_classes():
-    from helpers.model.cams import SoftmaxContrastTarget, faithfulness
+    from helpers.model.faithfulness import SoftmaxContrastTarget, faithfulness
     x = torch.zeros(1, 1, 32, 32)
     x[:, :, 4:12, 4:12] = 1.0      # evidence for class 0 ("true")
     x[:, :, 20:28, 20:28] = 1.2    # slightly more evidence for class 1 ("predicted")

@@ -18,6 +18,7 @@ from helpers.compute.metrics import gallery_examples
 from helpers.data.datasets import load_dataset
 from helpers.data.readers import SYSTEM_FASHION_MNIST
 from helpers.model import distributed
+from helpers.model.pass_cams import PRED, TRUE, PassCams
 from helpers.model.cam_store import GalleryActivations
 from helpers.model.inference import run_inference, to_tensor
 
@@ -95,6 +96,28 @@ def test_merged_shard_galleries_equal_one_pass_over_the_whole_set(fmnist_model_a
     shown = {i for c in range(10) for part in gallery_examples(labels, preds.preds, preds.probs, c, 2, 1) for i in part}
     assert shown and shown <= set(got["idx"].tolist())
     assert len(got["idx"]) < sum(len(s["idx"]) for s in states)   # the merge selects
+
+
+def test_merged_shard_pass_cams_equal_one_pass_over_the_whole_set(fmnist_model_and_inputs):
+    model, inputs, labels = fmnist_model_and_inputs
+    layer, weight = model.features[-1], model.fc.weight
+    whole = PassCams(layer, weight, len(inputs))
+    run_inference(model, inputs, labels, batch_size=BATCH, progress=False, observers=[whole])
+    merged = PassCams(layer, weight, len(inputs))
+    for rank in range(3):
+        a, b = distributed.shard_bounds(len(inputs), 3, rank, BATCH)
+        shard = PassCams(layer, weight, len(inputs))
+        run_inference(model, inputs[a:b], labels[a:b], batch_size=BATCH, progress=False,
+                      observers=[distributed.OffsetGallery(shard, a)])
+        assert shard.kept_state()["rows"].tolist() == list(range(a, b))
+        merged.merge_states([shard.kept_state()])
+    assert whole.complete and merged.complete
+    idx = np.arange(len(inputs))
+    for which in (TRUE, PRED):
+        np.testing.assert_array_equal(merged.maps(idx, which, (28, 28)), whole.maps(idx, which, (28, 28)))
+    np.testing.assert_array_equal(merged.kept_state()["classes"], whole.kept_state()["classes"])
+    with pytest.raises(ValueError, match="overlap"):
+        merged.merge_states([whole.kept_state()])
 
 
 def test_merge_treats_map_values_as_opaque():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import contextlib
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -148,7 +150,7 @@ def _fake_run(tmp_path, names):
     run = SimpleNamespace(
         params=SimpleNamespace(SEED=0, N_PAIR_GALLERIES=5), names=names, progress=False,
         data=SimpleNamespace(images=images, class_names=names),
-        preds=SimpleNamespace(labels=labels, preds=preds, probs=probs, features=features), cams=_Cams(table), costly_cams=False,
+        preds=SimpleNamespace(labels=labels, preds=preds, probs=probs, features=features), cams=_Cams(table), costly_cams=False, model_threads=contextlib.nullcontext,
         outputs=Outputs(tmp_path / "out"), class_slug=lambda c: f"{c:03d}_c{c}",
         overlays=lambda idx, cams: list(overlay_many([images[i] for i in idx], cams)))
     pairs = pd.DataFrame({"true_id": [0, 1], "pred_id": [1, 0], "count": [n_err, 4]})

@@ -10,7 +10,7 @@ from pytorch_grad_cam.metrics.road import NoisyLinearImputer, ROADMostRelevantFi
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 from torch import nn
 
-from helpers.model.cams import faithfulness
+from helpers.model.faithfulness import faithfulness
 from helpers.model.road import ROAD_MAX_SIDE, RoadImputer, road_metric
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")

@@ -312,8 +312,8 @@ class CamStore:
             self._from_engine(engine, missing)
 
     def _from_engine(self, engine, missing: list) -> None:
-        idx = torch.as_tensor([k[0] for k in missing])
-        cams = engine.compute(self.inputs[idx], np.array([k[1] for k in missing]))
+        images, rows = np.unique(np.array([k[0] for k in missing], dtype=np.int64), return_inverse=True)
+        cams = engine.compute_shared(self.inputs[torch.as_tensor(images)], rows, np.array([k[1] for k in missing]))
         for key, cam in zip(missing, cams):
             self._cams[key] = cam
         self.n_computed += len(missing)

@@ -1,4 +1,4 @@
-"""Class activation maps (Grad-CAM family) on top of pytorch-grad-cam, and their faithfulness scores.
+"""Class activation maps (Grad-CAM family) on top of pytorch-grad-cam (their faithfulness: faithfulness.py).
 
 Everything here returns CAMs as float32 arrays (N, H, W) in [0, 1], min-max normalised per image
 exactly as pytorch-grad-cam does it. Batches always get exactly one target per image: a shorter
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import types
-import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -24,18 +23,15 @@ import torch
 from torch import nn
 from pytorch_grad_cam import (EigenCAM, EigenGradCAM, FinerCAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM,
                               XGradCAM)
-from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
 from pytorch_grad_cam.utils.image import scale_cam_image
-from pytorch_grad_cam.utils.model_targets import (ClassifierOutputSoftmaxTarget, ClassifierOutputTarget,
-                                                  FinerWeightedTarget)
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget, FinerWeightedTarget
 
-from helpers.errors import ConfigError, DataError, NumericalError
+from helpers.errors import ConfigError, NumericalError
 from helpers.model.cam_path import CamPath
-from helpers.model.road import road_metric
 from helpers.model.cam_store import output_map
-from helpers.model.layers import (check_input_shape, eval_mode, final_linear, float32_model, model_device, probe,
-                                  probe_input, reshape_transform_for, resolve_target_layer, weight_dtype)
-from helpers.model.tail import TailSplit, gradcam_from_images, gradcam_in_batches, split_at_layer
+from helpers.model.layers import (check_input_shape, final_linear, float32_model, probe, probe_input,
+                                  reshape_transform_for, resolve_target_layer, weight_dtype)
+from helpers.model.tail import TailSplit, gradcam_from_images, gradcam_in_batches, head_values, split_at_layer
 
 CAM_METHODS: dict[str, type] = {
     "gradcam": GradCAM,
@@ -206,6 +202,56 @@ def forward_with_activations(model: nn.Module, layer: nn.Module, x: torch.Tensor
     return logits, store["a"]
 
 
+def library_cams(model: nn.Module, layer: nn.Module, cls: type, xb: torch.Tensor, targets: list,
+                 reshape_transform, method: str, batch_size: int) -> np.ndarray:
+    """One pytorch-grad-cam call with exactly one target per image; hooks removed afterwards
+    (left registered they would record every later forward pass of the model)."""
+    if cls is FinerCAM:
+        base = CAM_METHODS[method] if method in _GRADIENT_METHODS else GradCAM
+        cam = FinerCAM(model, [layer], reshape_transform=reshape_transform, base_method=base)
+        hooks = cam.base_cam.activations_and_grads
+    else:
+        cam = cls(model, [layer], reshape_transform=reshape_transform)
+        hooks = cam.activations_and_grads
+        if isinstance(cam, ScoreCAM):
+            cam.batch_size = batch_size
+    if not any(p.requires_grad for p in model.parameters()):
+        xb = xb.detach().clone().requires_grad_(True)   # frozen weights: gradients must still reach the layer
+    try:
+        with torch.enable_grad(), _quiet_scorecam():
+            result = cam(input_tensor=xb, targets=targets)
+    finally:
+        hooks.release()
+        model.zero_grad(set_to_none=True)
+    return np.asarray(result, dtype=np.float32)
+
+
+def _finer_targets(tb: np.ndarray, pb: np.ndarray, logits: Optional[np.ndarray]) -> list:
+    """FinerCAM's targets: true vs predicted, or the true class vs its nearest classes where they agree."""
+    return [FinerWeightedTarget(int(t), [int(p)] if t != p else _nearest_classes(logits[i], int(t)), 1.0)
+            for i, (t, p) in enumerate(zip(tb, pb))]
+
+
+def finercam_from_head(model: nn.Module, layer: nn.Module, weight: torch.Tensor, xb: torch.Tensor,
+                       tb: np.ndarray, pb: np.ndarray) -> np.ndarray:
+    """FinerCAM (Grad-CAM base) for a GAP -> Linear head (`weight` its (C, K)): one forward pass, then the targets'
+    gradients with respect to the logits only (gradcam_from_logit_gradients); no backward pass through the model."""
+    logits, activations = forward_with_activations(model, layer, xb)
+    logits = logits.float()
+    z = logits.clone().requires_grad_(True)
+    targets = _finer_targets(tb, pb, logits.cpu().numpy())
+    with torch.enable_grad():   # as FinerCAM: the sum over images of each image's target
+        (grads,) = torch.autograd.grad(sum(target(zi) for target, zi in zip(targets, z)), z)
+    return gradcam_from_logit_gradients(activations.float(), weight.detach().float(), grads, tuple(xb.shape[-2:]))
+
+
+def _finite(out: np.ndarray, method: str, layer_name: str) -> np.ndarray:
+    if not np.all(np.isfinite(out)):
+        raise NumericalError(f"{method} produced NaN/inf CAMs at layer {layer_name}; "
+                             "check the model's outputs for NaN/inf.")
+    return out
+
+
 class CamEngine:
     """Computes CAMs for one model, method and target layer, in batches.
 
@@ -278,7 +324,7 @@ class CamEngine:
         targets[i] for image i (ignored by class-agnostic methods such as eigencam)."""
         x = self._as_inputs(inputs)
         t = _as_targets(targets, x.shape[0], self.num_classes)
-        if self._exact and not self._verified and len(x):
+        if self.exact and not self._verified and len(x):
             self._verify_fast(x[:4], t[:4])
         return self._batched(x, lambda xb, tb: self._one_batch(xb, tb), t, progress)
 
@@ -290,7 +336,8 @@ class CamEngine:
     head_weight = property(lambda self: self._linear.weight if self._linear is not None else None)   # fast path: (C, K)
 
     @property
-    def _exact(self) -> bool:
+    def exact(self) -> bool:
+        """True while an exact shortcut (fast path or torch.fx tail) is in use."""
         return self._linear is not None or self._tail is not None
 
     @property
@@ -303,13 +350,13 @@ class CamEngine:
         """Fast- or tail-path CAMs (N, H, W) from what `inference_keep` kept of these images in the inference pass
         (the (N, K, h, w) maps; the tail's inputs). `inputs` are the same images, used only for the one-time
         check against pytorch-grad-cam. None when neither path applies or the check fails: call compute() then."""
-        if not self._exact:
+        if not self.exact:
             return None
         x = self._as_inputs(inputs)
         t = _as_targets(targets, x.shape[0], self.num_classes)
         if not self._verified and len(x):
             self._verify_fast(x[:4], t[:4])
-            if not self._exact:
+            if not self.exact:
                 return None
         out = np.zeros((len(x),) + tuple(x.shape[-2:]), np.float32)
         if self._tail is not None:
@@ -321,10 +368,35 @@ class CamEngine:
                 for s in range(0, len(x), 256):
                     out[s:s + 256] = gradcam_from_activations(activations[s:s + 256].to(self.device).float(),
                                                               weight, t[s:s + 256], tuple(x.shape[-2:]))
-        if not np.all(np.isfinite(out)):
-            raise NumericalError(f"{self.method} produced NaN/inf CAMs at layer {self.layer_name}; "
-                                 "check the model's outputs for NaN/inf.")
-        return out
+        return _finite(out, self.method, self.layer_name)
+
+    def compute_shared(self, images: torch.Tensor, rows, targets, progress: bool = True) -> np.ndarray:
+        """CAMs (len(rows), H, W) for the requests (images[rows[i]], targets[i]): on the fast and tail paths each
+        image runs the model (or the tail's head) once for all its classes (failure modes ask true and predicted)."""
+        x = self._as_inputs(images)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        t = _as_targets(targets, len(rows), self.num_classes)
+        if len(rows) and self.exact and not self._verified:
+            self._verify_fast(x[torch.as_tensor(rows[:4])], t[:4])
+        if not self.exact or not len(rows):
+            return self.compute(x[torch.as_tensor(rows)], t, progress=progress)
+        size = tuple(x.shape[-2:])
+        out = np.zeros((len(rows),) + size, np.float32)
+        for s in range(0, len(x), self.batch_size):   # a batch of images, with every request on them
+            sel = np.flatnonzero((rows >= s) & (rows < s + self.batch_size))
+            if not len(sel):
+                continue
+            xb = x[s:s + self.batch_size].to(self.device)
+            local = torch.as_tensor(rows[sel] - s, device=self.device)
+            if self._tail is not None:
+                kept = tuple(v[local] for v in head_values(self._tail, xb))
+                out[sel] = gradcam_in_batches(self._tail, kept, t[sel], size, self.reshape_transform,
+                                              self.batch_size, self.device)
+            else:
+                _, acts = self._forward_with_activations(xb)
+                out[sel] = gradcam_from_activations(acts.float()[local], self._linear.weight.detach().float(),
+                                                    t[sel], size)
+        return _finite(out, self.method, self.layer_name)
 
     def compute_finer(self, inputs: torch.Tensor, true_classes, pred_classes, progress: bool = True) -> np.ndarray:
         """FinerCAM (N, H, W): what makes image i look like true_classes[i] rather than pred_classes[i]
@@ -359,13 +431,10 @@ class CamEngine:
         for s in starts:
             out[s:s + self.batch_size] = fn(x[s:s + self.batch_size].to(self.device),
                                             per_image[s:s + self.batch_size])
-        if not np.all(np.isfinite(out)):
-            raise NumericalError(f"{self.method} produced NaN/inf CAMs at layer {self.layer_name}; "
-                                 "check the model's outputs for NaN/inf.")
-        return out
+        return _finite(out, self.method, self.layer_name)
 
     def _one_batch(self, xb: torch.Tensor, tb: np.ndarray) -> np.ndarray:
-        if self._exact:
+        if self.exact:
             return self._fast_batch(xb, tb)
         if self.method == "finercam":
             logits = self._logits(xb)
@@ -375,26 +444,12 @@ class CamEngine:
             targets = [ClassifierOutputTarget(int(c)) for c in tb]
         return self._library(CAM_METHODS[self.method], xb, targets)
 
-    @staticmethod
-    def _finer_targets(tb: np.ndarray, pb: np.ndarray, logits: Optional[np.ndarray]) -> list:
-        return [FinerWeightedTarget(int(t), [int(p)] if t != p else _nearest_classes(logits[i], int(t)), 1.0)
-                for i, (t, p) in enumerate(zip(tb, pb))]
-
     def _finer_batch(self, xb: torch.Tensor, tb: np.ndarray, pb: np.ndarray) -> np.ndarray:
         logits = self._logits(xb) if np.any(tb == pb) else None
-        return self._library(FinerCAM, xb, self._finer_targets(tb, pb, logits))
+        return self._library(FinerCAM, xb, _finer_targets(tb, pb, logits))
 
     def _finer_fast_batch(self, xb: torch.Tensor, tb: np.ndarray, pb: np.ndarray) -> np.ndarray:
-        """FinerCAM (Grad-CAM base) for a GAP -> Linear head: one forward pass, then the targets' gradients
-        with respect to the logits only (gradcam_from_logit_gradients); no backward pass through the model."""
-        logits, activations = self._forward_with_activations(xb)
-        logits = logits.float()
-        z = logits.clone().requires_grad_(True)
-        targets = self._finer_targets(tb, pb, logits.cpu().numpy())
-        with torch.enable_grad():   # as FinerCAM: the sum over images of each image's target
-            (grads,) = torch.autograd.grad(sum(target(zi) for target, zi in zip(targets, z)), z)
-        return gradcam_from_logit_gradients(activations.float(), self._linear.weight.detach().float(), grads,
-                                            tuple(xb.shape[-2:]))
+        return finercam_from_head(self.model, self.layer, self._linear.weight, xb, tb, pb)
 
     def _verify_finer_fast(self, xb: torch.Tensor, tb: np.ndarray, pb: np.ndarray) -> None:
         """Compare the fast FinerCAM with pytorch-grad-cam's FinerCAM on a few real images, for the requested
@@ -411,26 +466,8 @@ class CamEngine:
             return self.model(xb).float().cpu().numpy()
 
     def _library(self, cls: type, xb: torch.Tensor, targets: list) -> np.ndarray:
-        """One pytorch-grad-cam call with exactly one target per image; hooks removed afterwards
-        (left registered they would record every later forward pass of the model)."""
-        if cls is FinerCAM:
-            base = CAM_METHODS[self.method] if self.method in _GRADIENT_METHODS else GradCAM
-            cam = FinerCAM(self.model, [self.layer], reshape_transform=self._cam_transform, base_method=base)
-            hooks = cam.base_cam.activations_and_grads
-        else:
-            cam = cls(self.model, [self.layer], reshape_transform=self._cam_transform)
-            hooks = cam.activations_and_grads
-            if isinstance(cam, ScoreCAM):
-                cam.batch_size = self.batch_size
-        if not any(p.requires_grad for p in self.model.parameters()):
-            xb = xb.detach().clone().requires_grad_(True)   # frozen weights: gradients must still reach the layer
-        try:
-            with torch.enable_grad(), _quiet_scorecam():
-                result = cam(input_tensor=xb, targets=targets)
-        finally:
-            hooks.release()
-            self.model.zero_grad(set_to_none=True)
-        return np.asarray(result, dtype=np.float32)
+        return library_cams(self.model, self.layer, cls, xb, targets, self._cam_transform, self.method,
+                            self.batch_size)
 
     def _forward_with_activations(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return forward_with_activations(self.model, self.layer, xb)
@@ -446,7 +483,7 @@ class CamEngine:
         """Take `other`'s fast-path verdict: for a copy of its model with some weights re-initialised (the same
         modules, so the same GAP -> Linear structure the verdict is about). Saves the library Grad-CAM calls of
         _verify_fast: 2 x 7 s of a 2,000-image 224 px ResNet-18 run's randomisation test."""
-        if self._exact and other._exact and other._verified and other.cam_path.verified and not self._verified:
+        if self.exact and other.exact and other.cam_path.verified and not self._verified:
             self.fast_max_diff = other.fast_max_diff
             self.cam_path = dataclasses.replace(self._own_path, verified=True)
             self._verified = True
@@ -465,110 +502,3 @@ class CamEngine:
         else:
             self.cam_path = dataclasses.replace(self._own_path, verified=True)
         self._verified = True
-
-
-# ----------------------------------------------------------------------------- faithfulness
-
-FAITHFULNESS_METRICS = ("road", "confidence_change")
-
-
-class SoftmaxContrastTarget:
-    """pytorch-grad-cam target: softmax(output)[true] - softmax(output)[pred], the margin FinerCAM explains
-    (in probabilities, so it reads on the same scale as the single-class ROAD scores)."""
-
-    def __init__(self, true_class: int, pred_class: int):
-        self.true_class, self.pred_class = int(true_class), int(pred_class)
-
-    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(model_output, dim=-1)
-        return p[..., self.true_class] - p[..., self.pred_class]
-
-
-def faithfulness(model: nn.Module, inputs: torch.Tensor, targets, cams: np.ndarray, metric: str = "road",
-                 batch_size: int = 64, seed: int = 0, scores_before: Optional[np.ndarray] = None,
-                 percentile: int = 80) -> np.ndarray:
-    """Per-image faithfulness score (N,) of `cams` for the target of each image, from pytorch-grad-cam's
-    metrics. Both are score_after - score_before, the change of the target's score:
-
-    - "road" (ROADMostRelevantFirst(percentile)): the (100 - percentile)% of pixels with the highest CAM
-      values are replaced by noisy linear interpolation of their neighbours. NEGATIVE = the score dropped when
-      the highlighted pixels were removed, so the CAM points at evidence the model really uses; more negative
-      is more faithful; ~0 means the highlighted pixels did not matter. The noise is seeded by `seed`. Up to
-      road.ROAD_MAX_SIDE px the imputation is the library's to float precision; above, it is solved on a reduced
-      grid (helpers.model.road.RoadImputer), the same for every map scored, so maps and baselines stay comparable.
-    - "confidence_change" (CamMultImageConfidenceChange): the normalised input is multiplied by the CAM
-      (un-highlighted pixels go to the dataset mean). ~0 or positive = the highlighted pixels alone keep the
-      prediction, so the CAM covers the evidence; strongly negative = evidence lies outside the CAM.
-
-    targets: one pytorch-grad-cam target per image (a callable on the model output, e.g.
-    ClassifierOutputSoftmaxTarget(c), or SoftmaxContrastTarget(true, pred) for maps that explain "true rather
-    than predicted": then NEGATIVE = removing the pixels moves the model from the true class to the predicted
-    one), or class ids, which score their softmax probability (in [-1, 1]).
-    scores_before: the targets' scores on the unperturbed `inputs` when already known (the analysis has the
-    probabilities from its inference pass); the metric then runs the model on the perturbed images only.
-    """
-    key = str(metric).strip().lower()
-    if key not in FAITHFULNESS_METRICS:
-        raise ConfigError(f"Unknown faithfulness metric {metric!r}. Choose one of: {', '.join(FAITHFULNESS_METRICS)}.")
-    x = torch.as_tensor(inputs).float()
-    n = x.shape[0]
-    maps = np.ascontiguousarray(np.asarray(cams, dtype=np.float32))
-    if maps.shape != (n,) + tuple(x.shape[-2:]):
-        raise DataError(f"cams must be (N, H, W) = {(n,) + tuple(x.shape[-2:])}; got {maps.shape}.")
-    metric_targets = _metric_targets(targets, n)
-    if weight_dtype(model) != torch.float32:   # the metrics turn the targets' scores into NumPy: no bfloat16
-        metric_targets = [_Float32Target(t) for t in metric_targets]
-    before = _check_scores_before(scores_before, n)
-    scorer = road_metric(percentile) if key == "road" else CamMultImageConfidenceChange()
-    device = model_device(model)
-    out = np.zeros(n, np.float32)
-    with eval_mode(model), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        # ROAD's imputer calls numpy functions on torch tensors (library-internal NumPy 2 deprecation).
-        warnings.filterwarnings("ignore", message="__array_wrap__ must accept context", category=DeprecationWarning)
-        torch.manual_seed(seed)
-        for s in range(0, n, int(batch_size)):
-            e = min(s + int(batch_size), n)
-            out[s:e] = _perturbation_score(scorer, x[s:e].to(device), maps[s:e], metric_targets[s:e], model,
-                                           None if before is None else before[s:e])
-    return out
-
-
-class _Float32Target:
-    """A target scored on the float32 output of a float16/bfloat16 model."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
-        return self.target(model_output.float())
-
-
-def _metric_targets(targets, n: int) -> list:
-    """One pytorch-grad-cam target per image: target objects as given, class ids as their softmax probability."""
-    items = targets if isinstance(targets, (np.ndarray, torch.Tensor)) else list(targets)
-    if not isinstance(items, (np.ndarray, torch.Tensor)) and items and all(callable(t) for t in items):
-        if len(items) != n:
-            raise ConfigError(f"targets must hold exactly one target per image: got {len(items)} for {n} images.")
-        return items
-    classes = np.asarray(items)
-    if classes.shape != (n,):
-        raise ConfigError(f"targets must hold exactly one class per image: got shape {classes.shape} for {n} images.")
-    return [ClassifierOutputSoftmaxTarget(int(c)) for c in classes]
-
-
-def _check_scores_before(scores_before, n: int) -> Optional[np.ndarray]:
-    if scores_before is None:
-        return None
-    before = np.asarray(scores_before, dtype=np.float32).reshape(-1)
-    if before.shape != (n,) or not np.isfinite(before).all():
-        raise ConfigError(f"scores_before must hold one finite score per image ({n}); got shape {before.shape}.")
-    return before
-
-
-def _perturbation_score(scorer, x: torch.Tensor, maps: np.ndarray, targets: list, model: nn.Module,
-                        before: Optional[np.ndarray] = None) -> np.ndarray:
-    """A pytorch-grad-cam perturbation metric's score_after - score_before. With `before` known, the metric is
-    asked for the perturbed scores only (return_diff=False), which saves its forward pass on the originals."""
-    if before is None:
-        return scorer(x, maps, targets, model)
-    return scorer(x, maps, targets, model, return_diff=False) - before

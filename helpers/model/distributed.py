@@ -2,7 +2,7 @@
 
 Each rank runs the inference pass on one contiguous shard of the test set, in whole batches, so every batch
 is the batch a single process would run (a model may depend on its batch, and the same batches give the same
-floating-point logits). Logits, probabilities, features and the class galleries' kept candidates are gathered
+floating-point logits). Logits, probabilities, features, the class galleries' kept candidates and the pass's own CAMs are gathered
 on rank 0, which continues with exactly the predictions and gallery choices of a single-process run; the other
 ranks write nothing. Backend gloo on the CPU, nccl on CUDA (each rank on cuda:LOCAL_RANK).
 """
@@ -111,9 +111,10 @@ def to_device(value: Any, device: torch.device | str) -> Any:
 
 
 class OffsetGallery:
-    """A GalleryActivations seen through one shard: batch offsets become global image indices."""
+    """An inference-pass observer (a GalleryActivations, a PassCams) seen through one shard: batch offsets become
+    global image indices."""
 
-    def __init__(self, gallery: "GalleryActivations", offset: int):
+    def __init__(self, gallery, offset: int):
         self.gallery, self.offset = gallery, int(offset)
 
     def capture(self):
@@ -156,11 +157,19 @@ def gather_gallery(world: World, gallery: "GalleryActivations", device: torch.de
         gallery.merge_states(states)
 
 
+def gather_observer(world: World, observer) -> None:
+    """Rank 0's observer (a PassCams: NumPy state only) takes in every other rank's kept_state()."""
+    states = [None] * world.world_size if world.is_main else None
+    dist.gather_object(observer.kept_state(), states, dst=0)
+    if world.is_main:
+        observer.merge_states(states[1:])
+
+
 def sharded(world: World, run_inference: Callable[..., Predictions]) -> Callable[..., Predictions]:
     """`run_inference` with the same arguments, run by every rank on its shard and gathered: the full
     Predictions (and, with a `gallery`, the whole-set gallery selection) on rank 0, the shard's elsewhere."""
     def run(model, inputs, labels, batch_size: int = 256, device="cpu", progress: bool = True,
-            gallery: Optional["GalleryActivations"] = None, **kwargs) -> Predictions:
+            gallery: Optional["GalleryActivations"] = None, observers=(), **kwargs) -> Predictions:
         a, b = shard_bounds(len(inputs), world.world_size, world.rank, batch_size)
         threads = torch.get_num_threads()
         # The free cores measured by each rank are shared by all the ranks on this node.
@@ -169,11 +178,14 @@ def sharded(world: World, run_inference: Callable[..., Predictions]) -> Callable
             shard = inputs.subset(a, b) if hasattr(inputs, "subset") else inputs[a:b]   # streamed: not decoded here
             part = run_inference(model, shard, np.asarray(labels)[a:b], batch_size=batch_size, device=device,
                                  progress=progress and world.is_main,
-                                 gallery=OffsetGallery(gallery, a) if gallery is not None else None, **kwargs)
+                                 gallery=OffsetGallery(gallery, a) if gallery is not None else None,
+                                 observers=[OffsetGallery(o, a) for o in observers], **kwargs)
         finally:
             torch.set_num_threads(threads)
         full = gather_predictions(world, part)
         if gallery is not None:
             gather_gallery(world, gallery, device)
+        for observer in observers:   # the same observers on every rank, in the same order
+            gather_observer(world, observer)
         return full if world.is_main else part
     return run

@@ -23,13 +23,16 @@ class PassCams:
     """Kept by a forward hook on `layer` during the inference pass (`capture()`, then `update()` after each batch,
     the interface run_inference gives its observers)."""
 
-    def __init__(self, layer: torch.nn.Module, weights: torch.Tensor, n_images: int):
+    def __init__(self, layer: Optional[torch.nn.Module], weights: Optional[torch.Tensor], n_images: int,
+                 kept: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None):
         self.layer = layer
-        self.weights = weights.detach().float().cpu()   # (C, K) of the final Linear
+        self.weights = None if weights is None else weights.detach().float().cpu()   # (C, K) of the final Linear
         self.n_images = int(n_images)
         self._grid: Optional[np.ndarray] = None          # (N, 2, h, w) float32, allocated at the first batch
         self._filled = np.zeros(self.n_images, dtype=bool)
         self._classes = np.full((self.n_images, 2), -1, dtype=np.int64)   # the true and predicted class kept
+        if kept is not None:   # (grid, classes, filled) read back from the cache
+            self._grid, self._classes, self._filled = kept
         self._batch: Optional[torch.Tensor] = None
 
     def capture(self):
@@ -52,6 +55,25 @@ class PassCams:
         self._grid[start:start + n] = torch.einsum("bjk,bkhw->bjhw", wt, a).clamp_min(0).numpy()
         self._classes[start:start + n] = np.stack([np.asarray(labels), np.asarray(preds)], axis=1)
         self._filled[start:start + n] = True
+
+    def kept_state(self) -> dict:
+        """This pass's maps for another process (a torchrun shard's images): their rows, maps and classes."""
+        rows = np.flatnonzero(self._filled)
+        grid = self._grid[rows] if self._grid is not None else None
+        return {"rows": rows, "grid": grid, "classes": self._classes[rows]}
+
+    def merge_states(self, states) -> None:
+        """Take in the kept_state() of the other shards' passes over disjoint images of the same test set."""
+        for state in states:
+            if state["grid"] is None or not len(state["rows"]):
+                continue
+            if self._grid is None:
+                self._grid = np.zeros((self.n_images,) + state["grid"].shape[1:], dtype=np.float32)
+            if self._filled[state["rows"]].any():
+                raise ValueError("pass CAM states overlap: the merged passes must cover disjoint images")
+            self._grid[state["rows"]] = state["grid"]
+            self._classes[state["rows"]] = state["classes"]
+            self._filled[state["rows"]] = True
 
     @property
     def complete(self) -> bool:
@@ -109,7 +131,4 @@ class PassCams:
             raise ValueError("pass CAM grid holds negative, NaN or infinite values")
         if classes.min(initial=0) < -1 or (num_classes is not None and classes.max(initial=0) >= num_classes):
             raise ValueError("pass CAM classes outside the model's classes")
-        out = cls.__new__(cls)
-        out.layer, out.weights, out.n_images, out._batch = None, None, int(n_images), None
-        out._grid, out._classes, out._filled = grid, classes.astype(np.int64), filled
-        return out
+        return cls(None, None, n_images, kept=(grid, classes.astype(np.int64), filled))

@@ -1,6 +1,6 @@
 """ROAD's noisy linear imputation (pytorch-grad-cam's NoisyLinearImputer), assembled vectorised and, above
 ROAD_MAX_SIDE px, solved on a reduced grid; `road_metric` wraps it in the library's own ROAD metric classes.
-Used by helpers.model.cams.faithfulness."""
+Used by helpers.model.faithfulness.faithfulness."""
 from __future__ import annotations
 
 import numpy as np

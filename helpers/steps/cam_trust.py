@@ -25,7 +25,8 @@ import pandas as pd
 from helpers.compute import metrics
 from helpers.files.png import preview_data_uri
 from helpers.model import cam_trust as T
-from helpers.model.cams import CLASS_AGNOSTIC_METHODS, CamEngine, SoftmaxContrastTarget, faithfulness
+from helpers.model.cams import CLASS_AGNOSTIC_METHODS, CamEngine
+from helpers.model.faithfulness import SoftmaxContrastTarget, faithfulness
 from helpers.plots.cam_trust import TrustFigure, plot_cam_trust
 from helpers.plots.overlay import to_rgb_uint8
 from helpers.steps.confusion import Confusion

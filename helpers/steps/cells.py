@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from helpers.compute.cells import CellExamples, cell_examples
-from helpers.model.cams import forward_with_activations
 from helpers.model.pass_cams import PRED, TRUE
 from helpers.plots.cell_tiles import MAX_SIDE, TileSheets, fit_thumbnails, thumb_side, tile_sheets
 from helpers.steps.context import Run, Section
@@ -33,12 +32,9 @@ class CellImages(Section):
 def cams_for(engine, x: torch.Tensor, *targets: np.ndarray) -> list[np.ndarray]:
     """The engine's CAMs of images x for each list of targets: on the fast exact path from one forward pass
     (the activations are shared; a second pass per target doubled this step's time), else one compute each."""
-    if engine.fast:
-        _, acts = forward_with_activations(engine.model, engine.layer, x.to(engine.device))
-        cams = [engine.compute_from_activations(x, acts, t) for t in targets]
-        if all(c is not None for c in cams):
-            return cams
-    return [engine.compute(x, t, progress=False) for t in targets]
+    rows = np.tile(np.arange(len(x)), len(targets))
+    cams = engine.compute_shared(x, rows, np.concatenate(targets), progress=False)
+    return list(cams.reshape((len(targets), len(x)) + cams.shape[1:]))
 
 
 def draw_tiles(run: Run, engine, idx: np.ndarray, t: np.ndarray, q: np.ndarray, side: tuple[int, int]) -> TileSheets:

@@ -16,7 +16,8 @@ from helpers.compute import deep_dive, metrics
 from helpers.config import Params
 from helpers.data.datasets import Dataset, resolve_class_names
 from helpers.errors import ConfigError
-from helpers.model.cams import CLASS_AGNOSTIC_METHODS, SoftmaxContrastTarget, faithfulness
+from helpers.model.cams import CLASS_AGNOSTIC_METHODS
+from helpers.model.faithfulness import SoftmaxContrastTarget, faithfulness
 from helpers.plots import figures, interactive
 from helpers.plots.gallery import render_gallery, render_label_suspects
 from helpers.steps.confusion import Confusion

@@ -13,7 +13,7 @@ from helpers.compute import metrics
 from helpers.config import class_gallery_count
 from helpers.files import png
 from helpers.files.cache import digest
-from helpers.model.cams import faithfulness
+from helpers.model.faithfulness import faithfulness
 from helpers.plots import gallery, overlay
 from helpers.plots.gallery import GalleryRow, difference_panel, render_gallery
 from helpers.steps.confusion import Confusion, weakest_classes

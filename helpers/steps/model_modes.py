@@ -82,10 +82,17 @@ def _wrong_labels(run: Run, data) -> tuple[Optional[np.ndarray], str]:
     return labels.wrong, "human-validated" if labels.validated else "suspected (unvalidated)"
 
 
-def _cams(run: Run, idx: np.ndarray, cls: int) -> np.ndarray:
-    parts = [run.cams.get(idx[s:s + CAM_BATCH].tolist(), [cls] * len(idx[s:s + CAM_BATCH]))
-             for s in range(0, len(idx), CAM_BATCH)]
-    return np.concatenate(parts) if parts else np.zeros((0, 1, 1), np.float32)
+def _cams(run: Run, idx: np.ndarray, t: int, q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's CAM for class t and for class q, both asked at once (the engine runs each image once)."""
+    parts_t, parts_q = [], []
+    with run.model_threads():
+        for s in range(0, len(idx), CAM_BATCH):
+            b = idx[s:s + CAM_BATCH].tolist()
+            both = run.cams.get(b + b, [t] * len(b) + [q] * len(b))
+            parts_t.append(both[:len(b)])
+            parts_q.append(both[len(b):])
+    empty = np.zeros((0, 1, 1), np.float32)
+    return (np.concatenate(parts_t) if parts_t else empty), (np.concatenate(parts_q) if parts_q else empty)
 
 
 def _typical_first(x: np.ndarray, members: np.ndarray) -> np.ndarray:
@@ -109,7 +116,7 @@ def pair_modes(run: Run, t: int, q: int, wrong: Optional[np.ndarray], props: Opt
         return (PairModes(true_id=t, pred_id=q, label=f"{run.names[t]} → {run.names[q]}", n_errors=0, n_clustered=0,
                           k=0, silhouettes={}, reason="no errors", modes=[]),
                 idx, np.zeros(0, np.int64), np.zeros((0, 1, 1)))
-    cam_t, cam_p = _cams(run, idx, t), _cams(run, idx, q)
+    cam_t, cam_p = _cams(run, idx, t, q)
     x = M.representation(pr.features[idx], cam_t, cam_p)
     choice = M.choose_modes(x, seed=run.params.SEED)
     cy, cx, area = M.cam_centroid_area(cam_p)
@@ -165,7 +172,7 @@ def _figure(run: Run, p: PairModes, idx: np.ndarray, mode_no: np.ndarray, diff: 
     rows = []
     for m in p.modes:
         shown = m.indices[:MAX_IMAGES]
-        cams = _cams(run, np.asarray(shown, np.int64), p.pred_id)
+        cams = run.cams.get([int(i) for i in shown], [p.pred_id] * len(shown))   # held since pair_modes asked
         rows.append(ModeRow(caption=_caption(m, p.n_clustered, source), mean_diff=diff[mode_no == m.mode].mean(axis=0),
                             images=run.overlays(shown, cams),
                             titles=[f"#{i} · {run.preds.probs[i, p.pred_id]:.2f}" for i in shown]))

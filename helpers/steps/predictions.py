@@ -17,6 +17,7 @@ from helpers.model.cam_store import CamStore
 from helpers.model.cams import CamEngine
 from helpers.model.inference import Predictions
 from helpers.model.load import LoadedModel
+from helpers.model.pass_cams import PassCams
 
 MAX_CAM_BATCH = 128   # CAM batches after inference are small: larger ones only hold more memory
 
@@ -130,6 +131,12 @@ def cam_store(params: Params, loaded: LoadedModel, inputs: torch.Tensor, device:
 
     return CamStore(engine, inputs, method=params.CAM_METHOD, layer=params.TARGET_LAYER,
                     num_classes=loaded.num_classes)
+
+
+def pass_cams(store: CamStore, n_images: int) -> Optional[PassCams]:
+    """The observer that keeps every image's true/pred Grad-CAM during the pass itself (fast path only)."""
+    engine = store.engine()
+    return PassCams(engine.layer, engine.head_weight, n_images) if engine.head_weight is not None else None
 
 
 def restore_derived(cache: RunCache, store: CamStore, outputs: Outputs) -> None:
