@@ -3,6 +3,7 @@ hand-made image, the statistics against sklearn / scipy / a hand-computed Benjam
 cause on real Fashion-MNIST (30% of the test Pullovers darkened) that the step must find."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import time
 
@@ -257,7 +258,8 @@ def _fake_run(tmp_path, images, labels, preds, cams=None, original_sizes=None):
     names = [f"class {i}" for i in range(int(max(labels.max(), preds.max())) + 1)]
     return SimpleNamespace(data=SimpleNamespace(images=images, num_classes=len(names), original_sizes=original_sizes),
                            preds=SimpleNamespace(labels=labels, preds=preds), cams=cams, names=names,
-                           params=SimpleNamespace(SEED=0), outputs=Outputs(tmp_path / "out"), costly_cams=False)
+                           params=SimpleNamespace(SEED=0), outputs=Outputs(tmp_path / "out"), costly_cams=False,
+                           model_threads=contextlib.nullcontext)
 
 
 class _Cams:

@@ -258,7 +258,8 @@ def cam_trust(run: Run, conf: Confusion) -> CamTrust:
     else:
         engine = run.cams.engine()
         sec.method, sec.layer, sec.n_images = engine.method, engine.layer_name, len(idx)
-        cam_t, cam_p = run.cams.get(idx.tolist(), true.tolist()), run.cams.get(idx.tolist(), pred.tolist())
+        with run.model_threads():
+            cam_t, cam_p = run.cams.get(idx.tolist(), true.tolist()), run.cams.get(idx.tolist(), pred.tolist())
         sens = T.rank_correlation(cam_t, cam_p)
         sec.images = pd.DataFrame({"index": idx, "true_id": true, "pred_id": pred, "class_sensitivity": sens})
         sec.pairs = pair_table(true, pred, sens, run.names)

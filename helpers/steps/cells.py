@@ -53,7 +53,8 @@ def draw_tiles(run: Run, engine, idx: np.ndarray, t: np.ndarray, q: np.ndarray, 
             if from_pass:   # t, q are the labels and predictions: the two maps the pass kept
                 maps = [run.pass_cams.maps(b, which, (h, w)) for which in (TRUE, PRED)]
             else:
-                maps = cams_for(engine, run.inputs[torch.as_tensor(b)], t[s:s + CAM_BATCH], q[s:s + CAM_BATCH])
+                with run.model_threads():
+                    maps = cams_for(engine, run.inputs[torch.as_tensor(b)], t[s:s + CAM_BATCH], q[s:s + CAM_BATCH])
             for k, cams in enumerate(maps, 1):
                 thumbs[k] += fit_thumbnails(run.overlays(b, cams), side)
             bar.update(len(b))

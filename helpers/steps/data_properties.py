@@ -84,7 +84,8 @@ def _image_table(run: Run, comps: Sequence[P.Comparison], sec_notes: list[str]) 
     if len(idx) > cap:
         idx = np.sort(np.random.default_rng(run.params.SEED).choice(idx, cap, replace=False))
         sec_notes.append(f"CAM properties: a seeded sample of {cap} images of the tested classes (the rest: NaN).")
-    cam = _cam_columns(run, idx)
+    with run.model_threads():   # where they are not from the pass, each CAM batch is a model pass
+        cam = _cam_columns(run, idx)
     for col in P.CAM_PROPERTIES:
         props.loc[idx, col] = cam[col].to_numpy()
     return props, len(idx)

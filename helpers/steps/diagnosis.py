@@ -75,8 +75,9 @@ def _context_cause(run: Run, t: int, q: int, errors: np.ndarray, cam_untrusted: 
     ref = _sample(np.flatnonzero((pr.labels == q) & (pr.preds == q)), cap, seed)
     if not len(err) or not len(ref):
         return None
-    border = [P.cam_properties(run.cams.get(i.tolist(), [q] * len(i)))["cam_border_share"].to_numpy()
-              for i in (err, ref)]
+    with run.model_threads():
+        border = [P.cam_properties(run.cams.get(i.tolist(), [q] * len(i)))["cam_border_share"].to_numpy()
+                  for i in (err, ref)]
     return D.context_cause(border[0], border[1], "deep_dive/property_slices.png", approximate=bool(cam_untrusted),
                            n_total=len(errors))
 
