@@ -524,3 +524,24 @@ def test_faithfulness_equals_library_road(images, targets):
     np.testing.assert_allclose(shifted, ref - 0.25, atol=1e-6)   # the given scores really are the ones used
     with pytest.raises(ConfigError, match="one finite score per image"):
         faithfulness(model, images, targets, maps, scores_before=before[:4])
+
+
+def test_saved_bytes_per_image_counts_what_autograd_keeps():
+    # A conv saves its input (3 x 16 x 16 floats) and its weight (once per call: not per image); a ReLU its output.
+    assert layers.saved_bytes_per_image(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)), (3, 16, 16)) == 3 * 256 * 4
+    relu = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    assert layers.saved_bytes_per_image(relu, (3, 16, 16)) == (3 + 4) * 256 * 4
+
+
+def test_library_batches_hold_no_more_than_the_memory_budget(images, monkeypatch):
+    model = seeded(vgg_mlp)
+    per_image = layers.saved_bytes_per_image(model, (3, 32, 32))
+    assert CamEngine(model, batch_size=64, fast_path=False).batch_size == 64   # 1 GiB holds 64 such images
+    monkeypatch.setattr(cams, "LIBRARY_BATCH_BYTES", 2 * per_image)
+    engine = CamEngine(model, batch_size=64, fast_path=False)
+    assert engine.cam_path.kind == "library" and engine.batch_size == 2
+    got = engine.compute(images, [1, 2, 3, 4, 5])   # 3 batches of at most 2
+    cam = GradCAM(model, [engine.layer])
+    ref = cam(images, targets=[ClassifierOutputTarget(c) for c in (1, 2, 3, 4, 5)])
+    cam.activations_and_grads.release()
+    np.testing.assert_allclose(got, ref, atol=1e-5)

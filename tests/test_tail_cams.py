@@ -49,6 +49,29 @@ class Untraceable(MlpHeadCNN):
         return self.classifier(x)
 
 
+class ShapeReader(MlpHeadCNN):
+    """Reads its map's shape before the target layer and uses it after (as a Swin block's B, H, W, C = x.shape):
+    the tail reads the batch size and three constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(16)
+        self.mlp = self.classifier[1:]   # the classifier without its Flatten
+
+    def forward(self, x):
+        y = self.features(x)
+        b, c, h, w = y.shape
+        return self.mlp(self.norm(y).reshape(b, c * h * w))
+
+
+class ShapeAsValue(MlpHeadCNN):
+    """Reads a value that is neither the batch size nor a constant (a float that grows with the batch)."""
+
+    def forward(self, x):
+        scale = x.shape[0] * 1.5 + 1.0   # before the cut, read after it
+        return self.classifier(self.features(x)) * scale
+
+
 def library_gradcam(model, layer, x, classes, reshape=None) -> np.ndarray:
     """pytorch-grad-cam's GradCAM, one image at a time (no batching shared with the code under test)."""
     with GradCAM(model, [layer], reshape_transform=reshape) as cam:
@@ -79,6 +102,25 @@ def test_mlp_head_cnn_tail_cams_equal_pytorch_grad_cam():
     ref = library_gradcam(model, engine.layer, x, classes)
     assert ref.std() > 0.05
     np.testing.assert_allclose(got, ref, atol=TOL)
+
+
+def test_a_tail_that_reads_the_batch_size_and_shape_constants_equals_pytorch_grad_cam():
+    torch.manual_seed(0)
+    model = ShapeReader().eval()
+    split, why = split_at_layer(model, model.norm, (3, 16, 16))
+    assert split is not None and why == ""
+    engine = CamEngine(model, target_layer="norm", input_shape=(3, 16, 16), batch_size=4)
+    assert engine.cam_path.kind == "tail"
+    x, classes = images(7, 16), np.array([0, 1, 2, 3, 4, 5, 0])   # batches of 4 and 3: the batch size varies
+    got = engine.compute(x, classes)
+    np.testing.assert_allclose(got, library_gradcam(model, engine.layer, x, classes), atol=TOL)
+
+
+def test_a_tail_reading_a_value_that_is_not_the_batch_nor_constant_is_refused():
+    torch.manual_seed(0)
+    model = ShapeAsValue().eval()
+    split, why = split_at_layer(model, model.features, (3, 16, 16))
+    assert split is None and "neither a tensor, the batch size nor a constant" in why
 
 
 def test_vit_tail_recomputes_norm1_from_the_residual_stream_and_equals_pytorch_grad_cam():

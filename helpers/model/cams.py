@@ -30,7 +30,7 @@ from helpers.errors import ConfigError, NumericalError
 from helpers.model.cam_path import CamPath
 from helpers.model.cam_store import output_map
 from helpers.model.layers import (check_input_shape, final_linear, float32_model, probe, probe_input,
-                                  reshape_transform_for, resolve_target_layer, weight_dtype)
+                                  reshape_transform_for, resolve_target_layer, saved_bytes_per_image, weight_dtype)
 from helpers.model.tail import TailSplit, gradcam_from_images, gradcam_in_batches, head_values, split_at_layer
 
 CAM_METHODS: dict[str, type] = {
@@ -58,6 +58,7 @@ CLASS_AGNOSTIC_METHODS = {"eigencam"}
 _GRADIENT_METHODS = {"gradcam", "gradcam++", "layercam", "xgradcam"}
 
 FAST_PATH_TOLERANCE = 1e-4
+LIBRARY_BATCH_BYTES = 1 << 30   # what autograd may keep for one library CAM batch's backward pass
 
 
 def check_method(method: str) -> str:
@@ -245,6 +246,12 @@ def finercam_from_head(model: nn.Module, layer: nn.Module, weight: torch.Tensor,
     return gradcam_from_logit_gradients(activations.float(), weight.detach().float(), grads, tuple(xb.shape[-2:]))
 
 
+def library_batch_size(model: nn.Module, input_shape, batch_size: int, device) -> int:
+    """At most `batch_size` images whose backward pass keeps LIBRARY_BATCH_BYTES: the library runs it through the
+    whole model (Swin-T at 224 px in batches of 128 peaked at 17 GB RSS)."""
+    return max(1, min(int(batch_size), LIBRARY_BATCH_BYTES // saved_bytes_per_image(model, input_shape, device)))
+
+
 def _finite(out: np.ndarray, method: str, layer_name: str) -> np.ndarray:
     if not np.all(np.isfinite(out)):
         raise NumericalError(f"{method} produced NaN/inf CAMs at layer {layer_name}; "
@@ -258,11 +265,11 @@ class CamEngine:
     Attributes: `method`, `layer_name`, `layer`, `reshape_transform` (None for CNNs), `num_classes`,
     `cam_path` (a CamPath: which computation runs, the fast exact Grad-CAM, the torch.fx tail or pytorch-grad-cam;
     `path` is its text), `fast_max_diff` (fast vs library on the verification batch), `dtype` (the weights' dtype
-    the CAMs run with) and `dtype_note` (None for float32; a float16/bfloat16 model runs as a float32 copy)."""
+    the CAMs run with) and `dtype_note` (None for float32; a float16/bfloat16 model runs as a float32 copy).
+    `batch_size`: on the library path no more than LIBRARY_BATCH_BYTES of saved activations per batch."""
 
     def __init__(self, model: nn.Module, method: str = "gradcam", target_layer: Optional[str] = None,
-                 input_shape: Sequence[int] = (3, 32, 32), batch_size: int = 64, device="cpu",
-                 fast_path: bool = True):
+                 input_shape: Sequence[int] = (3, 32, 32), batch_size: int = 64, device="cpu", fast_path: bool = True):
         self.method = check_method(method)
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size must be >= 1; got {batch_size}.")
@@ -316,6 +323,7 @@ class CamEngine:
 
     def _set_library_path(self, reason: str) -> None:
         self._linear = self._tail = None
+        self.batch_size = library_batch_size(self.model, self.input_shape, self.batch_size, self.device)
         self.cam_path = CamPath("library", library_class=CAM_METHODS[self.method].__name__, reason=reason)
 
     # -- public
@@ -328,10 +336,7 @@ class CamEngine:
             self._verify_fast(x[:4], t[:4])
         return self._batched(x, lambda xb, tb: self._one_batch(xb, tb), t, progress)
 
-    @property
-    def fast(self) -> bool:
-        """True while the fast exact Grad-CAM path is in use (not yet refuted by the verification)."""
-        return self._linear is not None
+    fast = property(lambda self: self._linear is not None, doc="the fast exact path is in use (not yet refuted)")
 
     head_weight = property(lambda self: self._linear.weight if self._linear is not None else None)   # fast path: (C, K)
 

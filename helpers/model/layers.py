@@ -136,6 +136,23 @@ def probe_input(input_shape: Sequence[int], batch: int = 1) -> torch.Tensor:
     return torch.zeros((batch,) + tuple(int(s) for s in input_shape))
 
 
+def saved_bytes_per_image(model: nn.Module, input_shape: Sequence[int], device="cpu") -> int:
+    """Bytes autograd keeps for the backward pass of one more image (a batch of 2 against a batch of 1, so the
+    weights each layer saves once per call do not count): what a library CAM batch holds per image."""
+    sizes = []
+    for batch in (1, 2):
+        total = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            total[0] += t.numel() * t.element_size()
+            return t
+        x = probe_input(input_shape, batch).to(device).requires_grad_(True)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        sizes.append(total[0])
+    return max(1, sizes[1] - sizes[0])
+
+
 def _is_spatial_map(t) -> bool:
     return isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[2] * t.shape[3] > 1
 

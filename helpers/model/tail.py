@@ -31,6 +31,7 @@ from torch import nn
 
 KeptValues = tuple[torch.Tensor, ...]
 PROBE_TOLERANCE = 1e-5
+BATCH = object()   # a value the tail reads that is the batch size
 
 
 class _TargetLeafTracer(fx.Tracer):
@@ -102,7 +103,41 @@ def _copy(graph: fx.Graph, nodes: Sequence[fx.Node], env: dict) -> None:
         env[node] = graph.node_copy(node, lambda a: env[a])
 
 
-def _build(model: nn.Module, graph: fx.Graph, layer: nn.Module, layer_name: str) -> TailSplit:
+def _shape_values(model: nn.Module, graph: fx.Graph, nodes: Sequence[fx.Node], input_shape) -> dict:
+    """{node: BATCH or its constant} for those of `nodes` that are not tensors (a Swin block's B, H, W, C =
+    x.shape, read again after the cut), from the graph run on probes of 2 and 3 images: a value that follows
+    the batch size is the batch, one that stays is a constant; raises ValueError on any other."""
+    wanted, seen = set(nodes), ({}, {})
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n in wanted:
+                self.record[n] = value
+            return value
+    module = fx.GraphModule(model, graph)
+    for batch, record in zip((2, 3), seen):
+        rec = Recorder(module)
+        rec.record = record
+        with torch.no_grad():
+            rec.run(torch.randn((batch,) + tuple(int(s) for s in input_shape),
+                                generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device))
+    out = {}
+    for n in nodes:
+        two, three = seen[0].get(n), seen[1].get(n)
+        if isinstance(two, torch.Tensor):
+            continue
+        if isinstance(two, int) and (two, three) == (2, 3):
+            out[n] = BATCH
+        elif type(two) in (int, float, bool, tuple) and two == three and not isinstance(two, torch.Size):
+            out[n] = two
+        else:
+            raise ValueError(f"the tail reads {n.name}, neither a tensor, the batch size nor a constant")
+    return out
+
+
+def _build(model: nn.Module, graph: fx.Graph, layer: nn.Module, layer_name: str,
+           input_shape: Sequence[int]) -> TailSplit:
     """The head and tail GraphModules of a traced graph (raises ValueError where the cut does not exist)."""
     nodes = list(graph.nodes)
     calls = [n for n in nodes if n.op == "call_module" and n.target == layer_name]
@@ -126,7 +161,8 @@ def _build(model: nn.Module, graph: fx.Graph, layer: nn.Module, layer_name: str)
     layer_args = [a for a in target.all_input_nodes if a in dep]
     # A cheap leaf (LayerNorm) whose inputs cross anyway: recompute it in the tail rather than keep its output.
     recompute = not list(layer.children()) and bool(layer_args) and all(a in crossing for a in layer_args)
-    kept = [n for n in crossing if not (recompute and n is target)]
+    shapes = _shape_values(model, graph, [n for n in crossing if n is not target], input_shape)
+    kept = [n for n in crossing if not (recompute and n is target) and n not in shapes]
     if recompute:
         kept += [a for a in layer_args if a not in kept]
 
@@ -140,6 +176,8 @@ def _build(model: nn.Module, graph: fx.Graph, layer: nn.Module, layer_name: str)
     tail_graph, env = fx.Graph(), {}
     for k, n in enumerate(kept):
         env[n] = tail_graph.placeholder(f"kept_{k}")
+    for n, value in shapes.items():   # the batch size from a kept tensor; constants as they are
+        env[n] = tail_graph.call_method("size", (env[kept[0]], 0)) if value is BATCH else value
     _copy(tail_graph, ([target] if recompute else []) + after, env)
     tail_graph.output((env[output.args[0]] if isinstance(output.args[0], fx.Node) else output.args[0], env[target]))
 
@@ -194,9 +232,12 @@ def split_at_layer(model: nn.Module, layer: nn.Module, input_shape: Sequence[int
     was_training = model.training
     model.eval()
     try:
-        split = _build(model, _trace(model, layer), layer, name)
-        x = torch.randn((2,) + tuple(int(s) for s in input_shape), generator=torch.Generator().manual_seed(0))
-        why, hook_ok = _check_on_probe(model, layer, split, x.to(next(model.parameters()).device))
+        split = _build(model, _trace(model, layer), layer, name, input_shape)
+        for batch in (2, 3):   # a tail that reads the batch size must hold at another batch size too
+            x = torch.randn((batch,) + tuple(int(s) for s in input_shape), generator=torch.Generator().manual_seed(0))
+            why, hook_ok = _check_on_probe(model, layer, split, x.to(next(model.parameters()).device))
+            if why:
+                break
     except Exception as exc:  # torch.fx raises many kinds (TraceError, TypeError, NotImplementedError...)
         first = str(exc).splitlines()[0][:160] if str(exc) else ""
         return None, f"the torch.fx split failed ({type(exc).__name__}: {first})"
