@@ -306,3 +306,14 @@ def test_step_without_cams_says_so(tmp_path):
     assert sec.pairs == [] and len(sec.modes) == 0 and "skipped" in sec.notes[0]
     assert "<table>" in index_section(run, sec) and summary_lines(sec)
     run.outputs.close()
+
+
+def test_costly_cams_cluster_fewer_errors_in_the_pairs_without_a_figure(tmp_path):
+    from helpers.steps import model_modes
+    run, conf, _ = _fake_run(tmp_path, ["a", "b", "c"])
+    run.costly_cams = True
+    drawn = model_modes.failure_modes(run, conf, data=None).pairs[0]
+    run.params.N_PAIR_GALLERIES = 0
+    table_only = model_modes.failure_modes(run, conf, data=None).pairs[0]
+    assert (drawn.n_errors, drawn.n_clustered) == (65, model_modes.COSTLY_MAX_ERRORS)
+    assert (table_only.n_errors, table_only.n_clustered) == (65, model_modes.COSTLY_LATER_ERRORS)

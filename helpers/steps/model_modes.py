@@ -33,6 +33,9 @@ MAX_ERRORS = 2000        # more errors in one pair than this: a seeded sample is
 # for 2,000 images; 167 errors per pair still give k-means 2..MAX_MODES modes of MIN_MODE_SIZE.
 MAX_CAM_BYTES = 64 << 20
 COSTLY_MAX_ERRORS = 60   # run.costly_cams: each CAM a model pass (ViT tail path: 2 x 167 per pair, minutes)
+# ... and for the pairs past N_PAIR_GALLERIES (no figure, a table row): a 2,000-image 224 px ViT-Ti run spent
+# 17.6 s of its 33 s model causes on 15 pairs x 60 errors; 24 still allow MAX_MODES modes of MIN_MODE_SIZE
+COSTLY_LATER_ERRORS = 24
 CAM_BATCH = 256
 
 
@@ -102,13 +105,15 @@ def _typical_first(x: np.ndarray, members: np.ndarray) -> np.ndarray:
 
 
 def pair_modes(run: Run, t: int, q: int, wrong: Optional[np.ndarray], props: Optional[pd.DataFrame],
-               prop_names: list[str]) -> tuple[PairModes, np.ndarray, np.ndarray, np.ndarray]:
-    """One pair: (its PairModes, the clustered indices, their mode numbers 1..k, the difference maps)."""
+               prop_names: list[str], drawn: bool = True) -> tuple[PairModes, np.ndarray, np.ndarray, np.ndarray]:
+    """One pair: (its PairModes, the clustered indices, their mode numbers 1..k, the difference maps). `drawn`:
+    the pair gets a figure (with costly CAMs the others cluster fewer errors)."""
     pr = run.preds
     idx = np.flatnonzero((pr.labels == t) & (pr.preds == q))
     n_errors = len(idx)
     h, w = run.data.images.shape[1:3]
-    cap = max(M.MIN_ERRORS, min(COSTLY_MAX_ERRORS if run.costly_cams else MAX_ERRORS,
+    costly = COSTLY_MAX_ERRORS if drawn else COSTLY_LATER_ERRORS
+    cap = max(M.MIN_ERRORS, min(costly if run.costly_cams else MAX_ERRORS,
                                 MAX_CAM_BYTES // (8 * h * w)))   # 2,000 at 32 px, 167 at 224 px
     if n_errors > cap:
         idx = np.sort(np.random.default_rng(run.params.SEED).choice(idx, cap, replace=False))
@@ -197,7 +202,8 @@ def failure_modes(run: Run, conf: Confusion, data=None) -> FailureModes:
         return sec
     todo = [(int(r.true_id), int(r.pred_id)) for r in conf.pairs.itertuples()]
     for k, (t, q) in enumerate(tqdm(todo, desc="failure modes", disable=not run.progress), start=1):
-        res, idx, mode_no, diff = pair_modes(run, t, q, wrong, props, prop_names)
+        res, idx, mode_no, diff = pair_modes(run, t, q, wrong, props, prop_names,
+                                             drawn=k <= run.params.N_PAIR_GALLERIES)
         if k <= run.params.N_PAIR_GALLERIES and res.modes:
             name = f"failure_modes_{k}_{run.class_slug(t)}_to_{run.class_slug(q)}.png"
             fig = _figure(run, res, idx, mode_no, diff, source)
