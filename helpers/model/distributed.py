@@ -2,8 +2,8 @@
 
 Each rank runs the inference pass on one contiguous shard of the test set, in whole batches, so every batch
 is the batch a single process would run (a model may depend on its batch, and the same batches give the same
-floating-point logits). Logits, probabilities, features, the class galleries' kept candidates and the pass's own CAMs are gathered
-on rank 0, which continues with exactly the predictions and gallery choices of a single-process run; the other
+floating-point logits). Logits, probabilities, features, the class galleries' kept candidates and the pass's
+own CAMs are gathered on rank 0, which continues with exactly the predictions and gallery choices of a single-process run; the other
 ranks write nothing. Backend gloo on the CPU, nccl on CUDA (each rank on cuda:LOCAL_RANK).
 """
 from __future__ import annotations
@@ -143,14 +143,20 @@ def gather_predictions(world: World, part: Predictions) -> Optional[Predictions]
         features=None if any(f is None for f in features) else np.concatenate(features))
 
 
+def _gather_states(world: World, state: dict) -> Optional[list]:
+    """Every rank's `state` in rank order on rank 0; None elsewhere."""
+    states = [None] * world.world_size if world.is_main else None
+    dist.gather_object(state, states, dst=0)
+    return states
+
+
 def gather_gallery(world: World, gallery: "GalleryActivations", device: torch.device | str) -> None:
     """Rank 0's `gallery` becomes the selection over every rank's kept candidates (exactly the whole-set
     selection: see GalleryActivations), their maps on `device`; the other ranks send theirs."""
     state = gallery.kept_state()
     if not world.is_main:
         state["maps"] = to_device(state["maps"], "cpu")   # rank 0 may not see this rank's GPU
-    states = [None] * world.world_size if world.is_main else None
-    dist.gather_object(state, states, dst=0)
+    states = _gather_states(world, state)
     if world.is_main:
         for other in states[1:]:
             other["maps"] = to_device(other["maps"], device)
@@ -159,8 +165,7 @@ def gather_gallery(world: World, gallery: "GalleryActivations", device: torch.de
 
 def gather_observer(world: World, observer) -> None:
     """Rank 0's observer (a PassCams: NumPy state only) takes in every other rank's kept_state()."""
-    states = [None] * world.world_size if world.is_main else None
-    dist.gather_object(observer.kept_state(), states, dst=0)
+    states = _gather_states(world, observer.kept_state())
     if world.is_main:
         observer.merge_states(states[1:])
 
