@@ -63,13 +63,25 @@ def click_position(page, row: int, col: int) -> None:
     page.mouse.click(*cell_centre(page, row, col))
 
 
+# Scrolls the page so that the explorer heatmap's cell (r, c) sits mid-viewport, then says where it is
+# (viewport coordinates). The 100-class heatmap is taller than the viewport: scrolling the plot alone into
+# view leaves its first and last rows off screen, and a mouse event there reaches nothing.
+SCROLL_TO_CELL = """([r, c]) => { const gd = document.getElementById('confusion-matrix');
+    const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+    const at = () => { const box = gd.getBoundingClientRect();
+                       return [box.left + xa._offset + xa.l2p(c), box.top + ya._offset + ya.l2p(r)]; };
+    const [x, y] = at();
+    window.scrollBy(x - window.innerWidth / 2, y - window.innerHeight / 2);
+    return at(); }"""
+
+
 def cell_centre(page, row: int, col: int) -> tuple[float, float]:
-    """Where the explorer heatmap's cell (row, col) is on screen, scrolled into view. The square heatmap sits
-    inside a wider plot area, so the cell is placed through Plotly's own axes."""
-    page.locator("#confusion-matrix").scroll_into_view_if_needed()
-    return page.evaluate("""([r, c]) => { const gd = document.getElementById('confusion-matrix');
-        const box = gd.getBoundingClientRect(), xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
-        return [box.left + xa._offset + xa.l2p(c), box.top + ya._offset + ya.l2p(r)]; }""", [row, col])
+    """Where the explorer heatmap's cell (row, col) is on screen, scrolled to the middle of the viewport.
+    The square heatmap sits inside a wider plot area, so the cell is placed through Plotly's own axes."""
+    x, y = page.evaluate(SCROLL_TO_CELL, [row, col])
+    size = page.viewport_size
+    assert 0 <= x < size["width"] and 0 <= y < size["height"], f"cell ({row}, {col}) at {(x, y)} is off screen"
+    return x, y
 
 
 def screenshot_report(index_html: Path, png: Path, width: int = 1400, height: int = 1700,

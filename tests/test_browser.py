@@ -118,6 +118,13 @@ def test_hovering_a_cell_shows_true_pred_count_and_row_percent(run, page):
     assert f"true: {top.true_name} · " in text and f"predicted: {top.pred_name} · " in text
     assert f"count: {int(top['count'])}" in text
     assert f"row %: {100 * int(top['count']) / support:.1f}%" in text
+    # the first and last rows of the 100-row heatmap lie outside a 1000-px viewport until scrolled to
+    for r, c in [(0, 99), (99, 0)]:
+        true_name = page.evaluate("([r, c]) => document.getElementById('confusion-matrix').data[0].customdata[r][c][0]",
+                                  [r, c])
+        page.mouse.move(*cell_centre(page, r, c))
+        page.wait_for_function("t => { const h = document.querySelector('#confusion-matrix .hoverlayer .hovertext');"
+                               " return h && h.textContent.includes(t); }", arg=f"true: {true_name}", timeout=10_000)
 
 
 def test_the_page_is_self_contained_and_every_link_resolves_to_a_file(run, page):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import CHROMIUM, browser_page
+from browser import CHROMIUM, SCROLL_TO_CELL, browser_page
 from conftest import REPO, TINY_ARCH
 from jupyterlab_server import children, jupyterlab_server
 
@@ -229,7 +229,7 @@ def _click_top_confusion(frame, problems, out: Path, where: str):
     assert ids, f"{where}: window.cmView.ids is missing"
     pos = {int(c): k for k, c in enumerate(ids)}
     r, c, n = pos[int(top["true_id"])], pos[int(top["pred_id"])], len(ids)
-    frame.locator("#confusion-matrix").scroll_into_view_if_needed()
+    frame.evaluate(SCROLL_TO_CELL, [r, c])   # rows near the edge of a tall heatmap are off screen otherwise
     box = frame.locator("#confusion-matrix .nsewdrag").first.bounding_box()   # page coordinates, iframe or not
     frame_page = frame.page if hasattr(frame, "page") else frame
     frame_page.mouse.click(box["x"] + (c + 0.5) * box["width"] / n, box["y"] + (r + 0.5) * box["height"] / n)
