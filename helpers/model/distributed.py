@@ -3,8 +3,9 @@
 Each rank runs the inference pass on one contiguous shard of the test set, in whole batches, so every batch
 is the batch a single process would run (a model may depend on its batch, and the same batches give the same
 floating-point logits). Logits, probabilities, features, the class galleries' kept candidates and the pass's
-own CAMs are gathered on rank 0, which continues with exactly the predictions and gallery choices of a single-process run; the other
-ranks write nothing. Backend gloo on the CPU, nccl on CUDA (each rank on cuda:LOCAL_RANK).
+own CAMs are gathered on rank 0, which continues with exactly the predictions and gallery choices of a
+single-process run; the other ranks write nothing. Backend gloo on the CPU, nccl on CUDA (each rank on
+cuda:LOCAL_RANK).
 """
 from __future__ import annotations
 
