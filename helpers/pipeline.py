@@ -161,11 +161,14 @@ class Analysis:
 
     def _pass(self, infer: Callable[..., Predictions], amp: Optional[torch.dtype]) -> Predictions:
         self.pass_cams = predictions.pass_cams(self.cams, len(self.inputs))   # under torchrun, gathered on rank 0
-        observers = [self.pass_cams] if self.pass_cams is not None else []
+        kept_inputs = predictions.pass_inputs(self.cams, len(self.inputs), self.params.SEED)   # likewise
+        observers = [o for o in (self.pass_cams, kept_inputs) if o is not None]
         with self.cams.capture(self.params.N_WORST, self.params.N_BEST) as gallery:
-            return infer(self.loaded.module, self.inputs, self.data.labels, batch_size=self.params.BATCH_SIZE,
-                         device=self.device, progress=self.progress and distributed.is_main_process(),
-                         gallery=gallery, autocast_dtype=amp, observers=observers)
+            preds = infer(self.loaded.module, self.inputs, self.data.labels, batch_size=self.params.BATCH_SIZE,
+                          device=self.device, progress=self.progress and distributed.is_main_process(),
+                          gallery=gallery, autocast_dtype=amp, observers=observers)
+        self.cams.pass_inputs = kept_inputs
+        return preds
 
     # ------------------------------------------------------------------ 3.-6. one step per section
     def confusion(self) -> confusion.Confusion:

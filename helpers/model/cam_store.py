@@ -208,6 +208,7 @@ class CamStore:
         self._cams: dict[tuple[int, int, str, str], Optional[np.ndarray]] = {}
         self._activations: Optional[GalleryActivations] = None
         self.pass_cams = None   # a helpers.model.pass_cams.PassCams, set by the pipeline after the inference pass
+        self.pass_inputs = None   # a helpers.model.pass_inputs.PassInputs, likewise
         self._restored_pass = None   # the PassCams grid an identical earlier run saved (load())
         self._cached_paths: dict[tuple[str, str], CamPath] = {}   # (method, layer name) -> path, from the cache
         self.n_computed = 0        # CAMs actually computed (not served from memory or the cache)
@@ -292,24 +293,30 @@ class CamStore:
 
     def _compute(self, engine, missing: list) -> None:
         missing = self._from_pass(engine, missing)
-        acts = self._activations
-        held = []
-        # Only values kept by this engine's own rule at its own layer (a fast or tail path refuted since keeps none).
-        if missing and acts is not None and engine.layer is acts.layer \
-                and acts.keep == getattr(engine, "inference_keep", None):
-            held = [k for k in missing if k[0] in acts]
-        if held:
-            idx = [k[0] for k in held]
-            cams = engine.compute_from_activations(self.inputs[torch.as_tensor(idx)], acts.stack(idx),
-                                                   np.array([k[1] for k in held]))
-            if cams is not None:
-                for key, cam in zip(held, cams):
-                    self._cams[key] = cam
-                self.n_computed += len(held)
-                self.n_from_activations += len(held)
-                missing = [k for k in missing if k not in self._cams]
+        for kept in (self._activations, self.pass_inputs):
+            missing = self._from_kept(engine, kept, missing)
         if missing:
             self._from_engine(engine, missing)
+
+    def _from_kept(self, engine, kept, missing: list) -> list:
+        """Compute the requests whose image `kept` (GalleryActivations, PassInputs) holds; returns the rest.
+        Only values kept by this engine's own rule at its own layer (a fast or tail path refuted since keeps none)."""
+        if not missing or kept is None or engine.layer is not kept.layer \
+                or kept.keep != getattr(engine, "inference_keep", None):
+            return missing
+        held = [k for k in missing if k[0] in kept]
+        if not held:
+            return missing
+        idx = [k[0] for k in held]
+        cams = engine.compute_from_activations(self.inputs[torch.as_tensor(idx)], kept.stack(idx),
+                                               np.array([k[1] for k in held]))
+        if cams is None:
+            return missing
+        for key, cam in zip(held, cams):
+            self._cams[key] = cam
+        self.n_computed += len(held)
+        self.n_from_activations += len(held)
+        return [k for k in missing if k not in self._cams]
 
     def _from_engine(self, engine, missing: list) -> None:
         images, rows = np.unique(np.array([k[0] for k in missing], dtype=np.int64), return_inverse=True)

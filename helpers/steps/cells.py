@@ -29,20 +29,18 @@ class CellImages(Section):
     p_true: np.ndarray       # and the probability left on the true class
 
 
-def cams_for(engine, x: torch.Tensor, *targets: np.ndarray) -> list[np.ndarray]:
-    """The engine's CAMs of images x for each list of targets: on the fast exact path from one forward pass
-    (the activations are shared; a second pass per target doubled this step's time), else one compute each."""
-    rows = np.tile(np.arange(len(x)), len(targets))
-    cams = engine.compute_shared(x, rows, np.concatenate(targets), progress=False)
-    return list(cams.reshape((len(targets), len(x)) + cams.shape[1:]))
+def cams_for(run: Run, idx: np.ndarray, *targets: np.ndarray) -> list[np.ndarray]:
+    """The default engine's CAMs of images idx for each list of targets, through the store without holding them
+    (drawn once, kept only as thumbnails): each image runs once for all its targets, from what the pass kept of it
+    where it kept something (PassInputs)."""
+    both = run.cams.get(np.tile(idx, len(targets)).tolist(), np.concatenate(targets).tolist(), keep=False)
+    return list(both.reshape((len(targets), len(idx)) + both.shape[1:]))
 
 
 def draw_tiles(run: Run, engine, idx: np.ndarray, t: np.ndarray, q: np.ndarray, side: tuple[int, int]) -> TileSheets:
     """The tiles of images idx: each image, its CAM for class t[i] and for class q[i], as thumbnails of `side`."""
     from tqdm.auto import tqdm
 
-    # The engine, not the store: these CAMs are drawn once and kept only as thumbnails (the store would hold
-    # every full-size map in memory and in the cache).
     thumbs: list[list[np.ndarray]] = [[], [], []]
     from_pass = kept_in_pass(run, engine, idx[:2], t[:2], q[:2])
     h, w = run.inputs.shape[-2:]
@@ -54,7 +52,7 @@ def draw_tiles(run: Run, engine, idx: np.ndarray, t: np.ndarray, q: np.ndarray, 
                 maps = [run.pass_cams.maps(b, which, (h, w)) for which in (TRUE, PRED)]
             else:
                 with run.model_threads():
-                    maps = cams_for(engine, run.inputs[torch.as_tensor(b)], t[s:s + CAM_BATCH], q[s:s + CAM_BATCH])
+                    maps = cams_for(run, b, t[s:s + CAM_BATCH], q[s:s + CAM_BATCH])
             for k, cams in enumerate(maps, 1):
                 thumbs[k] += fit_thumbnails(run.overlays(b, cams), side)
             bar.update(len(b))

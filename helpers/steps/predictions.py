@@ -18,6 +18,7 @@ from helpers.model.cams import CamEngine
 from helpers.model.inference import Predictions
 from helpers.model.load import LoadedModel
 from helpers.model.pass_cams import PassCams
+from helpers.model.pass_inputs import PassInputs
 
 MAX_CAM_BATCH = 128   # CAM batches after inference are small: larger ones only hold more memory
 
@@ -137,6 +138,16 @@ def pass_cams(store: CamStore, n_images: int) -> Optional[PassCams]:
     """The observer that keeps every image's true/pred Grad-CAM during the pass itself (fast path only)."""
     engine = store.engine()
     return PassCams(engine.layer, engine.head_weight, n_images) if engine.head_weight is not None else None
+
+
+def pass_inputs(store: CamStore, n_images: int, seed: int) -> Optional[PassInputs]:
+    """The observer that keeps, within a budget, what the torch.fx tail starts from for the errors and then the
+    other images (tail path only: on the fast path the pass's own CAMs already serve the true and predicted class)."""
+    engine = store.engine()
+    keep = engine.inference_keep
+    if keep is None or engine.head_weight is not None:
+        return None
+    return PassInputs(engine.layer, keep, n_images, seed=seed)
 
 
 def restore_derived(cache: RunCache, store: CamStore, outputs: Outputs) -> None:

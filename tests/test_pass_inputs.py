@@ -1,0 +1,101 @@
+"""PassInputs: the tail's inputs kept during the inference pass within a budget, errors first, in an order fixed
+before the pass (so batches and torchrun shards keep the same set), and CAMs from them equal pytorch-grad-cam's."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from helpers.model.cam_store import CamStore
+from helpers.model.cams import CamEngine
+from helpers.model.inference import run_inference
+from helpers.model.pass_inputs import PassInputs
+
+from test_tail_cams import TOL, MlpHeadCNN, images, library_gradcam
+
+N, SIDE = 90, 16
+
+
+def _model_and_data():
+    torch.manual_seed(0)
+    model = MlpHeadCNN().eval()
+    return model, images(N, SIDE, seed=5), np.arange(N) % 6
+
+
+def _pass(model, x, labels, keeper, batch_size: int, start: int = 0, stop: int = N):
+    """run_inference over images [start, stop) with `keeper` seeing global indices."""
+    class Offset:
+        def capture(self):
+            return keeper.capture()
+
+        def update(self, s, probs, lab, preds):
+            keeper.update(start + s, probs, lab, preds)
+    return run_inference(model, x[start:stop], labels[start:stop], batch_size=batch_size, progress=False,
+                         observers=[Offset()])
+
+
+def _expected(preds, labels, seed: int, cap: int) -> list[int]:
+    """By hand: the errors, then the correct images, each in the seeded permutation's order; the first `cap`."""
+    order = np.random.default_rng(seed).permutation(N)
+    wrong = preds != labels
+    ranked = sorted(range(N), key=lambda i: (not wrong[i], order[i]))
+    return sorted(ranked[:cap])
+
+
+def test_within_the_budget_every_image_is_kept_and_its_cams_equal_pytorch_grad_cam():
+    model, x, labels = _model_and_data()
+    engine = CamEngine(model, input_shape=(3, SIDE, SIDE), batch_size=32)
+    assert engine.cam_path.kind == "tail"
+    keeper = PassInputs(engine.layer, engine.inference_keep, N, seed=3)
+    preds = _pass(model, x, labels, keeper, batch_size=16).preds
+    assert len(keeper) == N and keeper.nbytes == N * 16 * (SIDE // 2) ** 2 * 4   # one (16, 8, 8) float32 map each
+    store = CamStore(lambda method, layer: engine, x)
+    store.pass_inputs = keeper
+    wanted = [3, 17, 40, 41, 88]
+    classes = [int(preds[i]) for i in wanted] + [int(labels[i]) for i in wanted]
+    forwarded = []
+    handle = model.register_forward_hook(lambda _m, inputs, _out: forwarded.append(len(inputs[0])))
+    try:
+        got = store.get(wanted + wanted, classes)
+    finally:
+        handle.remove()
+    assert store.n_from_activations == len(set(zip(wanted + wanted, classes)))
+    assert sum(forwarded) == 8   # only the one-time check against pytorch-grad-cam ran the model
+    np.testing.assert_allclose(got, library_gradcam(model, engine.layer, x[wanted + wanted], classes), atol=TOL)
+
+
+def test_over_the_budget_the_errors_come_first_in_the_seeded_order_whatever_the_batches():
+    model, x, labels = _model_and_data()
+    engine = CamEngine(model, input_shape=(3, SIDE, SIDE), batch_size=32)
+    row_bytes = 16 * (SIDE // 2) ** 2 * 4
+    cap = 25
+    kept_sets = []
+    for batch_size in (7, 16, 90):
+        keeper = PassInputs(engine.layer, engine.inference_keep, N, seed=11, budget_bytes=cap * row_bytes)
+        preds = _pass(model, x, labels, keeper, batch_size=batch_size).preds
+        assert len(keeper) == cap and keeper.nbytes <= cap * row_bytes
+        kept_sets.append([i for i in range(N) if i in keeper])
+    expected = _expected(preds, labels, seed=11, cap=cap)
+    assert 0 < int((preds != labels).sum()) and all(k == expected for k in kept_sets)
+
+
+def test_shards_merged_keep_what_one_process_keeps_and_refuse_overlaps():
+    model, x, labels = _model_and_data()
+    engine = CamEngine(model, input_shape=(3, SIDE, SIDE), batch_size=32)
+    budget = 30 * 16 * (SIDE // 2) ** 2 * 4
+    whole = PassInputs(engine.layer, engine.inference_keep, N, seed=2, budget_bytes=budget)
+    _pass(model, x, labels, whole, batch_size=16)
+    shards = [PassInputs(engine.layer, engine.inference_keep, N, seed=2, budget_bytes=budget) for _ in range(3)]
+    for keeper, (a, b) in zip(shards, [(0, 32), (32, 64), (64, N)]):
+        _pass(model, x, labels, keeper, batch_size=16, start=a, stop=b)
+    main = shards[0]
+    main.merge_states([s.kept_state() for s in shards[1:]])
+    assert [i for i in range(N) if i in main] == [i for i in range(N) if i in whole]
+    rows = [i for i in range(N) if i in whole]
+    for got, want in zip(main.stack(rows), whole.stack(rows)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    try:
+        main.merge_states([shards[1].kept_state()])
+    except ValueError as exc:
+        assert "overlap" in str(exc)
+    else:
+        raise AssertionError("merging a shard twice was accepted")
