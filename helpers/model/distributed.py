@@ -165,7 +165,8 @@ def gather_gallery(world: World, gallery: "GalleryActivations", device: torch.de
 
 
 def gather_observer(world: World, observer) -> None:
-    """Rank 0's observer (a PassCams: NumPy state only) takes in every other rank's kept_state()."""
+    """Rank 0's observer (a PassCams or PassInputs: NumPy arrays or CPU tensors) takes in every other rank's
+    kept_state()."""
     states = _gather_states(world, observer.kept_state())
     if world.is_main:
         observer.merge_states(states[1:])
