@@ -72,7 +72,7 @@ def output_map(_inputs: tuple, output) -> Optional[torch.Tensor]:
 @contextlib.contextmanager
 def watch_layer(layer: torch.nn.Module, keep: Callable, on_batch: Callable) -> Iterator[None]:
     """A forward hook on `layer` while the block runs: on_batch(keep(inputs, output)) whenever keep returns a
-    value; on_batch(None) when it ends. What the inference-pass observers (GalleryActivations, PassCams) share."""
+    value; on_batch(None) when it ends. What LayerObserver.capture (every inference-pass observer) uses."""
     def hook(_module, inputs, output):
         kept = keep(inputs, output)
         if kept is not None:
@@ -89,6 +89,34 @@ def _batch_rows(batch: KeptBatch) -> int:
     return (batch[0] if isinstance(batch, tuple) else batch).shape[0]
 
 
+def stack_kept(values: Sequence[KeptBatch]) -> KeptBatch:
+    """Kept per-image values as one batch, in the form they were kept (a tensor or a tuple of tensors)."""
+    if values and isinstance(values[0], tuple):
+        return tuple(torch.stack([v[k] for v in values]) for k in range(len(values[0])))
+    return torch.stack(list(values))
+
+
+class LayerObserver:
+    """The hook half of an inference-pass observer: `capture()` hooks `layer` for the pass and holds what
+    `keep(inputs, output)` returns of the latest batch; `_take(n)`, in `update()`, hands that batch over once,
+    or None when the hook saw nothing or a batch of another size (not the images `update` is about)."""
+
+    def __init__(self, layer: Optional[torch.nn.Module], keep: Callable = output_map):
+        self.layer, self.keep = layer, keep
+        self._batch: Optional[KeptBatch] = None
+
+    def capture(self):
+        """A forward hook on the target layer for the duration of the inference pass."""
+        return watch_layer(self.layer, self.keep, self._hold)
+
+    def _hold(self, batch: Optional[KeptBatch]) -> None:
+        self._batch = batch
+
+    def _take(self, n: int) -> Optional[KeptBatch]:
+        batch, self._batch = self._batch, None
+        return batch if batch is not None and n and _batch_rows(batch) == n else None
+
+
 def _row(batch: KeptBatch, r: int) -> KeptBatch:
     """Image r of a kept batch, copied out of it (so the batch can be freed); 4-D maps as float32."""
     if isinstance(batch, tuple):
@@ -96,7 +124,7 @@ def _row(batch: KeptBatch, r: int) -> KeptBatch:
     return batch[r].float().clone()
 
 
-class GalleryActivations:
+class GalleryActivations(LayerObserver):
     """Target-layer activations of the gallery images, kept while the inference pass runs.
 
     `keep(inputs, output)`, called by a forward hook on `layer`, says what to keep of a batch: a tensor or a
@@ -106,8 +134,7 @@ class GalleryActivations:
 
     def __init__(self, layer: torch.nn.Module, n_worst: int, n_best: int,
                  keep: Callable[[tuple, object], Optional[KeptBatch]] = output_map):
-        self.layer = layer
-        self.keep = keep
+        super().__init__(layer, keep)
         self.n_worst, self.n_best = int(n_worst), int(n_best)
         self._idx = np.zeros(0, np.int64)
         self._labels = np.zeros(0, np.int64)
@@ -115,21 +142,13 @@ class GalleryActivations:
         self._p_pred = np.zeros(0, np.float32)
         self._p_label = np.zeros(0, np.float32)
         self._maps: dict[int, KeptBatch] = {}
-        self._batch: Optional[KeptBatch] = None
         self.max_held = 0   # most maps held at once (the memory bound, observed)
-
-    def capture(self):
-        """A forward hook on the target layer for the duration of the inference pass."""
-        return watch_layer(self.layer, self.keep, self._hold)
-
-    def _hold(self, batch: Optional[KeptBatch]) -> None:
-        self._batch = batch
 
     def update(self, start: int, probs: np.ndarray, labels: np.ndarray, preds: np.ndarray) -> None:
         """After the batch of images start..start+len(probs): keep the maps of the images still selected."""
-        acts, self._batch = self._batch, None
         n = len(probs)
-        if acts is None or _batch_rows(acts) != n or not n:
+        acts = self._take(n)
+        if acts is None:
             return
         preds = np.asarray(preds, dtype=np.int64)
         labels = np.asarray(labels, dtype=np.int64)
@@ -160,10 +179,7 @@ class GalleryActivations:
 
     def stack(self, indices: Sequence[int]) -> KeptBatch:
         """The kept values of `indices` as one batch, in the form they were kept (a tensor or a tuple)."""
-        values = [self._maps[int(i)] for i in indices]
-        if values and isinstance(values[0], tuple):
-            return tuple(torch.stack([v[k] for v in values]) for k in range(len(values[0])))
-        return torch.stack(values)
+        return stack_kept([self._maps[int(i)] for i in indices])
 
     def clear(self) -> None:
         self._maps.clear()

@@ -14,18 +14,18 @@ from typing import Optional
 import numpy as np
 import torch
 
-from helpers.model.cam_store import output_map, watch_layer
+from helpers.model.cam_store import LayerObserver
 
 TRUE, PRED = 0, 1
 
 
-class PassCams:
+class PassCams(LayerObserver):
     """Kept by a forward hook on `layer` during the inference pass (`capture()`, then `update()` after each batch,
     the interface run_inference gives its observers)."""
 
     def __init__(self, layer: Optional[torch.nn.Module], weights: Optional[torch.Tensor], n_images: int,
                  kept: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None):
-        self.layer = layer
+        super().__init__(layer)
         self.weights = None if weights is None else weights.detach().float().cpu()   # (C, K) of the final Linear
         self.n_images = int(n_images)
         self._grid: Optional[np.ndarray] = None          # (N, 2, h, w) float32, allocated at the first batch
@@ -33,18 +33,11 @@ class PassCams:
         self._classes = np.full((self.n_images, 2), -1, dtype=np.int64)   # the true and predicted class kept
         if kept is not None:   # (grid, classes, filled) read back from the cache
             self._grid, self._classes, self._filled = kept
-        self._batch: Optional[torch.Tensor] = None
-
-    def capture(self):
-        return watch_layer(self.layer, output_map, self._hold)
-
-    def _hold(self, batch: Optional[torch.Tensor]) -> None:
-        self._batch = batch
 
     def update(self, start: int, probs: np.ndarray, labels: np.ndarray, preds: np.ndarray) -> None:
-        acts, self._batch = self._batch, None
         n = len(probs)
-        if acts is None or acts.shape[0] != n or not n or acts.shape[1] != self.weights.shape[1]:
+        acts = self._take(n)
+        if acts is None or acts.shape[1] != self.weights.shape[1]:
             return
         a = acts.float().cpu()
         h, w = a.shape[2], a.shape[3]

@@ -12,12 +12,12 @@ the same whatever the batches, and the union of torchrun shards' kept sets, trim
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from helpers.model.cam_store import KeptBatch, watch_layer
+from helpers.model.cam_store import KeptBatch, LayerObserver, stack_kept
 
 # 256 MB: all 2,000 images of a 224 px ViT-Ti or Swin-T bench run (~150 KB each) save the errors, and a
 # 20,000-image run holds the same 256 MB (its peak RSS must stay within 25% of the 2,000-image run's).
@@ -35,30 +35,23 @@ def _cpu_row(batch: KeptBatch, r: int) -> KeptBatch:
     return batch[r].detach().to("cpu", copy=True)
 
 
-class PassInputs:
+class PassInputs(LayerObserver):
     """An inference-pass observer (`capture()` around the pass, `update()` after each batch) on `layer`,
     keeping `keep(inputs, output)` of each image while the budget allows."""
 
     def __init__(self, layer: torch.nn.Module, keep: Callable, n_images: int, seed: int = 0,
                  budget_bytes: int = KEEP_BYTES):
-        self.layer, self.keep = layer, keep
+        super().__init__(layer, keep)
         self.budget_bytes = int(budget_bytes)
         self._order = np.random.default_rng(seed).permutation(int(n_images))   # lower is kept first
         self._values: dict[int, KeptBatch] = {}
         self._wrong: dict[int, bool] = {}
         self._row_bytes = 0
-        self._batch: Optional[KeptBatch] = None
-
-    def capture(self):
-        return watch_layer(self.layer, self.keep, self._hold)
-
-    def _hold(self, batch: Optional[KeptBatch]) -> None:
-        self._batch = batch
 
     def update(self, start: int, probs: np.ndarray, labels: np.ndarray, preds: np.ndarray) -> None:
-        batch, self._batch = self._batch, None
         n = len(probs)
-        if batch is None or not n or (batch[0] if isinstance(batch, tuple) else batch).shape[0] != n:
+        batch = self._take(n)
+        if batch is None:
             return
         wrong = np.asarray(labels) != np.asarray(preds)
         if not self._row_bytes:
@@ -111,10 +104,7 @@ class PassInputs:
 
     def stack(self, indices: Sequence[int]) -> KeptBatch:
         """The kept values of `indices` as one batch, in the form they were kept (a tensor or a tuple)."""
-        values = [self._values[int(i)] for i in indices]
-        if values and isinstance(values[0], tuple):
-            return tuple(torch.stack([v[k] for v in values]) for k in range(len(values[0])))
-        return torch.stack(values)
+        return stack_kept([self._values[int(i)] for i in indices])
 
     def kept_state(self) -> dict:
         """What this pass kept, for another process (a torchrun shard's images): global rows and CPU values."""
