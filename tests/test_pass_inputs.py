@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from helpers.model.cam_store import CamStore
+from helpers.model.cam_store import CamStore, tail_layer_values
 from helpers.model.cams import CamEngine
 from helpers.model.inference import run_inference
 from helpers.model.pass_inputs import PassInputs
@@ -102,7 +102,7 @@ def test_shards_merged_keep_what_one_process_keeps_and_refuse_overlaps():
 
 
 def test_layer_values_through_the_tail_equal_the_whole_models_margin_gradients():
-    """The concepts step's activations, margin gradients and logits (CamStore.layer_values): from the kept
+    """The concepts step's activations, margin gradients and logits (cam_store.tail_layer_values): from the kept
     inputs where held, a head pass elsewhere, equal to one forward and backward through the whole model."""
     from helpers.compute.concepts import margin_gradients
     model, x, labels = _model_and_data()
@@ -118,8 +118,8 @@ def test_layer_values_through_the_tail_equal_the_whole_models_margin_gradients()
     forwarded = []
     handle = model.register_forward_hook(lambda _m, inputs, _out: forwarded.append(len(inputs[0])))
     try:
-        act, grad, logits = store.layer_values(wanted, true, pred)
-        act0, grad0, logits0 = store.layer_values(wanted)
+        act, grad, logits = tail_layer_values(store, wanted, true, pred)
+        act0, grad0, logits0 = tail_layer_values(store, wanted)
     finally:
         handle.remove()
     assert forwarded == []   # the whole model's forward never runs: the head and tail are graphs of their own
@@ -130,6 +130,7 @@ def test_layer_values_through_the_tail_equal_the_whole_models_margin_gradients()
     np.testing.assert_allclose(act0, ref_act, atol=1e-5)
     np.testing.assert_allclose(logits0, ref_logits, atol=1e-5)
     assert grad0 is None
-    assert CamStore(lambda m, l: CamEngine(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
-                                                               torch.nn.Flatten(), torch.nn.Linear(4, 6)).eval(),
-                                           input_shape=(3, SIDE, SIDE)), x).layer_values(wanted) is None
+    gap_cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                  torch.nn.Linear(4, 6)).eval()
+    gap_engine = CamEngine(gap_cnn, input_shape=(3, SIDE, SIDE))
+    assert tail_layer_values(CamStore(lambda method, layer: gap_engine, x), wanted) is None   # the fast path

@@ -31,8 +31,7 @@ from helpers.model.cam_path import CamPath
 from helpers.model.cam_store import output_map
 from helpers.model.layers import (check_input_shape, final_linear, float32_model, probe, probe_input,
                                   reshape_transform_for, resolve_target_layer, saved_bytes_per_image, weight_dtype)
-from helpers.model.tail import (TailSplit, gradcam_from_images, gradcam_in_batches, head_values, layer_values,
-                                split_at_layer)
+from helpers.model.tail import TailSplit, gradcam_from_images, gradcam_in_batches, head_values, split_at_layer
 
 CAM_METHODS: dict[str, type] = {
     "gradcam": GradCAM,
@@ -376,26 +375,7 @@ class CamEngine:
                                                               weight, t[s:s + 256], tuple(x.shape[-2:]))
         return _finite(out, self.method, self.layer_name)
 
-    @property
-    def has_tail(self) -> bool:
-        return self._tail is not None
-
-    def tail_layer(self, images: Optional[torch.Tensor] = None, kept=None, true=None, pred=None
-                   ) -> Optional[tuple[np.ndarray, Optional[np.ndarray], np.ndarray]]:
-        """On the torch.fx tail path: (target-layer activations as (n, C, h, w), ∂(z_pred − z_true)/∂activations
-        when `true` and `pred` are given, logits), through the tail only, from `kept` (these images' values as
-        inference_keep kept them) or else a head pass over `images`. None off the tail path."""
-        if self._tail is None:
-            return None
-        if kept is None:
-            kept = head_values(self._tail, self._as_inputs(images).to(self.device))
-        values = tuple(v.to(self.device) for v in (kept if isinstance(kept, tuple) else (kept,)))
-        act, grad, logits = layer_values(self._tail, values, true, pred)
-        if self.reshape_transform is not None:
-            act = self.reshape_transform(act)
-            grad = None if grad is None else self.reshape_transform(grad)
-        return (act.float().cpu().numpy(), None if grad is None else grad.float().cpu().numpy(),
-                logits.float().cpu().numpy())
+    tail_split = property(lambda self: self._tail)   # the torch.fx TailSplit on the tail path, else None
 
     def compute_shared(self, images: torch.Tensor, rows, targets, progress: bool = True) -> np.ndarray:
         """CAMs (len(rows), H, W) for the requests (images[rows[i]], targets[i]): on the fast and tail paths each

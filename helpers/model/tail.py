@@ -292,6 +292,17 @@ def layer_values(split: TailSplit, kept: KeptValues, true=None, pred=None
     return activation.detach(), grad, logits.detach()
 
 
+def layer_arrays(split: TailSplit, kept: KeptValues, reshape_transform: Optional[Callable] = None, true=None,
+                 pred=None) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
+    """layer_values as float32 arrays, a token layer's output and gradient reshaped to (n, C, h, w)."""
+    act, grad, logits = layer_values(split, kept, true, pred)
+    if reshape_transform is not None:
+        act = reshape_transform(act)
+        grad = None if grad is None else reshape_transform(grad)
+    return (act.float().cpu().numpy(), None if grad is None else grad.float().cpu().numpy(),
+            logits.float().cpu().numpy())
+
+
 def head_values(split: TailSplit, x: torch.Tensor) -> KeptValues:
     """The kept values of images x from a forward of the head part only (no autograd)."""
     with torch.no_grad():

@@ -22,6 +22,7 @@ import torch
 
 from helpers.compute import concepts as C
 from helpers.files.png import preview_data_uri
+from helpers.model.cam_store import tail_layer_values
 from helpers.model.cams import forward_with_activations, gap_linear_head
 from helpers.plots.concepts import ConceptRow, plot_concept_patches
 from helpers.steps.confusion import Confusion
@@ -97,7 +98,7 @@ def _activations(run: Run, engine, idx: np.ndarray) -> tuple[np.ndarray, np.ndar
     from tqdm.auto import tqdm
     acts, logits = [], []
     for s in tqdm(range(0, len(idx), BATCH), desc="Concept activations", unit="batch", disable=not run.progress):
-        tail = run.cams.layer_values(idx[s:s + BATCH])   # the tail from the pass's kept inputs, where one exists
+        tail = tail_layer_values(run.cams, idx[s:s + BATCH])   # the tail from the pass's kept inputs, where one exists
         if tail is not None:
             acts.append(tail[0])
             logits.append(tail[2])
@@ -184,7 +185,7 @@ def _gradient_split(run: Run, engine, factors: C.Factors, idx, rows, t, q) -> C.
     parts = []
     for s in range(0, len(rows), BATCH):
         r = rows[s:s + BATCH]
-        tail = run.cams.layer_values(idx[r], t[s:s + BATCH], q[s:s + BATCH])   # through the tail only
+        tail = tail_layer_values(run.cams, idx[r], t[s:s + BATCH], q[s:s + BATCH])   # through the tail only
         if tail is not None:
             a, g, lg = tail
         else:
