@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from helpers.model.cam_store import CamStore
+from helpers.model.cam_store import CamStore, tail_layer_values
 from helpers.model.cams import CamEngine
 from helpers.model.inference import run_inference
 from helpers.model.pass_inputs import PassInputs
@@ -99,3 +99,38 @@ def test_shards_merged_keep_what_one_process_keeps_and_refuse_overlaps():
         assert "overlap" in str(exc)
     else:
         raise AssertionError("merging a shard twice was accepted")
+
+
+def test_layer_values_through_the_tail_equal_the_whole_models_margin_gradients():
+    """The concepts step's activations, margin gradients and logits (cam_store.tail_layer_values): from the kept
+    inputs where held, a head pass elsewhere, equal to one forward and backward through the whole model."""
+    from helpers.compute.concepts import margin_gradients
+    model, x, labels = _model_and_data()
+    engine = CamEngine(model, input_shape=(3, SIDE, SIDE), batch_size=32)
+    row_bytes = 16 * (SIDE // 2) ** 2 * 4
+    keeper = PassInputs(engine.layer, engine.inference_keep, N, seed=3, budget_bytes=40 * row_bytes)
+    _pass(model, x, labels, keeper, batch_size=16)
+    store = CamStore(lambda method, layer: engine, x)
+    store.pass_inputs = keeper
+    wanted = np.array([int(i) for i in range(N) if i in keeper][:4] + [int(i) for i in range(N) if i not in keeper][:3])
+    wanted = wanted[[6, 0, 4, 1, 5, 2, 3]]   # held and not held interleaved: the order of `indices` is kept
+    true, pred = labels[wanted], (labels[wanted] + 1) % 6
+    forwarded = []
+    handle = model.register_forward_hook(lambda _m, inputs, _out: forwarded.append(len(inputs[0])))
+    try:
+        act, grad, logits = tail_layer_values(store, wanted, true, pred)
+        act0, grad0, logits0 = tail_layer_values(store, wanted)
+    finally:
+        handle.remove()
+    assert forwarded == []   # the whole model's forward never runs: the head and tail are graphs of their own
+    ref_act, ref_grad, ref_logits = margin_gradients(model, engine.layer, x[torch.as_tensor(wanted)], true, pred)
+    np.testing.assert_allclose(act, ref_act, atol=1e-5)
+    np.testing.assert_allclose(grad, ref_grad, atol=1e-6)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+    np.testing.assert_allclose(act0, ref_act, atol=1e-5)
+    np.testing.assert_allclose(logits0, ref_logits, atol=1e-5)
+    assert grad0 is None
+    gap_cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                  torch.nn.Linear(4, 6)).eval()
+    gap_engine = CamEngine(gap_cnn, input_shape=(3, SIDE, SIDE))
+    assert tail_layer_values(CamStore(lambda method, layer: gap_engine, x), wanted) is None   # the fast path

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from helpers.model.cam_path import CamPath
+from helpers.model.tail import head_values, layer_arrays
 
 
 def _rank_in_groups(sorted_groups: np.ndarray) -> np.ndarray:
@@ -444,3 +445,32 @@ class CamStore:
         if restored is not None:
             self._restored_pass = restored
         return len(loaded)
+
+
+def tail_layer_values(store: CamStore, indices: Sequence[int], true=None, pred=None
+                      ) -> Optional[tuple[np.ndarray, Optional[np.ndarray], np.ndarray]]:
+    """On the torch.fx tail path of the store's default engine: (target-layer activations as (n, C, h, w),
+    ∂(z_pred − z_true)/∂activations when `true` and `pred` are given, logits) of test images `indices`, through
+    the tail only, from the values the store's PassInputs kept of them where it holds them, a head pass for the
+    rest. None off the tail path."""
+    engine = store.engine()
+    split = engine.tail_split
+    if split is None:
+        return None
+    idx = np.asarray(indices, dtype=np.int64)
+    kept = store.pass_inputs
+    usable = kept is not None and kept.layer is engine.layer and kept.keep == engine.inference_keep
+    held = np.array([usable and int(i) in kept for i in idx], dtype=bool)
+    parts = []
+    for from_kept in (True, False):
+        rows = np.flatnonzero(held == from_kept)
+        if not len(rows):
+            continue
+        values = (kept.stack(idx[rows].tolist()) if from_kept
+                  else head_values(split, store.inputs[torch.as_tensor(idx[rows])].to(engine.device)))
+        values = tuple(v.to(engine.device) for v in (values if isinstance(values, tuple) else (values,)))
+        t, p = (None, None) if true is None else (np.asarray(true)[rows], np.asarray(pred)[rows])
+        parts.append((rows, layer_arrays(split, values, engine.reshape_transform, t, p)))
+    order = np.argsort(np.concatenate([rows for rows, _ in parts]), kind="stable")
+    return tuple(None if parts[0][1][k] is None else np.concatenate([out[k] for _, out in parts])[order]
+                 for k in range(3))

@@ -375,6 +375,8 @@ class CamEngine:
                                                               weight, t[s:s + 256], tuple(x.shape[-2:]))
         return _finite(out, self.method, self.layer_name)
 
+    tail_split = property(lambda self: self._tail)   # the torch.fx TailSplit on the tail path, else None
+
     def compute_shared(self, images: torch.Tensor, rows, targets, progress: bool = True) -> np.ndarray:
         """CAMs (len(rows), H, W) for the requests (images[rows[i]], targets[i]): on the fast and tail paths each
         image runs the model (or the tail's head) once for all its classes (failure modes ask true and predicted)."""

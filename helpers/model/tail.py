@@ -275,6 +275,34 @@ def gradcam_from_tail(split: TailSplit, kept: KeptValues, targets, out_size: tup
     return scale_cam_image(scaled).astype(np.float32)          # aggregate_multi_layers (one layer)
 
 
+def layer_values(split: TailSplit, kept: KeptValues, true=None, pred=None
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """(target-layer output, ∂(z_pred − z_true)/∂output or None, logits) of the images whose kept values these
+    are, through the tail only: what a forward (and backward) through the whole model gives at that layer."""
+    if true is None:
+        with torch.no_grad():
+            logits, activation = split.tail(*kept)
+        return activation, None, logits
+    inputs = [v.detach().clone().requires_grad_(v.is_floating_point()) for v in kept]
+    with torch.enable_grad():
+        logits, activation = split.tail(*inputs)
+        n = torch.arange(len(logits), device=logits.device)
+        t, p = (torch.as_tensor(np.asarray(c, dtype=np.int64), device=logits.device) for c in (true, pred))
+        (grad,) = torch.autograd.grad((logits[n, p] - logits[n, t]).sum(), activation)
+    return activation.detach(), grad, logits.detach()
+
+
+def layer_arrays(split: TailSplit, kept: KeptValues, reshape_transform: Optional[Callable] = None, true=None,
+                 pred=None) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
+    """layer_values as float32 arrays, a token layer's output and gradient reshaped to (n, C, h, w)."""
+    act, grad, logits = layer_values(split, kept, true, pred)
+    if reshape_transform is not None:
+        act = reshape_transform(act)
+        grad = None if grad is None else reshape_transform(grad)
+    return (act.float().cpu().numpy(), None if grad is None else grad.float().cpu().numpy(),
+            logits.float().cpu().numpy())
+
+
 def head_values(split: TailSplit, x: torch.Tensor) -> KeptValues:
     """The kept values of images x from a forward of the head part only (no autograd)."""
     with torch.no_grad():

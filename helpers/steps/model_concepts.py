@@ -22,6 +22,7 @@ import torch
 
 from helpers.compute import concepts as C
 from helpers.files.png import preview_data_uri
+from helpers.model.cam_store import tail_layer_values
 from helpers.model.cams import forward_with_activations, gap_linear_head
 from helpers.plots.concepts import ConceptRow, plot_concept_patches
 from helpers.steps.confusion import Confusion
@@ -97,6 +98,11 @@ def _activations(run: Run, engine, idx: np.ndarray) -> tuple[np.ndarray, np.ndar
     from tqdm.auto import tqdm
     acts, logits = [], []
     for s in tqdm(range(0, len(idx), BATCH), desc="Concept activations", unit="batch", disable=not run.progress):
+        tail = tail_layer_values(run.cams, idx[s:s + BATCH])   # the tail from the pass's kept inputs, where one exists
+        if tail is not None:
+            acts.append(tail[0])
+            logits.append(tail[2])
+            continue
         x = run.inputs[torch.as_tensor(idx[s:s + BATCH])].to(engine.device)
         lg, a = forward_with_activations(engine.model, engine.layer, x)
         acts.append(_as_map(engine, a).float().cpu().numpy())
@@ -179,9 +185,13 @@ def _gradient_split(run: Run, engine, factors: C.Factors, idx, rows, t, q) -> C.
     parts = []
     for s in range(0, len(rows), BATCH):
         r = rows[s:s + BATCH]
-        x = run.inputs[torch.as_tensor(idx[r])].to(engine.device)
-        a, g, lg = C.margin_gradients(engine.model, engine.layer, x, t[s:s + BATCH], q[s:s + BATCH],
-                                      engine.reshape_transform)
+        tail = tail_layer_values(run.cams, idx[r], t[s:s + BATCH], q[s:s + BATCH])   # through the tail only
+        if tail is not None:
+            a, g, lg = tail
+        else:
+            x = run.inputs[torch.as_tensor(idx[r])].to(engine.device)
+            a, g, lg = C.margin_gradients(engine.model, engine.layer, x, t[s:s + BATCH], q[s:s + BATCH],
+                                          engine.reshape_transform)
         parts.append(C.gradient_split(a, g, factors, t[s:s + BATCH], q[s:s + BATCH], lg, r))
     return C.MarginSplit(contributions=np.concatenate([p.contributions for p in parts]),
                          residual=np.concatenate([p.residual for p in parts]),
