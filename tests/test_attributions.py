@@ -105,6 +105,35 @@ def test_a_map_does_not_depend_on_its_batch(batch):
         np.testing.assert_allclose(whole, ones, atol=1e-5, err_msg=method)
 
 
+def test_gradient_batches_follow_the_saved_activations(batch, monkeypatch):
+    model, x, t, data = batch
+    kept = []
+
+    def pack(tensor):
+        kept.append(tensor.numel() * tensor.element_size())
+        return tensor
+    for n in (1, 3):                    # what autograd keeps per image, counted here by hand
+        kept.clear()
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+            model(x[:1].repeat(n, 1, 1, 1).clone().requires_grad_(True))
+        if n == 1:
+            one = sum(kept)
+    per_image = (sum(kept) - one) / 2
+    assert A.gradient_batch_size(model, x) == int(A.GRADIENT_BATCH_BYTES // per_image)
+    # a budget of 9 images: Captum takes whole steps of the 4 images, so IG's 4 x 64 path points go in 32
+    # batches of 8; the maps stay Captum's own
+    monkeypatch.setattr(A, "GRADIENT_BATCH_BYTES", int(9.5 * per_image))
+    assert A.gradient_batch_size(model, x) == 9
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda inp: calls.append(len(inp)) or forward(inp))
+    ours = A.attribute(model, x, t, "integratedgradients", baseline="black", mean=data.mean, std=data.std)
+    assert set(calls[2:]) == {8} and sum(calls[2:]) == 4 * A.IG_STEPS   # after the two probe passes
+    black = ((0 - torch.tensor(data.mean)) / torch.tensor(data.std)).reshape(1, -1, 1, 1).expand_as(x).clone()
+    ref = captum_direct(model, x, t, "integratedgradients", black, seed=0).detach().numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_integrated_gradients_completeness_on_the_real_model(fmnist):
     # Completeness (Sundararajan et al. 2017): the attributions sum to f(x) - f(baseline). At 64 steps it holds
     # within 1% over 64 real test images (their sums) and within 2% for the median image; single images miss by

@@ -89,9 +89,10 @@ def method_comparison(run: Run, conf: Confusion, deep, methods: Optional[Sequenc
         from tqdm.auto import tqdm
         for m in tqdm(names, desc="attribution methods", unit="method", disable=not run.progress):
             t0 = time.perf_counter()
-            both = run.cache.cached("attribution_maps", lambda: attribute(
-                model, x.repeat(2, 1, 1, 1), sec.true_classes + sec.pred_classes, m, **kw),
-                sec.indices, sec.true_classes, sec.pred_classes, m, baseline, seed)
+            with run.model_threads():   # every map is tens of model passes: all the threads, not half
+                both = run.cache.cached("attribution_maps", lambda: attribute(
+                    model, x.repeat(2, 1, 1, 1), sec.true_classes + sec.pred_classes, m, **kw),
+                    sec.indices, sec.true_classes, sec.pred_classes, m, baseline, seed)
             spent = time.perf_counter() - t0
             sec.maps_true[m], sec.maps_pred[m] = both[:len(idx)], both[len(idx):]
             # ties broken first: IG and Input x Gradient are exactly 0 on black pixels, and ROAD (which keeps the
