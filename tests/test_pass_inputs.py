@@ -48,7 +48,18 @@ def test_within_the_budget_every_image_is_kept_and_its_cams_equal_pytorch_grad_c
     keeper = PassInputs(engine.layer, engine.inference_keep, N, seed=3)
     preds = _pass(model, x, labels, keeper, batch_size=16).preds
     assert len(keeper) == N and keeper.nbytes == N * 16 * (SIDE // 2) ** 2 * 4   # one (16, 8, 8) float32 map each
-    store = CamStore(lambda method, layer: engine, x)
+    decoded = []
+
+    class Streamed:   # a streamed test set: every read decodes images
+        shape = x.shape
+
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, idx):
+            decoded.append(len(idx))
+            return x[idx]
+    store = CamStore(lambda method, layer: engine, Streamed())
     store.pass_inputs = keeper
     wanted = [3, 17, 40, 41, 88]
     classes = [int(preds[i]) for i in wanted] + [int(labels[i]) for i in wanted]
@@ -61,6 +72,12 @@ def test_within_the_budget_every_image_is_kept_and_its_cams_equal_pytorch_grad_c
     assert store.n_from_activations == len(set(zip(wanted + wanted, classes)))
     assert sum(forwarded) == 8   # only the one-time check against pytorch-grad-cam ran the model
     np.testing.assert_allclose(got, library_gradcam(model, engine.layer, x[wanted + wanted], classes), atol=TOL)
+    assert decoded == [4]                    # the check's images only, not all that were asked for
+    more = [5, 6, 7, 60, 61, 62]
+    again = store.get(more, [int(preds[i]) for i in more])
+    assert decoded == [4]                    # checked once: later maps need only the kept values
+    np.testing.assert_allclose(again, library_gradcam(model, engine.layer, x[more], [int(preds[i]) for i in more]),
+                               atol=TOL)
 
 
 def test_over_the_budget_the_errors_come_first_in_the_seeded_order_whatever_the_batches():

@@ -325,8 +325,8 @@ class CamStore:
         if not held:
             return missing
         idx = [k[0] for k in held]
-        cams = engine.compute_from_activations(self.inputs[torch.as_tensor(idx)], kept.stack(idx),
-                                               np.array([k[1] for k in held]))
+        cams = engine.compute_from_activations(lambda: self.inputs[torch.as_tensor(idx[:4])], kept.stack(idx),
+                                               np.array([k[1] for k in held]), self.inputs.shape[-2:])
         if cams is None:
             return missing
         for key, cam in zip(held, cams):

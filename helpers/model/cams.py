@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import types
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -347,32 +347,32 @@ class CamEngine:
 
     @property
     def inference_keep(self):
-        """The GalleryActivations `keep` rule for compute_from_activations: the 4-D map on the fast path, the
-        tail's inputs on the tail path; None where no value kept in the inference pass would spare a pass."""
+        """The `keep` rule for compute_from_activations: the fast path's 4-D map, the tail's inputs, or None."""
         return output_map if self._linear is not None else self._tail.hook_keep if self._tail is not None else None
 
-    def compute_from_activations(self, inputs: torch.Tensor, activations, targets) -> Optional[np.ndarray]:
-        """Fast- or tail-path CAMs (N, H, W) from what `inference_keep` kept of these images in the inference pass
-        (the (N, K, h, w) maps; the tail's inputs). `inputs` are the same images, used only for the one-time
-        check against pytorch-grad-cam. None when neither path applies or the check fails: call compute() then."""
+    def compute_from_activations(self, inputs: Callable[[], torch.Tensor], activations, targets,
+                                 out_size) -> Optional[np.ndarray]:
+        """Fast- or tail-path CAMs (N, *out_size) from what `inference_keep` kept of N images in the pass (maps; the
+        tail's inputs). `inputs()`: the same images, decoded only for the one-time check against pytorch-grad-cam.
+        None when neither path applies or the check fails: call compute() then."""
         if not self.exact:
             return None
-        x = self._as_inputs(inputs)
-        t = _as_targets(targets, x.shape[0], self.num_classes)
-        if not self._verified and len(x):
-            self._verify_fast(x[:4], t[:4])
+        n = (activations if isinstance(activations, tuple) else (activations,))[0].shape[0]
+        t = _as_targets(targets, n, self.num_classes)
+        if not self._verified and n:
+            self._verify_fast(self._as_inputs(inputs()[:4]), t[:4])
             if not self.exact:
                 return None
-        out = np.zeros((len(x),) + tuple(x.shape[-2:]), np.float32)
+        out = np.zeros((n,) + tuple(int(v) for v in out_size), np.float32)
         if self._tail is not None:
-            out[:] = gradcam_in_batches(self._tail, activations, t, tuple(x.shape[-2:]), self.reshape_transform,
+            out[:] = gradcam_in_batches(self._tail, activations, t, out.shape[1:], self.reshape_transform,
                                         self.batch_size, self.device)
         else:
             with torch.inference_mode():   # captured activations may be inference tensors
                 weight = self._linear.weight.float()
-                for s in range(0, len(x), 256):
+                for s in range(0, n, 256):
                     out[s:s + 256] = gradcam_from_activations(activations[s:s + 256].to(self.device).float(),
-                                                              weight, t[s:s + 256], tuple(x.shape[-2:]))
+                                                              weight, t[s:s + 256], out.shape[1:])
         return _finite(out, self.method, self.layer_name)
 
     tail_split = property(lambda self: self._tail)   # the torch.fx TailSplit on the tail path, else None
