@@ -89,6 +89,31 @@ def test_gradient_split_equals_the_exact_one_on_a_gap_head():
         np.testing.assert_allclose(getattr(g, name), getattr(e, name), atol=1e-12)
 
 
+def test_margin_gradients_stop_at_the_layer_and_equal_a_backward_to_the_input():
+    # A conv layer followed by an in-place ReLU, then a flatten + Linear head (no closed form).
+    torch.manual_seed(0)
+    stem, layer = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 5, 3, padding=1)
+    model = torch.nn.Sequential(stem, torch.nn.ReLU(), layer, torch.nn.ReLU(inplace=True), torch.nn.Flatten(),
+                                torch.nn.Linear(5 * 6 * 6, 3)).eval()
+    x = torch.randn(4, 3, 6, 6)
+    true, pred = np.array([0, 1, 2, 0]), np.array([1, 2, 0, 2])
+    # by hand: the layer's output, kept, the rest of the model applied to it, backward through everything
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_(True)
+        out = layer(torch.relu(stem(xg)))
+        logits = model[5](torch.relu(out).flatten(1))
+        n = torch.arange(4)
+        (ref_grad,) = torch.autograd.grad((logits[n, pred] - logits[n, true]).sum(), out)
+    reached = []
+    stem.register_full_backward_hook(lambda *_: reached.append("stem"))
+    act, grad, lg = C.margin_gradients(model, layer, x, true, pred)
+    assert reached == []                                  # the backward stopped at the layer
+    np.testing.assert_allclose(act, out.detach().numpy(), atol=1e-6)   # before the in-place ReLU
+    np.testing.assert_allclose(grad, ref_grad.numpy(), atol=1e-6)
+    np.testing.assert_allclose(lg, logits.detach().numpy(), atol=1e-6)
+    assert (act < 0).any() and (grad == 0).any() and (grad != 0).any()   # the ReLU's mask is in the gradient
+
+
 def test_top_patches_boxes_by_hand():
     amounts = np.zeros((3, 7, 7, 2))
     amounts[0, 0, 0, 0] = 5.0       # top-left cell: the box is cells -1..1 clipped, pixels 0..8

@@ -149,24 +149,25 @@ def gap_linear_split(acts: np.ndarray, factors: Factors, weight: np.ndarray, bia
 def margin_gradients(model: nn.Module, layer: nn.Module, x: torch.Tensor, true: np.ndarray, pred: np.ndarray,
                      reshape=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(activations (n, C, h, w), ∂(z_B − z_A)/∂activations, logits) of `layer` for inputs x, one backward pass.
-    `reshape` (a pytorch-grad-cam reshape_transform) maps a token layer's output and gradient to (n, C, h, w)."""
+    `reshape` (a pytorch-grad-cam reshape_transform) maps a token layer's output and gradient to (n, C, h, w).
+    The layer's output is swapped for a leaf, so the backward pass stops there instead of running down to the
+    input; the model goes on with a copy (an in-place op after the layer must not change the leaf)."""
     store = {}
 
     def hook(m, i, o):
-        o.retain_grad()
-        store["a"] = o
+        store["a"] = o.detach().requires_grad_(True)
+        return store["a"].clone()
 
     handle = layer.register_forward_hook(hook)
     try:
         with torch.enable_grad():
-            xg = x.detach().clone().requires_grad_(True)   # so the layer's output is part of the graph
-            logits = model(xg)
+            logits = model(x.detach())
             n = torch.arange(len(x))
             t, p = torch.as_tensor(true, dtype=torch.long), torch.as_tensor(pred, dtype=torch.long)
-            (logits[n, p] - logits[n, t]).sum().backward()
+            (grad,) = torch.autograd.grad((logits[n, p] - logits[n, t]).sum(), store["a"])
     finally:
         handle.remove()
-    act, grad = store["a"].detach(), store["a"].grad
+    act = store["a"].detach()
     if reshape is not None:
         act, grad = reshape(act), reshape(grad)
     return act.float().cpu().numpy(), grad.float().cpu().numpy(), logits.detach().float().cpu().numpy()
