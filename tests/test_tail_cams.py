@@ -212,3 +212,27 @@ def test_cam_path_tail_text_and_json():
     assert CamPath.from_json({"kind": "fast", "verified": True}) == CamPath("fast", verified=True)   # older entries
     with pytest.raises(ValueError):
         CamPath.from_json({"kind": "tails"})
+
+
+def test_a_randomised_copy_reroots_the_runs_split_and_its_cams_are_the_copys(monkeypatch):
+    from helpers.model import cams as cams_module
+    from helpers.model.cam_trust import randomised_copy
+    torch.manual_seed(0)
+    model = MlpHeadCNN().eval()
+    engine = CamEngine(model, input_shape=(3, 16, 16))
+    assert engine.cam_path.kind == "tail"
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    copy = randomised_copy(model, names, seed=4)
+
+    def no_trace(*_args, **_kwargs):
+        raise AssertionError("the copy traced its own split")
+    monkeypatch.setattr(cams_module, "split_at_layer", no_trace)
+    copy_engine = CamEngine(copy, input_shape=(3, 16, 16), tail_of=engine)
+    assert copy_engine.cam_path.kind == "tail"
+    x, classes = images(6, 16, seed=2), np.array([0, 1, 2, 3, 4, 5])
+    got = copy_engine.compute(x, classes, progress=False)   # its first batch is checked against the library too
+    np.testing.assert_allclose(got, library_gradcam(copy, copy_engine.layer, x, classes), atol=TOL)
+    own = engine.compute(x, classes, progress=False)
+    np.testing.assert_allclose(own, library_gradcam(model, engine.layer, x, classes), atol=TOL)   # split untouched
+    assert np.abs(got - own).max() > 0.1   # the copy's weights, not the run's
+    assert copy_engine.cam_path.verified and engine.tail_split.tail is not copy_engine.tail_split.tail

@@ -31,7 +31,8 @@ from helpers.model.cam_path import CamPath
 from helpers.model.cam_store import output_map
 from helpers.model.layers import (check_input_shape, final_linear, float32_model, probe, probe_input,
                                   reshape_transform_for, resolve_target_layer, saved_bytes_per_image, weight_dtype)
-from helpers.model.tail import TailSplit, gradcam_from_images, gradcam_in_batches, head_values, split_at_layer
+from helpers.model.tail import (TailSplit, gradcam_from_images, gradcam_in_batches, head_values, rerooted,
+                                split_at_layer)
 
 CAM_METHODS: dict[str, type] = {
     "gradcam": GradCAM,
@@ -266,22 +267,22 @@ class CamEngine:
     `cam_path` (a CamPath: which computation runs, the fast exact Grad-CAM, the torch.fx tail or pytorch-grad-cam;
     `path` is its text), `fast_max_diff` (fast vs library on the verification batch), `dtype` (the weights' dtype
     the CAMs run with) and `dtype_note` (None for float32; a float16/bfloat16 model runs as a float32 copy).
-    `batch_size`: on the library path no more than LIBRARY_BATCH_BYTES of saved activations per batch."""
+    `batch_size`: on the library path no more than LIBRARY_BATCH_BYTES of saved activations per batch.
+    `tail_of`: an engine on the same architecture whose torch.fx split this one re-roots instead of tracing."""
 
     def __init__(self, model: nn.Module, method: str = "gradcam", target_layer: Optional[str] = None,
-                 input_shape: Sequence[int] = (3, 32, 32), batch_size: int = 64, device="cpu", fast_path: bool = True):
+                 input_shape: Sequence[int] = (3, 32, 32), batch_size: int = 64, device="cpu", fast_path: bool = True,
+                 tail_of: Optional["CamEngine"] = None):
         self.method = check_method(method)
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size must be >= 1; got {batch_size}.")
         check_input_shape(input_shape)
-        self.batch_size = int(batch_size)
-        self.input_shape = tuple(int(s) for s in input_shape)
+        self.batch_size, self.input_shape = int(batch_size), tuple(int(s) for s in input_shape)
         self.device = torch.device(device)
         # float16/bfloat16 weights: a float32 copy unless the forward converts its input itself (layers.float32_model)
         self.model, self.dtype_note = float32_model(model.to(self.device).eval(),
                                                     [probe_input(self.input_shape).to(self.device)])
-        self.model.eval()   # the CAM classes put it in eval mode anyway
-        self.dtype = weight_dtype(self.model)
+        self.dtype = weight_dtype(self.model.eval())   # eval: the CAM classes put it in eval mode anyway
         self.layer_name, self.layer = resolve_target_layer(self.model, target_layer, self.input_shape)
         self.reshape_transform = reshape_transform_for(self.model, self.layer, self.input_shape)
         # pytorch-grad-cam turns the stored activations and gradients into NumPy arrays, which have no bfloat16.
@@ -292,11 +293,9 @@ class CamEngine:
             raise ConfigError(f"The model must return logits (batch, classes); got {type(out).__name__} "
                               f"{tuple(getattr(out, 'shape', ()))}.")
         self.num_classes = int(out.shape[1])
-        self.fast_max_diff: Optional[float] = None
-        self._linear: Optional[nn.Linear] = None
+        self.fast_max_diff, self._linear = None, None   # Optional[float], Optional[nn.Linear]
         self._tail: Optional[TailSplit] = None   # Grad-CAM through the model after the target layer only
-        self._verified = False
-        self._finer_verified = self._finer_fast = False   # the same shortcut for FinerCAM (Grad-CAM base)
+        self._verified = self._finer_verified = self._finer_fast = False   # _finer: the same for FinerCAM
         self.finer_fast_max_diff: Optional[float] = None
         reason = "fast_path=False"
         if self.method != "gradcam":
@@ -306,7 +305,9 @@ class CamEngine:
         elif fast_path:
             self._linear, reason = gap_linear_head(self.model, self.layer, self.input_shape, self.num_classes)
         if fast_path and self.method == "gradcam" and self._linear is None:
-            self._tail, why = split_at_layer(self.model, self.layer, self.input_shape, self.dtype)
+            split = tail_of.tail_split if tail_of is not None and tail_of.layer_name == self.layer_name else None
+            self._tail, why = ((rerooted(split, self.model), "") if split is not None
+                               else split_at_layer(self.model, self.layer, self.input_shape, self.dtype))
             reason = reason if self._tail is not None else f"{reason}; torch.fx tail not used: {why}"
         if self._tail is not None:
             self.cam_path = CamPath("tail", reason=reason)

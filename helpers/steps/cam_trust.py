@@ -125,7 +125,8 @@ def _cam_fn(engine: CamEngine, run: Run, idx: np.ndarray, classes: np.ndarray):
     """model -> its CAMs for (idx, classes), with the run's method, target layer, batch size and device."""
     def compute(model):
         copy_engine = CamEngine(model, method=engine.method, target_layer=engine.layer_name,
-                                input_shape=engine.input_shape, batch_size=engine.batch_size, device=engine.device)
+                                input_shape=engine.input_shape, batch_size=engine.batch_size, device=engine.device,
+                                tail_of=engine)   # the same modules: the run's torch.fx split, re-rooted
         copy_engine.adopt_verification(engine)   # the same modules: the run's fast-path check holds for the copy
         with run.model_threads():
             return copy_engine.compute(run.inputs[idx], classes, progress=False)
