@@ -215,7 +215,7 @@ def test_cam_path_tail_text_and_json():
 
 
 def test_a_randomised_copy_reroots_the_runs_split_and_its_cams_are_the_copys(monkeypatch):
-    from helpers.model import cams as cams_module
+    from helpers.model import tail as tail_module
     from helpers.model.cam_trust import randomised_copy
     torch.manual_seed(0)
     model = MlpHeadCNN().eval()
@@ -226,7 +226,7 @@ def test_a_randomised_copy_reroots_the_runs_split_and_its_cams_are_the_copys(mon
 
     def no_trace(*_args, **_kwargs):
         raise AssertionError("the copy traced its own split")
-    monkeypatch.setattr(cams_module, "split_at_layer", no_trace)
+    monkeypatch.setattr(tail_module, "_trace", no_trace)
     copy_engine = CamEngine(copy, input_shape=(3, 16, 16), tail_of=engine)
     assert copy_engine.cam_path.kind == "tail"
     x, classes = images(6, 16, seed=2), np.array([0, 1, 2, 3, 4, 5])

@@ -31,8 +31,7 @@ from helpers.model.cam_path import CamPath
 from helpers.model.cam_store import output_map
 from helpers.model.layers import (check_input_shape, final_linear, float32_model, probe, probe_input,
                                   reshape_transform_for, resolve_target_layer, saved_bytes_per_image, weight_dtype)
-from helpers.model.tail import (TailSplit, gradcam_from_images, gradcam_in_batches, head_values, rerooted,
-                                split_at_layer)
+from helpers.model.tail import TailSplit, gradcam_from_images, gradcam_in_batches, head_values, split_at_layer
 
 CAM_METHODS: dict[str, type] = {
     "gradcam": GradCAM,
@@ -293,7 +292,8 @@ class CamEngine:
             raise ConfigError(f"The model must return logits (batch, classes); got {type(out).__name__} "
                               f"{tuple(getattr(out, 'shape', ()))}.")
         self.num_classes = int(out.shape[1])
-        self.fast_max_diff, self._linear = None, None   # Optional[float], Optional[nn.Linear]
+        self.fast_max_diff: Optional[float] = None
+        self._linear: Optional[nn.Linear] = None
         self._tail: Optional[TailSplit] = None   # Grad-CAM through the model after the target layer only
         self._verified = self._finer_verified = self._finer_fast = False   # _finer: the same for FinerCAM
         self.finer_fast_max_diff: Optional[float] = None
@@ -305,9 +305,8 @@ class CamEngine:
         elif fast_path:
             self._linear, reason = gap_linear_head(self.model, self.layer, self.input_shape, self.num_classes)
         if fast_path and self.method == "gradcam" and self._linear is None:
-            split = tail_of.tail_split if tail_of is not None and tail_of.layer_name == self.layer_name else None
-            self._tail, why = ((rerooted(split, self.model), "") if split is not None
-                               else split_at_layer(self.model, self.layer, self.input_shape, self.dtype))
+            like = tail_of.tail_split if tail_of is not None and tail_of.layer_name == self.layer_name else None
+            self._tail, why = split_at_layer(self.model, self.layer, self.input_shape, self.dtype, like=like)
             reason = reason if self._tail is not None else f"{reason}; torch.fx tail not used: {why}"
         if self._tail is not None:
             self.cam_path = CamPath("tail", reason=reason)

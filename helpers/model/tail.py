@@ -222,12 +222,16 @@ def _close(a: torch.Tensor, b) -> bool:
 
 
 def split_at_layer(model: nn.Module, layer: nn.Module, input_shape: Sequence[int],
-                   dtype: torch.dtype = torch.float32) -> tuple[Optional[TailSplit], str]:
+                   dtype: torch.dtype = torch.float32,
+                   like: Optional[TailSplit] = None) -> tuple[Optional[TailSplit], str]:
     """(the model cut at `layer`, "") or (None, why not): torch.fx could not trace it, the cut does not
     exist, or the traced graph does not compute what the model computes on a random probe of two images.
-    `dtype`: the weights' (the tail runs float32 only: the library reads low-precision gradients as float32)."""
+    `dtype`: the weights' (the tail runs float32 only: the library reads low-precision gradients as float32).
+    `like`: the split of another instance of this architecture at the same layer, re-rooted instead of traced."""
     if dtype != torch.float32:
         return None, f"it runs float32 weights only, not {dtype}"
+    if like is not None:
+        return rerooted(like, model), ""
     name = _layer_name(model, layer)
     if name is None:
         return None, "the target layer is not a submodule of the model"
