@@ -151,3 +151,53 @@ def test_layer_values_through_the_tail_equal_the_whole_models_margin_gradients()
                                   torch.nn.Linear(4, 6)).eval()
     gap_engine = CamEngine(gap_cnn, input_shape=(3, SIDE, SIDE))
     assert tail_layer_values(CamStore(lambda method, layer: gap_engine, x), wanted) is None   # the fast path
+
+
+def test_on_the_fast_path_the_concepts_read_the_kept_maps_and_forward_only_the_rest():
+    """A GAP -> Linear CNN keeps the target layer's map itself (predictions.pass_inputs on the fast path). The
+    concepts step's activations and logits equal one forward pass through the model, which runs only for the
+    images the budget did not hold; the tail path's store has no kept maps."""
+    from types import SimpleNamespace
+
+    from helpers.model.cam_store import kept_maps
+    from helpers.model.cams import forward_with_activations
+    from helpers.steps.model_concepts import _activations
+    from helpers.steps.predictions import pass_inputs
+    torch.manual_seed(0)
+    gap_cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 6)).eval()
+    x, labels = images(N, SIDE, seed=5), np.arange(N) % 6
+    engine = CamEngine(gap_cnn, input_shape=(3, SIDE, SIDE), batch_size=32)
+    store = CamStore(lambda method, layer: engine, x)
+    keeper = pass_inputs(store, N, seed=3)
+    assert engine.fast and keeper is not None and keeper.keep == engine.inference_keep
+    keeper.budget_bytes = 50 * 8 * SIDE * SIDE * 4   # 50 of the 90 maps
+    preds = _pass(gap_cnn, x, labels, keeper, batch_size=16)
+    store.pass_inputs = keeper
+    assert len(keeper) == 50 and sorted(i for i in range(N) if i in keeper) == _expected(preds.preds, labels, 3, 50)
+
+    wanted = np.array([i for i in range(N) if i in keeper][:5] + [i for i in range(N) if i not in keeper][:4])
+    wanted = wanted[[7, 0, 5, 1, 8, 2, 6, 3, 4]]   # held and not held interleaved
+    held, maps = kept_maps(store, wanted)
+    assert held.tolist() == [int(i) in keeper for i in wanted] and maps.shape == (5, 8, SIDE, SIDE)
+    ref_logits, ref_maps = forward_with_activations(gap_cnn, engine.layer, x[torch.as_tensor(wanted)])
+    np.testing.assert_allclose(maps, ref_maps[torch.as_tensor(held)].numpy(), atol=1e-6)
+
+    forwarded = []
+    handle = gap_cnn.register_forward_hook(lambda _m, inputs, _out: forwarded.append(len(inputs[0])))
+    run = SimpleNamespace(cams=store, inputs=x, preds=preds, progress=False)
+    try:
+        acts, logits = _activations(run, engine, wanted)
+    finally:
+        handle.remove()
+    assert forwarded == [4]   # only the images the budget did not hold
+    np.testing.assert_allclose(acts, ref_maps.numpy(), atol=1e-6)
+    np.testing.assert_allclose(logits, ref_logits.numpy(), atol=1e-5)
+
+    model = MlpHeadCNN().eval()   # the torch.fx tail path keeps the tail's inputs, not maps
+    tail_engine = CamEngine(model, input_shape=(3, SIDE, SIDE), batch_size=32)
+    tail_store = CamStore(lambda method, layer: tail_engine, x)
+    tail_store.pass_inputs = PassInputs(tail_engine.layer, tail_engine.inference_keep, N)
+    _pass(model, x, labels, tail_store.pass_inputs, batch_size=16)
+    held, maps = kept_maps(tail_store, wanted)
+    assert not held.any() and maps is None

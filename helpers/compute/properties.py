@@ -34,10 +34,10 @@ TIE = 0.05                  # |Cliff's delta| this close to the top one: reporte
 
 def _luminance(batch: np.ndarray) -> np.ndarray:
     """(n, H, W) luminance in [0, 1] (Rec. 601 weights for RGB)."""
-    x = batch.astype(np.float32) / 255.0
-    if x.shape[-1] == 3:
-        return x @ np.array([0.299, 0.587, 0.114], np.float32)
-    return x[..., 0]
+    if batch.shape[-1] == 3:   # channel by channel: twice as fast as a float copy of the batch times (3,) weights
+        return (batch[..., 0] * np.float32(0.299 / 255) + batch[..., 1] * np.float32(0.587 / 255)
+                + batch[..., 2] * np.float32(0.114 / 255))
+    return batch[..., 0].astype(np.float32) / np.float32(255.0)
 
 
 def _exposure_free(y: np.ndarray) -> np.ndarray:
@@ -69,8 +69,9 @@ def _edge_density(y: np.ndarray, threshold: float = EDGE_THRESHOLD) -> np.ndarra
     gx = row[:, :, 2:] - row[:, :, :-2]
     col = y[:, :, :-2] + 2 * y[:, :, 1:-1] + y[:, :, 2:]   # horizontal smoothing for gy
     gy = col[:, 2:] - col[:, :-2]
-    mag = np.hypot(gx, gy)
-    return (mag > threshold).reshape(len(y), -1).mean(axis=1)
+    mag2 = gx * gx   # the squared magnitude against the squared threshold: no square root (2x faster)
+    mag2 += gy * gy
+    return (mag2 > threshold * threshold).reshape(len(y), -1).mean(axis=1)
 
 
 def _colourfulness(batch: np.ndarray) -> np.ndarray:

@@ -474,3 +474,17 @@ def tail_layer_values(store: CamStore, indices: Sequence[int], true=None, pred=N
     order = np.argsort(np.concatenate([rows for rows, _ in parts]), kind="stable")
     return tuple(None if parts[0][1][k] is None else np.concatenate([out[k] for _, out in parts])[order]
                  for k in range(3))
+
+
+def kept_maps(store: CamStore, indices: Sequence[int]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """On the fast path: a mask over test images `indices` of those whose target-layer map the store's PassInputs
+    kept in the inference pass, and those maps as float32 (n_held, C, h, w), in the order of `indices`.
+    Elsewhere (the tail path, nothing kept): all False and None."""
+    idx = np.asarray(indices, dtype=np.int64)
+    kept, engine = store.pass_inputs, store.engine()
+    usable = kept is not None and engine.fast and kept.layer is engine.layer and kept.keep == engine.inference_keep
+    held = np.array([usable and int(i) in kept for i in idx], dtype=bool)
+    if not held.any():
+        return held, None
+    with torch.inference_mode():   # the kept maps may be inference tensors
+        return held, kept.stack(idx[held].tolist()).float().numpy()

@@ -22,7 +22,7 @@ import torch
 
 from helpers.compute import concepts as C
 from helpers.files.png import preview_data_uri
-from helpers.model.cam_store import tail_layer_values
+from helpers.model.cam_store import kept_maps, tail_layer_values
 from helpers.model.cams import forward_with_activations, gap_linear_head
 from helpers.plots.concepts import ConceptRow, plot_concept_patches
 from helpers.steps.confusion import Confusion
@@ -95,19 +95,31 @@ def _as_map(engine, a: torch.Tensor) -> torch.Tensor:
 
 
 def _activations(run: Run, engine, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Target-layer maps (n, C, h, w) and logits of test images idx: the fast path's maps the inference pass kept
+    (with the pass's logits), then, for the rest, the torch.fx tail from its kept inputs where one exists, or a
+    forward pass."""
     from tqdm.auto import tqdm
+    held, maps = kept_maps(run.cams, idx)
+    rest = idx[~held]
     acts, logits = [], []
-    for s in tqdm(range(0, len(idx), BATCH), desc="Concept activations", unit="batch", disable=not run.progress):
-        tail = tail_layer_values(run.cams, idx[s:s + BATCH])   # the tail from the pass's kept inputs, where one exists
+    for s in tqdm(range(0, len(rest), BATCH), desc="Concept activations", unit="batch", disable=not run.progress):
+        tail = tail_layer_values(run.cams, rest[s:s + BATCH])   # the tail from the pass's kept inputs
         if tail is not None:
             acts.append(tail[0])
             logits.append(tail[2])
             continue
-        x = run.inputs[torch.as_tensor(idx[s:s + BATCH])].to(engine.device)
+        x = run.inputs[torch.as_tensor(rest[s:s + BATCH])].to(engine.device)
         lg, a = forward_with_activations(engine.model, engine.layer, x)
         acts.append(_as_map(engine, a).float().cpu().numpy())
         logits.append(lg.float().cpu().numpy())
-    return np.concatenate(acts), np.concatenate(logits)
+    if maps is None:
+        return np.concatenate(acts), np.concatenate(logits)
+    out_acts = np.empty((len(idx),) + maps.shape[1:], np.float32)
+    out_logits = np.empty((len(idx), run.preds.logits.shape[1]), np.float32)
+    out_acts[held], out_logits[held] = maps, run.preds.logits[idx[held]]
+    if len(rest):
+        out_acts[~held], out_logits[~held] = np.concatenate(acts), np.concatenate(logits)
+    return out_acts, out_logits
 
 
 def _pair_list(conf: Confusion, group: list[int]) -> list[tuple[int, int, int]]:

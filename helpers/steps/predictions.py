@@ -141,11 +141,12 @@ def pass_cams(store: CamStore, n_images: int) -> Optional[PassCams]:
 
 
 def pass_inputs(store: CamStore, n_images: int, seed: int) -> Optional[PassInputs]:
-    """The observer that keeps, within a budget, what the torch.fx tail starts from for the errors and then the
-    other images (tail path only: on the fast path the pass's own CAMs already serve the true and predicted class)."""
+    """The observer that keeps, within a budget, what the exact CAM paths start from for the errors and then the
+    other images: the torch.fx tail's inputs, or on the fast path the target layer's map (the concepts step and
+    the CAMs of classes other than the true and predicted one read it). None when neither path applies."""
     engine = store.engine()
     keep = engine.inference_keep
-    if keep is None or engine.head_weight is not None:
+    if keep is None:
         return None
     return PassInputs(engine.layer, keep, n_images, seed=seed)
 
