@@ -236,3 +236,41 @@ def test_a_randomised_copy_reroots_the_runs_split_and_its_cams_are_the_copys(mon
     np.testing.assert_allclose(own, library_gradcam(model, engine.layer, x, classes), atol=TOL)   # split untouched
     assert np.abs(got - own).max() > 0.1   # the copy's weights, not the run's
     assert copy_engine.cam_path.verified and engine.tail_split.tail is not copy_engine.tail_split.tail
+
+
+@pytest.mark.parametrize("kind", ["mlp_head_cnn", "vit"])
+def test_finercam_on_the_tail_equals_pytorch_grad_cams_finercam_without_a_backward_through_the_head(kind):
+    """compute_finer on the torch.fx tail path: after the one-time check against the library, the head part runs
+    without autograd and only the tail is differentiated (a backward hook before the cut never fires), and the
+    maps equal pytorch-grad-cam's FinerCAM, one image at a time, for true vs predicted and for true = pred
+    (the nearest classes by logit)."""
+    from pytorch_grad_cam import FinerCAM
+    from pytorch_grad_cam.utils.model_targets import FinerWeightedTarget
+    if kind == "vit":
+        model, side, first = tiny_vit(), 32, None
+        reshape = lambda t: library_vit_reshape(t, height=8, width=8)
+    else:
+        torch.manual_seed(0)
+        model, side, reshape = MlpHeadCNN().eval(), 16, None
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))   # the stem: before any cut
+    x = images(6, side, seed=4)
+    true, pred = np.array([1, 2, 3, 4, 5, 0]), np.array([0, 5, 3, 1, 2, 0])   # images 2 and 5: true = pred
+    engine = CamEngine(model, input_shape=(3, side, side), batch_size=4)
+    assert engine.cam_path.kind == "tail"
+    engine.compute_finer(x[:2], true[:2], pred[:2])   # the one-time check (it runs the library once)
+    assert engine._finer_fast and engine.finer_fast_max_diff <= 1e-4
+    backward = []
+    handle = first.register_full_backward_hook(lambda *_: backward.append(1))
+    try:
+        got = engine.compute_finer(x, true, pred)
+    finally:
+        handle.remove()
+    assert backward == [] and got.shape == (6, side, side)
+    for i in range(6):
+        with FinerCAM(model, [engine.layer], reshape_transform=reshape) as cam:
+            if true[i] != pred[i]:
+                ref = cam(x[i:i + 1], targets=[FinerWeightedTarget(int(true[i]), [int(pred[i])], 1)])
+            else:
+                ref = cam(x[i:i + 1], targets=None, target_idx=int(true[i]))
+        assert ref.std() > 0.01
+        np.testing.assert_allclose(got[i], ref[0], atol=1e-4)

@@ -31,7 +31,8 @@ from helpers.model.cam_path import CamPath
 from helpers.model.cam_store import output_map
 from helpers.model.layers import (check_input_shape, final_linear, float32_model, probe, probe_input,
                                   reshape_transform_for, resolve_target_layer, saved_bytes_per_image, weight_dtype)
-from helpers.model.tail import TailSplit, gradcam_from_images, gradcam_in_batches, head_values, split_at_layer
+from helpers.model.tail import (TailSplit, gradcam_from_images, gradcam_from_tail, gradcam_in_batches, head_values,
+                                split_at_layer)
 
 CAM_METHODS: dict[str, type] = {
     "gradcam": GradCAM,
@@ -246,6 +247,14 @@ def finercam_from_head(model: nn.Module, layer: nn.Module, weight: torch.Tensor,
     return gradcam_from_logit_gradients(activations.float(), weight.detach().float(), grads, tuple(xb.shape[-2:]))
 
 
+def finercam_from_tail(split: TailSplit, xb: torch.Tensor, tb: np.ndarray, pb: np.ndarray,
+                       reshape_transform: Optional[Callable]) -> np.ndarray:
+    """FinerCAM (Grad-CAM base) from a no-grad forward of the torch.fx head part, then autograd through the tail
+    only, with FinerCAM's own targets: no backward pass through the whole model (library_cams' FinerCAM)."""
+    return gradcam_from_tail(split, head_values(split, xb), lambda logits: _finer_targets(tb, pb, logits),
+                             tuple(xb.shape[-2:]), reshape_transform)
+
+
 def library_batch_size(model: nn.Module, input_shape, batch_size: int, device) -> int:
     """At most `batch_size` images whose backward pass keeps LIBRARY_BATCH_BYTES: the library runs it through the
     whole model (Swin-T at 224 px in batches of 128 peaked at 17 GB RSS)."""
@@ -415,7 +424,7 @@ class CamEngine:
         t = _as_targets(true_classes, x.shape[0], self.num_classes, "true_classes")
         p = _as_targets(pred_classes, x.shape[0], self.num_classes, "pred_classes")
         pairs = np.stack([t, p], axis=1)
-        if self._linear is not None and not self._finer_verified and len(x):
+        if self.exact and not self._finer_verified and len(x):
             self._verify_finer_fast(x[:4], t[:4], p[:4])
         batch = self._finer_fast_batch if self._finer_fast else self._finer_batch
         return self._batched(x, lambda xb, pb: batch(xb, pb[:, 0], pb[:, 1]), pairs, progress)
@@ -456,10 +465,11 @@ class CamEngine:
         return self._library(FinerCAM, xb, _finer_targets(tb, pb, logits))
 
     def _finer_fast_batch(self, xb: torch.Tensor, tb: np.ndarray, pb: np.ndarray) -> np.ndarray:
-        return finercam_from_head(self.model, self.layer, self._linear.weight, xb, tb, pb)
+        return (finercam_from_tail(self._tail, xb, tb, pb, self.reshape_transform) if self._tail is not None
+                else finercam_from_head(self.model, self.layer, self._linear.weight, xb, tb, pb))
 
     def _verify_finer_fast(self, xb: torch.Tensor, tb: np.ndarray, pb: np.ndarray) -> None:
-        """Compare the fast FinerCAM with pytorch-grad-cam's FinerCAM on a few real images, for the requested
+        """Compare the exact FinerCAM (fast path or tail) with pytorch-grad-cam's on a few real images, for the requested
         pairs and for true = pred (nearest-class comparison); use the library from then on if they differ."""
         xb = xb.to(self.device)
         diff = max(float(np.abs(self._finer_fast_batch(xb, tb, q) - self._finer_batch(xb, tb, q)).max())

@@ -268,13 +268,18 @@ def gradcam_from_tail(split: TailSplit, kept: KeptValues, targets, out_size: tup
     """Grad-CAM (N, H, W) from the kept values of N images, running only the tail with autograd: the gradient
     of logit targets[i] with respect to the target layer's output, reshaped as pytorch-grad-cam reshapes it
     (a ViT's tokens to a map), weights = spatial mean of the gradients, ReLU of the weighted sum of the
-    activations, resized and min-max normalised with the library's own functions, in its order."""
-    t = torch.as_tensor(np.asarray(targets, dtype=np.int64))
+    activations, resized and min-max normalised with the library's own functions, in its order. `targets`: a
+    class per image, or a callable that takes the logits (a detached NumPy copy) and returns one pytorch-grad-cam
+    target per image (FinerCAM's weighted differences), scored as BaseCAM scores them."""
     # clone(): values kept under inference_mode cannot enter autograd as they are.
     inputs = [v.detach().clone().requires_grad_(v.is_floating_point()) for v in kept]
     with torch.enable_grad():
         logits, activation = split.tail(*inputs)
-        score = logits[torch.arange(len(t), device=logits.device), t.to(logits.device)].sum()
+        if callable(targets):
+            score = sum(target(z) for target, z in zip(targets(logits.detach().float().cpu().numpy()), logits))
+        else:
+            t = torch.as_tensor(np.asarray(targets, dtype=np.int64), device=logits.device)
+            score = logits[torch.arange(len(t), device=logits.device), t].sum()
         (grads,) = torch.autograd.grad(score, activation)
     activation = activation.detach()
     if reshape_transform is not None:
