@@ -383,16 +383,20 @@ def test_compute_finer_true_vs_pred(images):
     np.testing.assert_allclose(got, library, atol=1e-5)
 
 
-def test_compute_finer_on_a_non_gap_head_uses_the_library(images):
+def test_compute_finer_on_a_non_gap_head_runs_the_tail_or_else_the_library(images):
+    """A non-GAP head: FinerCAM through the torch.fx tail once it matched the library, or the library itself
+    (fast_path=False); both equal pytorch-grad-cam's FinerCAM."""
     model = seeded(vgg_mlp)
-    engine = CamEngine(model, batch_size=2)
     true, pred = np.array([1, 2, 3, 4, 5]), np.array([6, 7, 3, 8, 0])
-    got = engine.compute_finer(images, true, pred)
-    assert not engine._finer_fast and engine.finer_fast_max_diff is None
-    cam = FinerCAM(model, [engine.layer])
+    cam = FinerCAM(model, [CamEngine(model).layer])
     ref = cam(images[:1], targets=[FinerWeightedTarget(1, [6], 1)])
     cam.base_cam.activations_and_grads.release()
-    np.testing.assert_allclose(got[0], ref[0], atol=1e-5)
+    for fast_path, kind in ((True, "tail"), (False, "library")):
+        engine = CamEngine(model, batch_size=2, fast_path=fast_path)
+        got = engine.compute_finer(images, true, pred)
+        assert engine.cam_path.kind == kind and engine._finer_fast == fast_path
+        assert (engine.finer_fast_max_diff is None) == (not fast_path)
+        np.testing.assert_allclose(got[0], ref[0], atol=1e-5)
 
 
 def test_gradcam_from_logit_gradients_is_gradcam_for_one_hot_gradients(images, targets):

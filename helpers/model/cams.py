@@ -255,6 +255,15 @@ def finercam_from_tail(split: TailSplit, xb: torch.Tensor, tb: np.ndarray, pb: n
                              tuple(xb.shape[-2:]), reshape_transform)
 
 
+def exact_finercam(tail: Optional[TailSplit], model: nn.Module, layer: nn.Module, linear: Optional[nn.Linear],
+                   reshape_transform: Optional[Callable], xb: torch.Tensor, tb: np.ndarray,
+                   pb: np.ndarray) -> np.ndarray:
+    """FinerCAM without the library: through the torch.fx tail when there is one, else from a GAP -> Linear head."""
+    if tail is not None:
+        return finercam_from_tail(tail, xb, tb, pb, reshape_transform)
+    return finercam_from_head(model, layer, linear.weight, xb, tb, pb)
+
+
 def library_batch_size(model: nn.Module, input_shape, batch_size: int, device) -> int:
     """At most `batch_size` images whose backward pass keeps LIBRARY_BATCH_BYTES: the library runs it through the
     whole model (Swin-T at 224 px in batches of 128 peaked at 17 GB RSS)."""
@@ -465,12 +474,11 @@ class CamEngine:
         return self._library(FinerCAM, xb, _finer_targets(tb, pb, logits))
 
     def _finer_fast_batch(self, xb: torch.Tensor, tb: np.ndarray, pb: np.ndarray) -> np.ndarray:
-        return (finercam_from_tail(self._tail, xb, tb, pb, self.reshape_transform) if self._tail is not None
-                else finercam_from_head(self.model, self.layer, self._linear.weight, xb, tb, pb))
+        return exact_finercam(self._tail, self.model, self.layer, self._linear, self.reshape_transform, xb, tb, pb)
 
     def _verify_finer_fast(self, xb: torch.Tensor, tb: np.ndarray, pb: np.ndarray) -> None:
-        """Compare the exact FinerCAM (fast path or tail) with pytorch-grad-cam's on a few real images, for the requested
-        pairs and for true = pred (nearest-class comparison); use the library from then on if they differ."""
+        """Compare the exact FinerCAM (fast path or tail) with pytorch-grad-cam's on a few real images, for the
+        requested pairs and for true = pred (nearest-class comparison); use the library from then on if they differ."""
         xb = xb.to(self.device)
         diff = max(float(np.abs(self._finer_fast_batch(xb, tb, q) - self._finer_batch(xb, tb, q)).max())
                    for q in (pb, tb))
