@@ -25,8 +25,8 @@ from helpers.model.inference import (Predictions, autocast_dtype, default_thread
 from helpers.model.load import LoadedModel, check_model_fits_data, load_model
 from helpers.model.sanity import check_model_behaviour
 from helpers.plots.gallery import render_gallery
-from helpers.steps import (attributions, cells, confusion, data_causes, deep_dive, diagnosis, galleries, model_causes,
-                           predictions, report)
+from helpers.steps import (attributions, cells, confusion, data_causes, data_train, deep_dive, diagnosis, galleries,
+                           model_causes, predictions, report)
 from helpers.steps.context import Run, Section
 
 
@@ -56,7 +56,7 @@ class Analysis:
         self.cache: Optional[RunCache] = None
         self.results: dict[str, Section] = {}
         self._run: Optional[Run] = None
-        self.model_check, self.pass_cams = None, None   # model/sanity.py's findings; PassCams of the pass (predict)
+        self.model_check, self.pass_cams, self.train_pass = None, None, None   # predict(): see model/sanity.py, _pass
 
     # ------------------------------------------------------------------ what the notebook reads
     @property
@@ -64,7 +64,6 @@ class Analysis:
         return self.outputs.root
 
     cache_key = property(lambda self: self.cache.key if self.cache is not None else None)
-
     cache_hit = property(lambda self: self.cache is not None and self.cache.hit)
 
     @property
@@ -168,6 +167,7 @@ class Analysis:
                           device=self.device, progress=self.progress and distributed.is_main_process(),
                           gallery=gallery, autocast_dtype=amp, observers=observers)
         self.cams.pass_inputs = kept_inputs
+        self.train_pass = data_train.sharded_train_pass(self.params, self.data, self.loaded, self.device, self.progress)
         return preds
 
     # ------------------------------------------------------------------ 3.-6. one step per section
@@ -201,7 +201,7 @@ class Analysis:
             torch.set_num_threads(self.threads)   # the training pass is a second inference pass: every core
         try:
             return self._step("data_causes", data_causes.data_causes, self.run, self._needs("confusion"),
-                              self.results.get("deep_dive"), self.timings.get("inference"))
+                              self.results.get("deep_dive"), self.timings.get("inference"), self.train_pass)
         finally:
             if cpu:
                 torch.set_num_threads(max(1, self.threads // 2))   # as after inference: a core for the writer

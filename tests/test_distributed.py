@@ -152,9 +152,10 @@ def _files(root: Path) -> set[str]:
 
 
 def _summary_without_timings(path: Path) -> list[str]:
-    """The summary less what measures time: the Timings line and the attribution methods' ms per map."""
+    """The summary less what measures time: the Timings line, the attribution methods' ms per map and the
+    training pass's seconds and memory."""
     return [re.sub(r"; [0-9.]+ ms per map$", "", line) for line in path.read_text().splitlines()
-            if not line.startswith("Timings (s):")]
+            if not line.startswith(("Timings (s):", "Training-set evidence: "))]
 
 
 def _without_timing_columns(path: Path) -> list[list[str]]:
@@ -179,11 +180,31 @@ def _same_table(a: list[list[str]], b: list[list[str]]) -> bool:
     return True
 
 
+N_TRAIN_SHARDED = 3000
+
+
+@pytest.fixture(scope="module")
+def small_fmnist(tmp_path_factory) -> Path:
+    """The real Fashion-MNIST's first N_TEST test and first N_TRAIN_SHARDED training images, as idx files: a
+    training split small enough for the training-evidence pass in a test."""
+    from conftest import _write_idx
+    root = tmp_path_factory.mktemp("fmnist_small")
+    for split, n in (("test", N_TEST), ("train", N_TRAIN_SHARDED)):
+        ds = load_dataset("fashion_mnist", root=SYSTEM_FASHION_MNIST, split=split, download=False, limit=n)
+        prefix = "t10k" if split == "test" else "train"
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", ds.images[..., 0])
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", ds.labels)
+    return root
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes_write_what_one_process_writes(fmnist_checkpoint, tmp_path):
+def test_torchrun_two_processes_write_what_one_process_writes(fmnist_checkpoint, small_fmnist, tmp_path):
+    """With TRAIN_EVIDENCE on: both passes (the test set's, then the training split's) sharded over 2 gloo
+    processes and gathered on rank 0, which writes exactly what one process writes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     one, two = tmp_path / "one", tmp_path / "two"
-    args = CLI_ARGS + ["--model-path", str(fmnist_checkpoint)]
+    args = [a if a != str(SYSTEM_FASHION_MNIST) else str(small_fmnist) for a in CLI_ARGS] + [
+        "--model-path", str(fmnist_checkpoint), "--train-evidence"]
     single = subprocess.run([sys.executable, "-m", "helpers", "analyze", *args, "--output-dir", str(one)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -218,3 +239,11 @@ def test_torchrun_two_processes_write_what_one_process_writes(fmnist_checkpoint,
     for rel in galleries:
         assert np.array_equal(np.asarray(Image.open(one / rel)), np.asarray(Image.open(two / rel))), rel
     assert _summary_without_timings(two / "analysis_summary.txt") == _summary_without_timings(one / "analysis_summary.txt")
+    # The training evidence ran, from features both ranks computed (the same CSVs and pictures as above).
+    assert "deep_dive/near_duplicates.csv" in csvs and any(f.startswith("deep_dive/train_neighbours_") for f in _files(one))
+    for rel in (f for f in _files(one) if f.startswith("deep_dive/train_neighbours_") or f.endswith("near_duplicates.png")):
+        assert np.array_equal(np.asarray(Image.open(one / rel)), np.asarray(Image.open(two / rel))), rel
+    lines = {d: [ln for ln in (d / "analysis_summary.txt").read_text().splitlines()
+                 if ln.startswith("Training-set evidence: ")] for d in (one, two)}
+    assert len(lines[one]) == 1 and f"{N_TRAIN_SHARDED} training images in" in lines[one][0]
+    assert "torchrun" not in lines[one][0] and " on 2 torchrun processes" in lines[two][0]

@@ -159,7 +159,7 @@ def test_not_asked_or_not_available():
     assert data_train.train_evidence(run, None) is None
     run = SimpleNamespace(params=Params(DATASET="imagefolder", TRAIN_EVIDENCE=True),
                           data=SimpleNamespace(name="imagefolder"))
-    train, why = data_train._train_data(run)
+    train, why = data_train._train_data(run.params, run.data)
     assert train is None and "TRAIN_ROOT" in why
 
 

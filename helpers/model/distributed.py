@@ -196,3 +196,35 @@ def sharded(world: World, run_inference: Callable[..., Predictions]) -> Callable
             gather_observer(world, observer)
         return full if world.is_main else part
     return run
+
+
+def all_agree(world: World, value: bool) -> bool:
+    """True on every rank when `value` is true on every rank (e.g. each one read the training split)."""
+    values = [None] * world.world_size
+    dist.all_gather_object(values, bool(value))
+    return all(values)
+
+
+def sharded_features(world: World, feature_pass: Callable[..., Optional[np.ndarray]]
+                     ) -> Callable[..., Optional[np.ndarray]]:
+    """`feature_pass` (helpers.model.inference.feature_pass) with the same arguments, run by every rank on its
+    shard of the images and gathered in image order: every image's features on rank 0 (None when the model
+    gives none), the shard's elsewhere. Each rank holds the whole image set (streamed: paths only)."""
+    def run(model, images, mean, std, batch_size: int = 256, device="cpu", progress: bool = True, **kwargs):
+        a, b = shard_bounds(len(images), world.world_size, world.rank, batch_size)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // world.local_world_size))   # the node's cores, shared
+        try:
+            shard = images.subset(a, b) if hasattr(images, "subset") else images[a:b]
+            part = feature_pass(model, shard, mean, std, batch_size=batch_size, device=device,
+                                progress=progress and world.is_main, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+        states = _gather_states(world, {"n": b - a, "features": part})
+        if not world.is_main:
+            return part
+        states = [s for s in states if s["n"]]   # an empty shard has no features to concatenate
+        if not states or any(s["features"] is None for s in states):
+            return None
+        return np.concatenate([s["features"] for s in states])
+    return run

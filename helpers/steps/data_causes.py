@@ -34,9 +34,10 @@ class DataCauses(Section):
             part.show(names)
 
 
-def data_causes(run: Run, conf: Confusion, deep: Optional[DeepDive] = None,
-                test_pass_s: Optional[float] = None) -> DataCauses:
-    """The three parts, each timed. The group (when the deep dive ran) is analysed beside the top pairs."""
+def data_causes(run: Run, conf: Confusion, deep: Optional[DeepDive] = None, test_pass_s: Optional[float] = None,
+                train_pass: Optional[data_train.TrainPass] = None) -> DataCauses:
+    """The three parts, each timed. The group (when the deep dive ran) is analysed beside the top pairs.
+    `train_pass`: the training pass torchrun's ranks already shared (None: the training part runs its own)."""
     group = list(deep.group.group) if deep is not None else None
     sec = DataCauses()
     start = time.perf_counter()
@@ -46,7 +47,7 @@ def data_causes(run: Run, conf: Confusion, deep: Optional[DeepDive] = None,
     sec.properties = data_properties.property_slices(run, conf, group)
     sec.seconds["properties"] = time.perf_counter() - start
     start = time.perf_counter()
-    sec.train, sec.train_skipped = data_train.train_evidence_or_reason(run, conf, test_pass_s)
+    sec.train, sec.train_skipped = data_train.train_evidence_or_reason(run, conf, test_pass_s, train_pass)
     sec.seconds["train"] = time.perf_counter() - start
     if sec.train_skipped:
         sec.notes.append(f"Training-set evidence was asked for but skipped: {sec.train_skipped}.")

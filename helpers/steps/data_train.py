@@ -5,6 +5,7 @@ mostly the other class, and the test images that have a near-duplicate in the tr
 features, confirmed in pixel space)."""
 from __future__ import annotations
 
+import dataclasses
 import html
 import os
 import threading
@@ -21,6 +22,7 @@ from helpers.compute import neighbours as nb
 from helpers.data.datasets import Dataset, load_dataset
 from helpers.errors import DataError
 from helpers.files.png import preview_data_uri
+from helpers.model import distributed
 from helpers.model.inference import feature_pass
 from helpers.plots.gallery import GalleryRow, render_gallery
 from helpers.steps.confusion import Confusion
@@ -61,6 +63,7 @@ class TrainEvidence(Section):
     train_source: str                    # where they were read from
     load_seconds: float
     pass_seconds: float                  # the feature pass alone
+    pass_processes: int                  # the processes that shared it (torchrun ranks; 1: this one alone)
     test_pass_seconds: Optional[float]   # the test inference pass, when the caller timed it
     pass_ratio: Optional[float]          # pass_seconds / test_pass_seconds
     peak_memory_mb: float                # peak resident memory added during the pass (the images already loaded)
@@ -82,9 +85,9 @@ class TrainEvidence(Section):
 
 
 # ---------------------------------------------------------------------- loading and measuring
-def _train_data(run: Run) -> tuple[Optional[Dataset], str]:
+def _train_data(params, test: Dataset) -> tuple[Optional[Dataset], str]:
     """(the training split, "") or (None, why it is unavailable)."""
-    p, test = run.params, run.data
+    p = params
     if test.name == "imagefolder" and not p.TRAIN_ROOT:
         return None, "DATASET='imagefolder' has no training split: set TRAIN_ROOT to the training image folder."
     root = p.TRAIN_ROOT or p.DATA_ROOT
@@ -100,6 +103,42 @@ def _train_data(run: Run) -> tuple[Optional[Dataset], str]:
     if train.images.shape[1:] != test.images.shape[1:]:
         return None, f"training images are {train.images.shape[1:]}, test images {test.images.shape[1:]}"
     return train, ""
+
+
+@dataclass
+class TrainPass:
+    """The training split and its penultimate features (None: no final Linear), measured; `why` says why there
+    is no training split. `processes`: the torchrun ranks that shared the feature pass (1: this process alone)."""
+    train: Optional[Dataset]
+    why: str
+    load_seconds: float
+    load_memory: dict
+    features: Optional[np.ndarray] = None
+    pass_seconds: float = 0.0
+    memory: dict = field(default_factory=lambda: {"mb": 0.0, "how": ""})
+    processes: int = 1
+
+
+def load_train(params, test: Dataset) -> TrainPass:
+    """The training split read (not yet passed through the model), timed and its memory measured."""
+    start = time.perf_counter()
+    with peak_memory() as mem:
+        train, why = _train_data(params, test)
+    return TrainPass(train=train, why=why, load_seconds=time.perf_counter() - start, load_memory=mem)
+
+
+def run_train_pass(loaded: TrainPass, model, params, device, progress: bool, features=feature_pass,
+                   processes: int = 1) -> TrainPass:
+    """`loaded` with the penultimate features of its training images: `features` is
+    helpers.model.inference.feature_pass, or distributed.sharded_features of it (every torchrun rank its shard)."""
+    if loaded.train is None:
+        return loaded
+    start = time.perf_counter()
+    with peak_memory() as mem:
+        feats = features(model, loaded.train.images, loaded.train.mean, loaded.train.std,
+                         batch_size=params.BATCH_SIZE, device=device, progress=progress)
+    return dataclasses.replace(loaded, features=feats, pass_seconds=time.perf_counter() - start, memory=mem,
+                               processes=processes)
 
 
 def _rss_bytes() -> Optional[int]:
@@ -184,6 +223,21 @@ def _duplicates_page(run: Run, train: Dataset, dups: pd.DataFrame):
                           sections=[("test image, then its training near-duplicate", rows)])
 
 
+def sharded_train_pass(params, test: Dataset, loaded, device, progress: bool) -> Optional[TrainPass]:
+    """Under torchrun, when the training evidence is asked for: the training pass with every rank on its shard of
+    the training images, right after the test pass, gathered on rank 0. The ranks run it only when every one of
+    them read the training split (they read the same files). None in one process (data_causes runs it)."""
+    world = distributed.current()
+    if world is None or not (params.TRAIN_EVIDENCE or params.TRAIN_ROOT):
+        return None
+    split = load_train(params, test)
+    if not distributed.all_agree(world, split.train is not None):
+        return split if split.train is None else dataclasses.replace(
+            split, train=None, why="another torchrun process could not read the training split")
+    return run_train_pass(split, loaded.module, params, device, progress and world.is_main,
+                          distributed.sharded_features(world, feature_pass), processes=world.world_size)
+
+
 # ---------------------------------------------------------------------- the step
 def train_evidence(run: Run, conf: Confusion, test_pass_s: Optional[float] = None) -> Optional[TrainEvidence]:
     """The training-set evidence section, or None when it was not asked for (TRAIN_EVIDENCE / TRAIN_ROOT) or
@@ -194,29 +248,27 @@ def train_evidence(run: Run, conf: Confusion, test_pass_s: Optional[float] = Non
     return sec
 
 
-def train_evidence_or_reason(run: Run, conf: Confusion,
-                             test_pass_s: Optional[float] = None) -> tuple[Optional[TrainEvidence], str]:
-    """(the section, "") ; (None, "") when not asked for; (None, why it could not run) when asked for."""
+def train_evidence_or_reason(run: Run, conf: Confusion, test_pass_s: Optional[float] = None,
+                             done: Optional[TrainPass] = None) -> tuple[Optional[TrainEvidence], str]:
+    """(the section, "") ; (None, "") when not asked for; (None, why it could not run) when asked for. `done`: the
+    training pass already run (under torchrun, by every rank right after the test pass), else it runs here."""
     p, pr = run.params, run.preds
     if not (p.TRAIN_EVIDENCE or p.TRAIN_ROOT):
         return None, ""
     if pr.features is None:
         return None, "the model has no final Linear, so no penultimate features"
-    t0 = time.perf_counter()
-    with peak_memory() as load_mem:
-        train, why = _train_data(run)
-    t1 = time.perf_counter()
-    with peak_memory() as mem:
-        feats = (feature_pass(run.model.module, train.images, train.mean, train.std, batch_size=p.BATCH_SIZE,
-                              device=run.device, progress=run.progress) if train is not None else None)
-    t2 = time.perf_counter()
+    tp = done if done is not None else load_train(p, run.data)
+    if done is None and tp.train is not None:
+        tp = run_train_pass(tp, run.model.module, p, run.device, run.progress)
+    train, feats = tp.train, tp.features
     if train is None or feats is None:
-        return None, why or "the model gave no penultimate features"
+        return None, tp.why or "the model gave no penultimate features"
     sec = TrainEvidence(search="", n_train=len(train.labels), train_source=", ".join(train.source_files) or "",
-                        load_seconds=t1 - t0, pass_seconds=t2 - t1, test_pass_seconds=test_pass_s,
-                        pass_ratio=(t2 - t1) / test_pass_s if test_pass_s else None,
-                        peak_memory_mb=float(mem["mb"]), load_memory_mb=float(load_mem["mb"]), memory_how=mem["how"],
-                        features_mb=feats.nbytes / 2**20,
+                        pass_processes=tp.processes,
+                        load_seconds=tp.load_seconds, pass_seconds=tp.pass_seconds, test_pass_seconds=test_pass_s,
+                        pass_ratio=tp.pass_seconds / test_pass_s if test_pass_s else None,
+                        peak_memory_mb=float(tp.memory["mb"]), load_memory_mb=float(tp.load_memory["mb"]),
+                        memory_how=tp.memory["how"], features_mb=feats.nbytes / 2**20,
                         class_counts=np.bincount(train.labels, minlength=run.data.num_classes))
     # centred on the training mean: post-ReLU features all share one positive direction, which puts every
     # cosine near 1 and drowns the ranking (uncentred, a planted copy's original is often not in its top 5)
@@ -298,7 +350,8 @@ def _near_duplicates(run: Run, conf: Confusion, train: Dataset, feats: np.ndarra
 # ---------------------------------------------------------------------- text and the index page
 def summary_lines(sec: TrainEvidence) -> list[str]:
     ratio = f", {sec.pass_ratio:.1f}× the test pass" if sec.pass_ratio is not None else ""
-    lines = [f"Training-set evidence: {sec.n_train} training images in {sec.pass_seconds:.1f} s{ratio} "
+    shared = f" on {sec.pass_processes} torchrun processes" if sec.pass_processes > 1 else ""
+    lines = [f"Training-set evidence: {sec.n_train} training images in {sec.pass_seconds:.1f} s{shared}{ratio} "
              f"(+{sec.load_seconds:.1f} s loading); peak memory +{sec.peak_memory_mb:.0f} MB in the pass, "
              f"+{sec.load_memory_mb:.0f} MB loading ({sec.memory_how}); "
              f"features {sec.features_mb:.1f} MB; search: {sec.search}",
