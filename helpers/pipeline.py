@@ -155,7 +155,7 @@ class Analysis:
             # while the PNG writer thread and the figure worker need the cores.
             torch.set_num_threads(max(1, self.threads // 2))
         self.outputs.writer.warm_up()   # the worker imports matplotlib while the confusion step runs
-        self._timed("inference", start)
+        self._timed("inference", start + (self.train_pass.seconds if self.train_pass is not None else 0.0))
         return self.preds
 
     def _pass(self, infer: Callable[..., Predictions], amp: Optional[torch.dtype]) -> Predictions:
