@@ -71,9 +71,7 @@ class Analysis:
         stats = dict(self.cache.stats) if self.cache is not None else {}
         return {**stats, "outputs_kept": self.outputs.n_kept}
 
-    @property
-    def names(self) -> list[str]:
-        return self.run.names
+    names = property(lambda self: self.run.names, doc="the class names")
 
     @property
     def run(self) -> Run:
@@ -118,7 +116,7 @@ class Analysis:
     def predict(self, cached_only: bool = False) -> Predictions:
         """One inference pass over the test set (or an identical earlier run's cached result), keeping features and
         the gallery images' activations; `cached_only=True` raises OutputError instead of running it."""
-        start, p = time.perf_counter(), self.params
+        start, p, self.train_pass = time.perf_counter(), self.params, None
         amp = autocast_dtype(self.device, p.MIXED_PRECISION)
         world = distributed.current()   # under torchrun: this process's rank; None in a single process
         if world is not None and not world.is_main:   # a worker: its shard of the pass, for rank 0; writes nothing
@@ -167,7 +165,8 @@ class Analysis:
                           device=self.device, progress=self.progress and distributed.is_main_process(),
                           gallery=gallery, autocast_dtype=amp, observers=observers)
         self.cams.pass_inputs = kept_inputs
-        self.train_pass = data_train.sharded_train_pass(self.params, self.data, self.loaded, self.device, self.progress)
+        self.train_pass = data_train.sharded_train_pass(self.params, self.data, self.loaded, self.device, self.progress,
+                                                        self.timings)   # under torchrun: timings["train_pass"]
         return preds
 
     # ------------------------------------------------------------------ 3.-6. one step per section
@@ -203,6 +202,7 @@ class Analysis:
             return self._step("data_causes", data_causes.data_causes, self.run, self._needs("confusion"),
                               self.results.get("deep_dive"), self.timings.get("inference"), self.train_pass)
         finally:
+            self.train_pass = None   # the training split and its features: read by this step only
             if cpu:
                 torch.set_num_threads(max(1, self.threads // 2))   # as after inference: a core for the writer
 

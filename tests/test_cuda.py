@@ -15,6 +15,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device here: the CUDA path is tested where one is")
 
 
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """cuDNN's TF32 convolutions (on by default) round to 10 mantissa bits: not what a float32 comparison means."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     from helpers.data.synthetic import write_fake_imagefolder

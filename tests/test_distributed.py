@@ -247,3 +247,67 @@ def test_torchrun_two_processes_write_what_one_process_writes(fmnist_checkpoint,
                  if ln.startswith("Training-set evidence: ")] for d in (one, two)}
     assert len(lines[one]) == 1 and f"{N_TRAIN_SHARDED} training images in" in lines[one][0]
     assert "torchrun" not in lines[one][0] and " on 2 torchrun processes" in lines[two][0]
+
+
+def _sharded_features_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """One of 2 gloo processes: sharded_features over 5 images in batches of 2 (ranks 0 and 1 take 4 and 1) and
+    of 8 (rank 1's shard is empty), then a feature pass that fails on rank 1 only, then all_agree with rank 1
+    disagreeing; each rank saves what it saw."""
+    import json
+    import torch.distributed as dist
+    from helpers.model.inference import feature_pass
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        world = distributed.current()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.ReLU(),
+                                    torch.nn.Linear(5, 3)).eval()
+        images = np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3) * 3
+        seen = {}
+        for batch in (2, 8):
+            feats = distributed.sharded_features(world, feature_pass)(model, images, (0.5,) * 3, (0.25,) * 3,
+                                                                      batch_size=batch, progress=False)
+            seen[f"features_{batch}"] = None if feats is None else feats.astype(np.float32).tolist()
+
+        def failing(*args, **kwargs):
+            if world.rank == 1:
+                raise MemoryError("out of memory on rank 1")
+            return feature_pass(*args, **kwargs)
+        try:
+            distributed.sharded_features(world, failing)(model, images, (0.5,) * 3, (0.25,) * 3, batch_size=2,
+                                                         progress=False)
+            seen["failed"] = ""
+        except RuntimeError as exc:
+            seen["failed"] = str(exc)
+        seen["agree"] = distributed.all_agree(world, world.rank == 0)
+        seen["agree_all"] = distributed.all_agree(world, True)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_features_gather_an_empty_shard_and_a_failing_rank_fails_every_rank(tmp_path):
+    """Two gloo processes: the gathered features equal one feature_pass over all images when one rank's shard is
+    empty; a failure on one rank raises on both (neither waits for the other); all_agree is true only when every
+    rank says so."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from helpers.model.inference import feature_pass
+    mp.spawn(_sharded_features_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.ReLU(),
+                                torch.nn.Linear(5, 3)).eval()
+    images = np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3) * 3
+    ref = feature_pass(model, images, (0.5,) * 3, (0.25,) * 3, batch_size=2, progress=False).astype(np.float32)
+    assert ref.shape == (5, 5) and ref.std() > 0
+    np.testing.assert_array_equal(np.asarray(seen[0]["features_2"], np.float32), ref)   # gathered, in order
+    np.testing.assert_array_equal(np.asarray(seen[1]["features_2"], np.float32), ref[4:])   # rank 1's shard
+    np.testing.assert_allclose(np.asarray(seen[0]["features_8"], np.float32), ref, atol=1e-3)   # one batch
+    assert seen[1]["features_8"] is None   # rank 1 had no images
+    assert "rank 1: MemoryError: out of memory on rank 1" in seen[0]["failed"]
+    assert "MemoryError: out of memory on rank 1" in seen[1]["failed"]
+    assert [s["agree"] for s in seen] == [False, False] and [s["agree_all"] for s in seen] == [True, True]

@@ -201,3 +201,27 @@ def test_on_the_fast_path_the_concepts_read_the_kept_maps_and_forward_only_the_r
     _pass(model, x, labels, tail_store.pass_inputs, batch_size=16)
     held, maps = kept_maps(tail_store, wanted)
     assert not held.any() and maps is None
+
+
+def test_under_autocast_the_kept_values_are_float32_and_their_cams_still_equal_the_librarys():
+    """A bfloat16 autocast pass (the CPU's mixed precision; CUDA's is float16) computes low-precision values at
+    the layer; PassInputs keeps them as float32, on the fast path (maps) and the tail path (the tail's inputs),
+    so the float32 tail and head can read them."""
+    from helpers.steps.predictions import pass_inputs
+    torch.manual_seed(0)
+    gap_cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 6)).eval()
+    model, x, labels = _model_and_data()
+    for net in (gap_cnn, model):
+        engine = CamEngine(net, input_shape=(3, SIDE, SIDE), batch_size=32)
+        store = CamStore(lambda method, layer: engine, x)
+        keeper = pass_inputs(store, N, seed=3)
+        run_inference(net, x, labels, batch_size=16, progress=False, observers=[keeper], autocast_dtype=torch.bfloat16)
+        store.pass_inputs = keeper
+        held = [i for i in range(N) if i in keeper][:3]
+        values = keeper.stack(held)
+        assert len(keeper) == N and all(v.dtype == torch.float32 for v in (values if isinstance(values, tuple)
+                                                                             else (values,)))
+        got = store.get(held, [1, 2, 3])
+        np.testing.assert_allclose(got, library_gradcam(net, engine.layer, x[torch.as_tensor(held)], [1, 2, 3]),
+                                   atol=0.05)   # bfloat16 inputs to the layer: within a few % of the float32 maps

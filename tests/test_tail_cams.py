@@ -274,3 +274,18 @@ def test_finercam_on_the_tail_equals_pytorch_grad_cams_finercam_without_a_backwa
                 ref = cam(x[i:i + 1], targets=None, target_idx=int(true[i]))
         assert ref.std() > 0.01
         np.testing.assert_allclose(got[i], ref[0], atol=1e-4)
+
+
+def test_finercam_after_the_grad_cam_path_is_refuted_runs_the_library():
+    """FinerCAM checked on the tail, then the engine falls back to the library (a later Grad-CAM check failed):
+    compute_finer follows it to pytorch-grad-cam instead of calling the tail it no longer has."""
+    torch.manual_seed(0)
+    model = MlpHeadCNN().eval()
+    x, true, pred = images(4, 16, seed=4), np.array([1, 2, 3, 4]), np.array([0, 5, 3, 1])
+    engine = CamEngine(model, input_shape=(3, 16, 16), batch_size=4)
+    first = engine.compute_finer(x, true, pred)
+    assert engine._finer_fast and engine.cam_path.kind == "tail"
+    engine._set_library_path("refuted in this test")
+    assert engine.cam_path.kind == "library" and not engine.exact
+    again = engine.compute_finer(x, true, pred)
+    np.testing.assert_allclose(again, first, atol=1e-4)   # the library's maps: what the tail had matched

@@ -435,7 +435,7 @@ class CamEngine:
         pairs = np.stack([t, p], axis=1)
         if self.exact and not self._finer_verified and len(x):
             self._verify_finer_fast(x[:4], t[:4], p[:4])
-        batch = self._finer_fast_batch if self._finer_fast else self._finer_batch
+        batch = self._finer_fast_batch if self._finer_fast and self.exact else self._finer_batch
         return self._batched(x, lambda xb, pb: batch(xb, pb[:, 0], pb[:, 1]), pairs, progress)
 
     # -- internals

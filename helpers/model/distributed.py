@@ -9,9 +9,10 @@ cuda:LOCAL_RANK).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -198,6 +199,19 @@ def sharded(world: World, run_inference: Callable[..., Predictions]) -> Callable
     return run
 
 
+@contextlib.contextmanager
+def main_first(world: World, ordered: bool = True) -> Iterator[None]:
+    """With `ordered`, rank 0 runs the block before the other ranks start it (one download into a folder they
+    share); without, every rank at once."""
+    if ordered and not world.is_main:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if ordered and world.is_main:
+            dist.barrier()
+
+
 def all_agree(world: World, value: bool) -> bool:
     """True on every rank when `value` is true on every rank (e.g. each one read the training split)."""
     values = [None] * world.world_size
@@ -214,13 +228,19 @@ def sharded_features(world: World, feature_pass: Callable[..., Optional[np.ndarr
         a, b = shard_bounds(len(images), world.world_size, world.rank, batch_size)
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // world.local_world_size))   # the node's cores, shared
+        part, failed = None, ""
         try:
             shard = images.subset(a, b) if hasattr(images, "subset") else images[a:b]
             part = feature_pass(model, shard, mean, std, batch_size=batch_size, device=device,
                                 progress=progress and world.is_main, **kwargs)
+        except Exception as exc:   # raised below, once every rank has reached the gather (none waits for it)
+            failed = f"{type(exc).__name__}: {exc}"
         finally:
             torch.set_num_threads(threads)
-        states = _gather_states(world, {"n": b - a, "features": part})
+        states = _gather_states(world, {"n": b - a, "features": part, "failed": failed})
+        if failed or (world.is_main and any(s["failed"] for s in states)):
+            why = failed or next(f"rank {r}: {s['failed']}" for r, s in enumerate(states) if s["failed"])
+            raise RuntimeError(f"The sharded feature pass failed ({why}).")
         if not world.is_main:
             return part
         states = [s for s in states if s["n"]]   # an empty shard has no features to concatenate

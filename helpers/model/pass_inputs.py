@@ -31,10 +31,12 @@ def _nbytes(value: KeptBatch) -> int:
 
 
 def _cpu_row(batch: KeptBatch, r: int) -> KeptBatch:
-    """Image r of a kept batch, copied to the CPU (the kept set may outgrow a GPU's spare memory)."""
-    if isinstance(batch, tuple):
-        return tuple(t[r].detach().to("cpu", copy=True) for t in batch)
-    return batch[r].detach().to("cpu", copy=True)
+    """Image r of a kept batch, copied to the CPU (the kept set may outgrow a GPU's spare memory) as float32: under
+    autocast the pass computes float16 or bfloat16 values, which the float32 tail, the head weights and the
+    concepts step would otherwise meet (as GalleryActivations and the features, kept as float32)."""
+    def row(t: torch.Tensor) -> torch.Tensor:
+        return t[r].detach().to("cpu", dtype=torch.float32 if t.is_floating_point() else t.dtype, copy=True)
+    return tuple(row(t) for t in batch) if isinstance(batch, tuple) else row(batch)
 
 
 class PassInputs(LayerObserver):

@@ -228,19 +228,29 @@ def _duplicates_page(run: Run, train: Dataset, dups: pd.DataFrame):
                           sections=[("test image, then its training near-duplicate", rows)])
 
 
-def sharded_train_pass(params, test: Dataset, loaded, device, progress: bool) -> Optional[TrainPass]:
+def sharded_train_pass(params, test: Dataset, loaded, device, progress: bool,
+                       timings: Optional[dict] = None) -> Optional[TrainPass]:
     """Under torchrun, when the training evidence is asked for: the training pass with every rank on its shard of
-    the training images, right after the test pass, gathered on rank 0. The ranks run it only when every one of
-    them read the training split (they read the same files). None in one process (data_causes runs it)."""
+    the training images, right after the test pass, gathered on rank 0 (its seconds in `timings["train_pass"]`).
+    The ranks run it only when every one of them read the training split (they read the same files). None in one
+    process (data_causes runs it)."""
     world = distributed.current()
     if world is None or not (params.TRAIN_EVIDENCE or params.TRAIN_ROOT):
         return None
-    split = load_train(params, test)
+    with distributed.main_first(world, params.DOWNLOAD):   # one download into the shared folder, then the others read
+        try:   # whatever fails here, every rank still reaches all_agree (else the others wait for it forever)
+            split = load_train(params, test)
+        except Exception as exc:
+            split = TrainPass(train=None, why=f"the training split could not be read ({type(exc).__name__}: {exc})",
+                              load_seconds=0.0, load_memory={"mb": 0.0, "how": ""})
     if not distributed.all_agree(world, split.train is not None):
         return split if split.train is None else dataclasses.replace(
             split, train=None, why="another torchrun process could not read the training split")
-    return run_train_pass(split, loaded.module, params, device, progress and world.is_main,
+    done = run_train_pass(split, loaded.module, params, device, progress and world.is_main,
                           distributed.sharded_features(world, feature_pass), processes=world.world_size)
+    if timings is not None:
+        timings["train_pass"] = done.seconds
+    return done
 
 
 # ---------------------------------------------------------------------- the step
