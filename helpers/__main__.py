@@ -117,9 +117,7 @@ def main(argv: typing.Optional[list[str]] = None) -> int:
             world, device = distributed.start(params.DEVICE)   # torchrun: join the group; None in one process
             an = Analysis(Params(**{**params.to_dict(), "DEVICE": device}), progress=not args.quiet)
             if world is not None and not world.is_main:   # its shard of the inference pass, for rank 0
-                an.load_model()
-                an.load_data()
-                an.predict()
+                an.predict()   # loads the model and the data once rank 0 has: one download, not one per rank
                 return 0
             an.run_all()
             print(f"Accuracy {an.preds.accuracy:.2%}; outputs in {an.out.resolve()} "

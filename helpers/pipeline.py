@@ -7,7 +7,6 @@ Nothing is computed twice: the CAM store and the run cache serve every later req
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -29,6 +28,13 @@ from helpers.steps import (attributions, cells, confusion, data_causes, data_tra
                            model_causes, predictions, report)
 from helpers.steps.context import Run, Section
 
+
+def _load_missing(an: "Analysis") -> None:
+    """The model, then the data (its normalisation may come from the model), where not loaded yet."""
+    if an.loaded is None:
+        an.load_model()
+    if an.data is None:
+        an.load_data()
 
 
 class Analysis:
@@ -59,9 +65,7 @@ class Analysis:
         self.model_check, self.pass_cams, self.train_pass = None, None, None   # predict(): see model/sanity.py, _pass
 
     # ------------------------------------------------------------------ what the notebook reads
-    @property
-    def out(self) -> Path:
-        return self.outputs.root
+    out = property(lambda self: self.outputs.root, doc="the output folder (OUTPUT_DIR)")
 
     cache_key = property(lambda self: self.cache.key if self.cache is not None else None)
     cache_hit = property(lambda self: self.cache is not None and self.cache.hit)
@@ -120,7 +124,8 @@ class Analysis:
         amp = autocast_dtype(self.device, p.MIXED_PRECISION)
         world = distributed.current()   # under torchrun: this process's rank; None in a single process
         if world is not None and not world.is_main:   # a worker: its shard of the pass, for rank 0; writes nothing
-            if not distributed.main_decides(world, False):   # rank 0 has no cached predictions
+            if not distributed.main_decides(world, False):   # rank 0 has no cached predictions, and has loaded
+                _load_missing(self)   # what rank 0 loaded before: any download into DATA_ROOT is done
                 self.cams = predictions.cam_store(p, self.loaded, self.inputs, self.device)
                 self.preds = self._pass(distributed.sharded(world, run_inference), amp)
             return self.preds
