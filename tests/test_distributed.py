@@ -311,3 +311,52 @@ def test_sharded_features_gather_an_empty_shard_and_a_failing_rank_fails_every_r
     assert "rank 1: MemoryError: out of memory on rank 1" in seen[0]["failed"]
     assert "MemoryError: out of memory on rank 1" in seen[1]["failed"]
     assert [s["agree"] for s in seen] == [False, False] and [s["agree_all"] for s in seen] == [True, True]
+
+
+def _load_order_worker(rank: int, init_file: str, out_dir: str, data_root: str, ckpt: str) -> None:
+    """One of 2 gloo processes running what `python -m helpers analyze` runs up to the pass; loading the test data
+    is slowed on rank 0 and every load of it is recorded with its start and end time."""
+    import json
+    import time as clock
+
+    import torch.distributed as dist
+
+    import helpers.pipeline as pipeline
+    from conftest import run_params
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    loads, real = [], pipeline.load_dataset
+
+    def recorded(*args, **kwargs):
+        start = clock.time()
+        if rank == 0:
+            clock.sleep(1.0)   # a download, say
+        out = real(*args, **kwargs)
+        loads.append([start, clock.time()])
+        return out
+    pipeline.load_dataset = recorded
+    try:
+        an = pipeline.Analysis(run_params(data_root, ckpt, Path(out_dir) / "out", BATCH_SIZE=64), progress=False)
+        if rank == 0:
+            an.load_model()
+            an.load_data()
+        an.predict()   # a worker: what helpers.__main__ calls
+        if rank == 0:
+            an.outputs.close(raise_errors=False)
+            an.outputs.abandon()
+        Path(out_dir, f"loads{rank}.json").write_text(json.dumps(loads))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_workers_load_the_test_data_after_rank_0_so_a_download_happens_once(cifar_root, tiny_checkpoint, tmp_path):
+    """Under torchrun the workers read DATA_ROOT only once rank 0 has read (or downloaded) it: rank 1's one load
+    of the test data starts after rank 0's ended."""
+    import json
+
+    import torch.multiprocessing as mp
+    mp.spawn(_load_order_worker, args=(str(tmp_path / "init"), str(tmp_path), str(cifar_root), str(tiny_checkpoint)),
+             nprocs=2, join=True)
+    loads = [json.loads((tmp_path / f"loads{r}.json").read_text()) for r in (0, 1)]
+    assert len(loads[0]) == 1 and len(loads[1]) == 1
+    assert loads[1][0][0] >= loads[0][0][1]
