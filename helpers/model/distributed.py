@@ -173,23 +173,34 @@ def gather_observer(world: World, observer) -> None:
         observer.merge_states(states[1:])
 
 
+def shard_of(world: World, items, batch_size: int) -> tuple[int, int, Any]:
+    """(a, b, this rank's items [a, b)): shard_bounds' slice, a `subset` for streamed images (not decoded here)."""
+    a, b = shard_bounds(len(items), world.world_size, world.rank, batch_size)
+    return a, b, (items.subset(a, b) if hasattr(items, "subset") else items[a:b])
+
+
+@contextlib.contextmanager
+def node_cores(world: World) -> Iterator[None]:
+    """The torch threads of the block: the free cores each rank measured, shared by all the ranks on this node."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // world.local_world_size))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def sharded(world: World, run_inference: Callable[..., Predictions]) -> Callable[..., Predictions]:
     """`run_inference` with the same arguments, run by every rank on its shard and gathered: the full
     Predictions (and, with a `gallery`, the whole-set gallery selection) on rank 0, the shard's elsewhere."""
     def run(model, inputs, labels, batch_size: int = 256, device="cpu", progress: bool = True,
             gallery: Optional["GalleryActivations"] = None, observers=(), **kwargs) -> Predictions:
-        a, b = shard_bounds(len(inputs), world.world_size, world.rank, batch_size)
-        threads = torch.get_num_threads()
-        # The free cores measured by each rank are shared by all the ranks on this node.
-        torch.set_num_threads(max(1, threads // world.local_world_size))
-        try:
-            shard = inputs.subset(a, b) if hasattr(inputs, "subset") else inputs[a:b]   # streamed: not decoded here
+        a, b, shard = shard_of(world, inputs, batch_size)
+        with node_cores(world):
             part = run_inference(model, shard, np.asarray(labels)[a:b], batch_size=batch_size, device=device,
                                  progress=progress and world.is_main,
                                  gallery=OffsetGallery(gallery, a) if gallery is not None else None,
                                  observers=[OffsetGallery(o, a) for o in observers], **kwargs)
-        finally:
-            torch.set_num_threads(threads)
         full = gather_predictions(world, part)
         if gallery is not None:
             gather_gallery(world, gallery, device)
@@ -225,18 +236,14 @@ def sharded_features(world: World, feature_pass: Callable[..., Optional[np.ndarr
     shard of the images and gathered in image order: every image's features on rank 0 (None when the model
     gives none), the shard's elsewhere. Each rank holds the whole image set (streamed: paths only)."""
     def run(model, images, mean, std, batch_size: int = 256, device="cpu", progress: bool = True, **kwargs):
-        a, b = shard_bounds(len(images), world.world_size, world.rank, batch_size)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads // world.local_world_size))   # the node's cores, shared
+        a, b, shard = shard_of(world, images, batch_size)
         part, failed = None, ""
         try:
-            shard = images.subset(a, b) if hasattr(images, "subset") else images[a:b]
-            part = feature_pass(model, shard, mean, std, batch_size=batch_size, device=device,
-                                progress=progress and world.is_main, **kwargs)
+            with node_cores(world):
+                part = feature_pass(model, shard, mean, std, batch_size=batch_size, device=device,
+                                    progress=progress and world.is_main, **kwargs)
         except Exception as exc:   # raised below, once every rank has reached the gather (none waits for it)
             failed = f"{type(exc).__name__}: {exc}"
-        finally:
-            torch.set_num_threads(threads)
         states = _gather_states(world, {"n": b - a, "features": part, "failed": failed})
         if failed or (world.is_main and any(s["failed"] for s in states)):
             why = failed or next(f"rank {r}: {s['failed']}" for r, s in enumerate(states) if s["failed"])
