@@ -459,8 +459,7 @@ def tail_layer_values(store: CamStore, indices: Sequence[int], true=None, pred=N
         return None
     idx = np.asarray(indices, dtype=np.int64)
     kept = store.pass_inputs
-    usable = kept is not None and kept.layer is engine.layer and kept.keep == engine.inference_keep
-    held = np.array([usable and int(i) in kept for i in idx], dtype=bool)
+    held = _held_in_pass(store, engine, idx)
     parts = []
     for from_kept in (True, False):
         rows = np.flatnonzero(held == from_kept)
@@ -476,15 +475,21 @@ def tail_layer_values(store: CamStore, indices: Sequence[int], true=None, pred=N
                  for k in range(3))
 
 
+def _held_in_pass(store: CamStore, engine, idx: np.ndarray) -> np.ndarray:
+    """Mask over test images idx of those the store's PassInputs kept by `engine`'s own rule at its own layer."""
+    kept = store.pass_inputs
+    usable = kept is not None and kept.layer is engine.layer and kept.keep == engine.inference_keep
+    return np.array([usable and int(i) in kept for i in idx], dtype=bool)
+
+
 def kept_maps(store: CamStore, indices: Sequence[int]) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """On the fast path: a mask over test images `indices` of those whose target-layer map the store's PassInputs
     kept in the inference pass, and those maps as float32 (n_held, C, h, w), in the order of `indices`.
     Elsewhere (the tail path, nothing kept): all False and None."""
     idx = np.asarray(indices, dtype=np.int64)
-    kept, engine = store.pass_inputs, store.engine()
-    usable = kept is not None and engine.fast and kept.layer is engine.layer and kept.keep == engine.inference_keep
-    held = np.array([usable and int(i) in kept for i in idx], dtype=bool)
+    engine = store.engine()
+    held = _held_in_pass(store, engine, idx) & engine.fast   # the tail path keeps the tail's inputs, not maps
     if not held.any():
         return held, None
     with torch.inference_mode():   # the kept maps may be inference tensors
-        return held, kept.stack(idx[held].tolist()).float().numpy()
+        return held, store.pass_inputs.stack(idx[held].tolist()).float().numpy()
